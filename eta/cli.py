@@ -1,0 +1,229 @@
+"""The ``eta`` command line: a verb per phase, one for the whole search, and ways to get students out."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import EtaError
+
+log = logging.getLogger("eta")
+
+REPO_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
+DEMO_SPACE = REPO_SPACES / "digits.yaml"
+
+
+def _space_or_run(arg: str, args, budgets=None):
+    """A search space YAML (a run is created or resumed) or an existing run directory."""
+    from .pipeline import Search
+    from .space import load_space
+
+    common = dict(address=args.address, num_cpus=args.num_cpus, progress=not args.no_progress)
+    p = Path(arg)
+    if p.is_dir() and (p / "manifest.json").exists():
+        if budgets:
+            raise EtaError("--budgets applies to a search space, not to an existing run; edit the space or start a new run")
+        search = Search.from_run(p, **common)
+        _apply_tracking(search.space, args)
+        return search
+    space = load_space(p)
+    if budgets:
+        space = space.model_copy(update={"budgets": list(budgets)})
+        from .space import parse_space
+
+        space = parse_space(space.to_dict(), "--budgets")
+    _apply_tracking(space, args)
+    return Search(space, runs_dir=Path(args.runs_dir), name=args.name, force=args.force, **common)
+
+
+def _apply_tracking(space, args) -> None:
+    if getattr(args, "wandb", None):
+        space.tracking.wandb = args.wandb
+    if getattr(args, "wandb_project", None):
+        space.tracking.project = args.wandb_project
+
+
+def _print_front(pareto: dict) -> None:
+    from .pareto import FRONT_COLUMNS, format_table
+
+    teacher = pareto["teacher"]
+    print(f"\nPareto front of {pareto['run']}  (latency measured with {pareto['backend']} on {pareto['device']})\n")
+    print(format_table(pareto["front"], FRONT_COLUMNS))
+    print("\nteacher " + teacher["model"] + ": " + ", ".join(
+        f"{t['resolution']}px {t['latency_ms']:.3f} ms acc {t['test_acc']:.4f}" for t in teacher["points"]))
+
+
+def _budget_arg(s: str):
+    try:
+        return float(s)
+    except ValueError:
+        return s
+
+
+def cmd_search(args) -> int:
+    search = _space_or_run(args.space, args, args.budgets)
+    pareto = search.run_all()
+    _print_front(pareto)
+    print(f"\nrun: {search.run.root}  (pareto.json, pareto.png, W&B offline runs in {search.run.root / 'wandb'})")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    if not DEMO_SPACE.exists():
+        raise EtaError(f"the demo space {DEMO_SPACE} is missing: install eta from a clone (pip install -e .)")
+    args.space = str(DEMO_SPACE)
+    args.budgets = None
+    return cmd_search(args)
+
+
+def _phase_cmd(phase: str):
+    def run(args) -> int:
+        search = _space_or_run(args.space, args)
+        for p in ("teacher", "latency", "pretrain", "solve", "finetune"):
+            if p == phase:
+                break
+            getattr(search, f"phase_{p}")()
+        out = getattr(search, f"phase_{phase}")(force=args.rerun)
+        if phase == "finetune":
+            _print_front(out)
+        elif phase == "solve":
+            from .pareto import format_table
+
+            print(f"predictor Spearman on held-out architectures: {out['predictor']['spearman_holdout']:.3f}")
+            print(format_table(out["solutions"], [("budget_ms", "budget ms", ".3f"), ("rank", "#", "d"), ("arch", "architecture", "s"),
+                                                  ("predicted_acc", "predicted", ".4f"), ("proxy_acc", "proxy acc", ".4f"),
+                                                  ("predicted_latency_ms", "latency ms", ".3f"), ("solver_s", "solver s", ".2f")]))
+        elif phase == "latency":
+            print(f"latency table: {out['table']}")
+            print(f"teacher: {out['teacher_ms']} ms; calibration a={out['calibration']['a']:.3f} b={out['calibration']['b']:.3f}")
+        print(f"run: {search.run.root}")
+        return 0
+
+    return run
+
+
+def cmd_teacher_train(args) -> int:
+    search = _space_or_run(args.space, args)
+    info = search.phase_teacher(force=args.rerun)
+    if args.out:
+        import shutil
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(search.teacher_path, args.out)
+        print(f"teacher weights copied to {args.out}")
+    print(f"teacher test accuracy: {info['test_acc']}  weights: {search.teacher_path}")
+    return 0
+
+
+def cmd_pareto(args) -> int:
+    from .runs import Run, read_json
+
+    run = Run.open(Path(args.run))
+    path = run.root / "pareto.json"
+    if not path.exists():
+        raise EtaError(f"{run.root} has no pareto.json yet: the search has not finished phase 3")
+    _print_front(read_json(path))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_student
+
+    meta = export_student(Path(args.run), Path(args.output), args.max_latency_ms, args.resolution, force=args.force)
+    print(f"exported {meta['arch']} at {meta['resolution']}px: {meta['latency_ms']:.3f} ms, test acc {meta['test_acc']:.4f} -> {args.output}")
+    print(f"load with: torch.export.load('{Path(args.output) / 'student.pt2'}').module()")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eta", description="Turn a trained teacher into faster students, chosen on measured latency.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(p, space_help="search space YAML, or an existing run directory"):
+        p.add_argument("space", help=space_help)
+        p.add_argument("--name", help="run name (default: the space's name)")
+        p.add_argument("--runs-dir", default="runs", help="where runs live (default: ./runs)")
+        p.add_argument("--force", action="store_true", help="overwrite an existing run made from a different space")
+        p.add_argument("--address", help="Ray cluster address (auto, ray://host:10001); default: a local cluster")
+        p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
+        p.add_argument("--wandb", choices=["offline", "online", "disabled"], help="W&B mode (default: the space's, offline)")
+        p.add_argument("--wandb-project", help="W&B project")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("search", help="run all phases (resumes a finished or interrupted run of the same name)")
+    common(p)
+    p.add_argument("--budgets", nargs="+", type=_budget_arg, help="latency budgets: fractions of the teacher (0.5) or ms ('2.5ms')")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("demo", help="the laptop demo: digits, a small teacher eta trains itself, all phases")
+    p.add_argument("--name", default=None)
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--address")
+    p.add_argument("--num-cpus", type=int)
+    p.add_argument("--wandb", choices=["offline", "online", "disabled"])
+    p.add_argument("--wandb-project")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("teacher", help="teacher commands").add_subparsers(dest="teacher_cmd", required=True, metavar="ACTION")
+    p = t.add_parser("train", help="train the space's teacher (cached in the run) and report its test accuracy")
+    common(p)
+    p.add_argument("--out", help="also copy the trained weights here")
+    p.add_argument("--rerun", action="store_true", help="train again even if the run has a teacher")
+    p.set_defaults(func=cmd_teacher_train)
+
+    for phase, verb, text in (
+        ("pretrain", "pretrain", "phase 1: block-wise distillation of every candidate operator (Ray tasks)"),
+        ("solve", "solve", "phase 2: proxy accuracy of sampled students, MLP predictor, Gekko INLP per budget"),
+        ("finetune", "finetune", "phase 3: finetune the selected students with elastic resolution, measure, build the front"),
+    ):
+        p = sub.add_parser(verb, help=text)
+        common(p)
+        p.add_argument("--rerun", action="store_true", help="run this phase again even if it finished")
+        p.set_defaults(func=_phase_cmd(phase))
+
+    lat = sub.add_parser("latency", help="latency lookup tables").add_subparsers(dest="latency_cmd", required=True, metavar="ACTION")
+    p = lat.add_parser("build", help="measure every operator of the space (and the teacher) on the target; cached and reused")
+    common(p)
+    p.add_argument("--rerun", action="store_true")
+    p.set_defaults(func=_phase_cmd("latency"))
+
+    p = sub.add_parser("pareto", help="print the Pareto front of a finished run")
+    p.add_argument("run", help="run directory, e.g. runs/digits")
+    p.set_defaults(func=cmd_pareto)
+
+    p = sub.add_parser("export", help="write the best student within a latency limit, loadable with plain PyTorch")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--max-latency-ms", type=float, help="latency limit (default: the most accurate student)")
+    p.add_argument("--resolution", type=int, help="only students at this input size")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("ray", "gekko", "matplotlib", "PIL", "urllib3", "wandb"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except EtaError as err:
+        print(f"eta: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("eta: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""The latency lookup table of a bound search space, and whole-network measurements.
+
+Every distinct (operator, shapes, bit-width) a space can produce is measured once on the target
+and cached in a shared table under ``predictors/latency/``; the teacher's own blocks, stem and
+head are measured too. A few whole networks (the teacher and random students) are compiled end
+to end to fit HAO's calibration, latency ≈ a·Σ table + b, which the optimiser uses.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .arch import arch_to_str
+from .bound import BoundSpace, module_digest
+from .errors import EtaError
+from .latency import calibrate as calib
+from .latency.table import LatencyTable, Protocol, default_table_path
+from .student import _standalone, skeleton
+
+log = logging.getLogger(__name__)
+
+REPO_PREDICTORS = Path(__file__).resolve().parent.parent / "predictors"
+
+
+@dataclass
+class Backend:
+    """Where and how latency is measured: the backend name, its target and the device's name."""
+
+    name: str
+    target: dict
+    device: str
+    protocol: Protocol
+
+    @classmethod
+    def from_space(cls, bound: BoundSpace) -> "Backend":
+        cfg = bound.space.latency
+        protocol = Protocol(number=cfg.number, repeat=cfg.repeat, max_cv=cfg.max_spread) if cfg.number else Protocol(repeat=cfg.repeat, max_cv=cfg.max_spread)
+        if cfg.backend == "tvm":
+            from .latency import tvm_backend
+
+            target = tvm_backend.host_target(cfg.target)
+            return cls("tvm", target, tvm_backend.device_name(target), protocol)
+        from .latency import torch_backend
+
+        dev = "cuda" if cfg.target == "cuda" else "cpu"
+        return cls("torch", {"kind": dev}, torch_backend.device_name(dev), protocol)
+
+    def measure(self, module: torch.nn.Module, input_shape: tuple):
+        module = module.eval()
+        if self.name == "tvm":
+            from .latency import tvm_backend
+
+            return tvm_backend.measure(module, input_shape, self.target, self.protocol)
+        from .latency import torch_backend
+
+        return torch_backend.measure(module, input_shape, device=self.target["kind"], protocol=self.protocol)
+
+
+def table_path(backend: Backend, root: Path | None = None) -> Path:
+    return default_table_path(root or REPO_PREDICTORS / "latency", backend.name, backend.target, backend.device)
+
+
+def open_table(backend: Backend, root: Path | None = None) -> LatencyTable:
+    return LatencyTable.open(table_path(backend, root), backend=backend.name, target=backend.target, device=backend.device)
+
+
+def _signature(kind: str, module: torch.nn.Module) -> str:
+    return f"{kind}#{module_digest(module)}"
+
+
+def block_input_shape(bound: BoundSpace, block: int, batch: int) -> tuple:
+    return (batch, *bound.shapes[block][0])
+
+
+def table_items(bound: BoundSpace) -> list:
+    """(signature, factory, input shape, bits) for the stem, head, and every option of every block."""
+    batch = bound.space.latency.batch_size
+    split = bound.split
+    items = []
+    stem_in = bound.input_shape(batch=batch)
+    items.append((_signature("stem", split.stem), lambda: split.stem, stem_in, 32))
+    head_in = (batch, *bound.shapes[-1][1])
+    items.append((_signature("head", split.head), lambda: split.head, head_in, 32))
+    seen = set()
+    for b, opts in enumerate(bound.options):
+        for spec in opts:
+            if spec.family == "identity":
+                continue
+            module = _standalone(bound, b, spec)
+            sig = _signature(str(spec.with_bits(32)), module)
+            key = (sig, block_input_shape(bound, b, batch), spec.bits)
+            if key in seen:
+                continue
+            seen.add(key)
+            items.append((sig, (lambda m=module: m), key[1], spec.bits))
+    return items
+
+
+def option_latency_matrix(bound: BoundSpace, table: LatencyTable) -> tuple[float, list[np.ndarray]]:
+    """(stem + head ms, per-block ms of each option) read from the table; identity costs 0."""
+    batch = bound.space.latency.batch_size
+    split = bound.split
+    base = table.get(_signature("stem", split.stem), bound.input_shape(batch=batch), 32)
+    head = table.get(_signature("head", split.head), (batch, *bound.shapes[-1][1]), 32)
+    if base is None or head is None:
+        raise EtaError("latency table lacks the stem or head entry: run 'eta latency' first")
+    per_block = []
+    for b, opts in enumerate(bound.options):
+        row = []
+        for spec in opts:
+            if spec.family == "identity":
+                row.append(0.0)
+                continue
+            module = _standalone(bound, b, spec)
+            ms = table.get(_signature(str(spec.with_bits(32)), module), block_input_shape(bound, b, batch), spec.bits)
+            if ms is None:
+                raise EtaError(f"block {b} operator {spec}: no executable latency entry on {table.path} (bit-width {spec.bits} not executable on this target?)")
+            row.append(float(ms))
+        per_block.append(np.array(row))
+    return float(base + head), per_block
+
+
+def measure_network(backend: Backend, model: torch.nn.Module, input_shape: tuple):
+    return backend.measure(model.eval(), input_shape)
+
+
+def calibrate(bound: BoundSpace, backend: Backend, base: float, per_block: list[np.ndarray], *, n_students: int, seed: int, progress: bool = True) -> dict:
+    """Compile the teacher and ``n_students`` random students end to end; fit measured ≈ a·Σtable + b."""
+    from tqdm.auto import tqdm
+
+    rng = np.random.default_rng(seed)
+    batch = bound.space.latency.batch_size
+    shape = bound.input_shape(batch=batch)
+    archs = []
+    tc = bound.teacher_choices()
+    if tc is not None:
+        archs.append(tc)
+    while len(archs) < n_students + (tc is not None):
+        c = tuple(int(rng.integers(k)) for k in bound.options_per_block)
+        if c not in archs:
+            archs.append(c)
+        if len(archs) >= bound.space_size():
+            break
+    rows = []
+    for c in tqdm(archs, desc="latency calibration (whole networks)", disable=not progress, leave=False):
+        arch = bound.arch(c)
+        pred = base + sum(per_block[b][j] for b, j in enumerate(c))
+        m = measure_network(backend, skeleton(bound, arch), shape)
+        rows.append({"arch": arch_to_str(arch), "table_sum_ms": float(pred), "measured_ms": m.median_ms, "spread": m.spread})
+    pred = np.array([r["table_sum_ms"] for r in rows])
+    meas = np.array([r["measured_ms"] for r in rows])
+    if len(rows) >= 3 and np.ptp(pred) > 0:
+        cal = calib.fit_calibration(pred, meas)
+        a, b = cal.a, cal.b
+    else:
+        a, b = float(np.mean(meas / np.maximum(pred, 1e-9))), 0.0
+    before = calib.agreement(pred, meas) if len(rows) >= 3 else {}
+    after = calib.agreement(a * pred + b, meas) if len(rows) >= 3 else {}
+    return {"a": float(a), "b": float(b), "students": rows, "before": _jsonable(before), "after": _jsonable(after)}
+
+
+def _jsonable(d):
+    if isinstance(d, dict):
+        return {k: _jsonable(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [_jsonable(v) for v in d]
+    if isinstance(d, np.generic):
+        return d.item()
+    if isinstance(d, np.ndarray):
+        return d.tolist()
+    return d

@@ -1,0 +1,186 @@
+"""Phase 2: sample stitched students, learn to predict their accuracy, solve for the best under budgets.
+
+1. Architectures are sampled at several latency levels (the "Multi" setting of table 14.4),
+   stitched from phase-1 operators, their BatchNorm statistics recalibrated, and evaluated on the
+   proxy split (never seen in phase 1), in parallel Ray tasks.
+2. An MLP on the one-hot encoding learns proxy accuracy; its Spearman correlation is measured
+   on held-out sampled architectures.
+3. Gekko's APOPT solves max predictor(S) s.t. calibrated Σ table latency ≤ budget for every budget,
+   several solutions per budget by excluding earlier ones.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .arch import arch_to_str
+from .bound import BoundSpace, bound_with_teacher, splits_for
+from .optimize import SearchProblem, sample_under_budget, solve_budgets
+from .predictor import MLPPredictor, index_encode, one_hot_encode, spearman, train_predictor
+from .runs import Run, read_json, write_json
+from .space import parse_space
+from .student import OperatorBank
+from .train import evaluate, recalibrate_bn
+
+log = logging.getLogger(__name__)
+
+
+def search_problem(bound: BoundSpace, latency_info: dict, predictor: MLPPredictor | None = None) -> SearchProblem:
+    per_block = [np.asarray(r, dtype=float) for r in latency_info["option_ms"]]
+    cal = latency_info.get("calibration", {"a": 1.0, "b": 0.0})
+    return SearchProblem(
+        option_latency=per_block,
+        layers=predictor.numpy_layers() if predictor is not None else [],
+        activation=bound.space.phase2.predictor.activation,
+        base_latency=float(latency_info["base_ms"]),
+        calibration=(float(cal["a"]), float(cal["b"])),
+    )
+
+
+def proxy_accuracy(bank: OperatorBank, splits, choices_list, *, seed: int = 0, device="cpu") -> list[float]:
+    """Stitch, recalibrate BatchNorm on training batches, evaluate on the proxy split."""
+    bound = bank.bound
+    cfg = bound.space
+    accs = []
+    for choices in choices_list:
+        student = bank.stitch(bound.arch(choices)).to(device)
+        recalibrate_bn(student, splits.train, resolution=cfg.data.resolution, num_batches_=cfg.phase2.bn_batches, batch_size=cfg.data.batch_size, seed=seed, device=device)
+        accs.append(evaluate(student, splits.proxy, resolution=cfg.data.resolution, device=device))
+    return accs
+
+
+def _remote_proxy_accuracy(space_dict, teacher_state, block_states, choices_list, seed):
+    torch.set_num_threads(1)
+    space = parse_space(space_dict)
+    splits = splits_for(space)
+    bound = bound_with_teacher(space, splits, teacher_state)
+    bank = OperatorBank.from_states(bound, block_states)
+    return proxy_accuracy(bank, splits, choices_list, seed=seed)
+
+
+def sample_architectures(bound: BoundSpace, problem: SearchProblem, n: int, levels: int, seed: int) -> list[tuple]:
+    """``n`` distinct architectures spread evenly over ``levels`` latency bands."""
+    rng = np.random.default_rng(seed)
+    lo, hi = problem.min_latency(), problem.max_latency()
+    edges = np.linspace(lo, hi, levels + 1)
+    out, seen = [], set()
+    tc = bound.teacher_choices()
+    for i in range(levels):
+        want = n // levels + (1 if i < n % levels else 0)
+        got = sample_under_budget(problem, float(edges[i + 1]) + 1e-9, want, rng, lower_ms=float(edges[i]))
+        for c in got:
+            c = tuple(int(v) for v in c)
+            if c not in seen and c != tc:
+                seen.add(c)
+                out.append(c)
+    return out
+
+
+def evaluate_samples(run: Run, bound: BoundSpace, block_states: list[dict], choices_list: list[tuple], progress=True) -> list[dict]:
+    """Proxy accuracy of each architecture, in parallel Ray tasks; finished chunks survive a crash."""
+    import ray
+
+    from .raycluster import cpu_slots
+
+    path = run.dir("phase2") / "samples.json"
+    done = {tuple(s["choices"]): s for s in (read_json(path) if path.exists() else [])}
+    todo = [c for c in choices_list if c not in done]
+    if todo:
+        n_tasks = bound.space.phase2.eval_tasks or cpu_slots(1)
+        chunk = max(1, min(25, int(np.ceil(len(todo) / n_tasks))))
+        chunks = [todo[i : i + chunk] for i in range(0, len(todo), chunk)]
+        teacher_ref = ray.put({k: v.cpu() for k, v in bound.teacher.state_dict().items()})
+        states_ref = ray.put(block_states)
+        task = ray.remote(_remote_proxy_accuracy).options(num_cpus=1, max_retries=3)
+        refs = {task.remote(bound.space.to_dict(), teacher_ref, states_ref, ch, bound.space.seed): ch for ch in chunks}
+        bar = tqdm(total=len(todo), desc="phase 2 (proxy accuracy)", disable=not progress, dynamic_ncols=True)
+        remaining = list(refs)
+        while remaining:
+            ready, remaining = ray.wait(remaining, num_returns=1)
+            accs = ray.get(ready[0])
+            for c, acc in zip(refs[ready[0]], accs):
+                done[c] = {"choices": list(c), "arch": arch_to_str(bound.arch(c)), "proxy_acc": float(acc)}
+            write_json(path, list(done.values()))
+            bar.update(len(accs))
+        bar.close()
+    return [done[c] for c in choices_list]
+
+
+def encode(bound: BoundSpace, choices_list) -> np.ndarray:
+    if bound.space.phase2.predictor.encoding == "index":
+        return index_encode(choices_list, bound.options_per_block)
+    return one_hot_encode(choices_list, bound.options_per_block)
+
+
+def fit_predictor(bound: BoundSpace, samples: list[dict], seed: int) -> tuple[MLPPredictor, dict]:
+    """Train on a seeded split of the samples; report Spearman on the held-out part."""
+    cfg = bound.space.phase2
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(samples))
+    n_hold = max(2, int(round(cfg.holdout * len(samples))))
+    hold, train = order[:n_hold], order[n_hold:]
+    X = encode(bound, [s["choices"] for s in samples])
+    y = np.array([s["proxy_acc"] for s in samples], dtype=np.float64)
+    p = cfg.predictor
+    model = train_predictor(X[train], y[train], hidden=p.hidden, layers=p.layers, activation=p.activation, optimizer=p.optimizer, lr=p.lr, epochs=p.epochs, seed=seed)
+    pred = model.predict(X[hold])
+    rho = spearman(pred, y[hold])
+    metrics = {
+        "spearman_holdout": float(rho),
+        "n_train": int(len(train)),
+        "n_holdout": int(len(hold)),
+        "mae_holdout": float(np.mean(np.abs(pred - y[hold]))),
+        "proxy_acc_range": [float(y.min()), float(y.max())],
+    }
+    return model, metrics
+
+
+def run_phase2(run: Run, bound: BoundSpace, block_states: list[dict], latency_info: dict, budgets_ms: list[float], splits, tracker=None, progress=True) -> dict:
+    cfg = bound.space.phase2
+    seed = bound.space.seed
+    out = run.dir("phase2")
+    problem = search_problem(bound, latency_info)
+    choices_list = sample_architectures(bound, problem, cfg.samples, cfg.sample_levels, seed)
+    t0 = time.time()
+    samples = evaluate_samples(run, bound, block_states, choices_list, progress=progress)
+    eval_s = time.time() - t0
+    predictor, pmetrics = fit_predictor(bound, samples, seed)
+    predictor.save(out / "predictor.pt")
+    pmetrics["sample_eval_s"] = eval_s
+    write_json(out / "predictor.json", pmetrics)
+    log.info("predictor: Spearman %.3f on %d held-out architectures", pmetrics["spearman_holdout"], pmetrics["n_holdout"])
+    if cfg.predictor.encoding != "one_hot":
+        log.warning("the solver needs the one-hot predictor; refitting one for solving")
+    problem = search_problem(bound, latency_info, predictor)
+    solutions = solve_budgets(problem, budgets_ms, k_per_budget=cfg.solutions_per_budget, seed=seed)
+    bank = OperatorBank.from_states(bound, block_states)
+    rows = []
+    for budget, sols in solutions.items():
+        for rank, sol in enumerate(sols):
+            acc = proxy_accuracy(bank, splits, [sol.choices], seed=seed)[0]
+            rows.append({
+                "budget_ms": float(budget),
+                "rank": rank,
+                "arch": arch_to_str(bound.arch(sol.choices)),
+                "choices": [int(c) for c in sol.choices],
+                "predicted_acc": float(sol.objective),
+                "proxy_acc": float(acc),
+                "predicted_latency_ms": float(sol.latency),
+                "solver_s": float(sol.wall_s),
+                "method": sol.method,
+            })
+    write_json(out / "solutions.json", rows)
+    if tracker is not None:
+        tracker.summary(predictor_spearman=pmetrics["spearman_holdout"], samples=len(samples))
+        tracker.log({"phase2/predictor_spearman": pmetrics["spearman_holdout"], "phase2/sample_eval_s": eval_s})
+        for r in rows:
+            tracker.log({"phase2/solver_s": r["solver_s"], "phase2/budget_ms": r["budget_ms"]})
+        cols = list(rows[0].keys()) if rows else []
+        tracker.table("phase2/solutions", cols, [[str(r[c]) if isinstance(r[c], list) else r[c] for c in cols] for r in rows])
+        tracker.table("phase2/samples", ["arch", "proxy_acc"], [[s["arch"], s["proxy_acc"]] for s in samples])
+    return {"predictor": pmetrics, "solutions": rows}

@@ -1,0 +1,278 @@
+"""Search spaces: YAML on disk, validated into typed settings on load.
+
+A space names the teacher, the data, the operator pool, bit-widths, resolutions, the latency
+target, the budgets and the settings of each phase. Everything a run does is decided here, so
+the frozen copy in ``runs/<name>/space.yaml`` is enough to reproduce it.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .arch import FAMILIES, OpSpec
+from .errors import EtaError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TeacherTraining(_Strict):
+    """How eta trains a teacher itself (``eta teacher train``); ignored when a checkpoint is given."""
+
+    epochs: int = Field(20, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    batch_size: int = Field(64, ge=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class TeacherConfig(_Strict):
+    model: str = Field(..., description="timm model name, or 'package.module:callable'")
+    kwargs: dict = Field(default_factory=dict)
+    checkpoint: Optional[str] = Field(None, description="trained weights; null = train and cache in the run")
+    blocks: Union[Literal["auto"], list[str]] = "auto"
+    train: TeacherTraining = Field(default_factory=TeacherTraining)
+
+
+class DataConfig(_Strict):
+    dataset: str
+    root: Optional[str] = None
+    download: bool = False
+    resolution: int = Field(..., ge=4, description="input size of the teacher, phases 1 and 2")
+    proxy_fraction: float = Field(0.05, gt=0, lt=0.5)
+    max_train: Optional[int] = Field(None, ge=10)
+    max_test: Optional[int] = Field(None, ge=10)
+    batch_size: int = Field(64, ge=1)
+
+
+class PoolEntry(_Strict):
+    """One operator family with the kernels and elastic widths to try."""
+
+    family: str
+    kernel: list[int] = Field(default_factory=lambda: [3])
+    expansion: list[float] = Field(default_factory=lambda: [1.0])
+    heads: list[int] = Field(default_factory=lambda: [0])
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, v: str) -> str:
+        if v == "id":
+            v = "identity"
+        if v not in FAMILIES:
+            raise ValueError(f"unknown operator family '{v}' (known: {', '.join(FAMILIES)})")
+        return v
+
+    @field_validator("kernel", "expansion", "heads", mode="before")
+    @classmethod
+    def _listify(cls, v):
+        return v if isinstance(v, list) else [v]
+
+    def specs(self) -> list[OpSpec]:
+        if self.family in ("identity", "teacher"):
+            return [OpSpec(self.family)]
+        if self.family == "vit":
+            return [OpSpec("vit", 0, e, h) for h, e in itertools.product(self.heads, self.expansion)]
+        return [OpSpec(self.family, k, e) for k, e in itertools.product(self.kernel, self.expansion)]
+
+
+_BUDGET_MS = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*ms\s*$")
+
+
+class Budget(BaseModel):
+    """A latency budget: a fraction of the teacher's measured latency, or absolute milliseconds."""
+
+    value: float
+    absolute_ms: bool
+
+    @classmethod
+    def parse(cls, raw) -> "Budget":
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            if not 0 < raw <= 1.5:
+                raise EtaError(f"budget {raw}: a bare number is a fraction of the teacher's latency (0 < f <= 1.5); write '{raw}ms' for milliseconds")
+            return cls(value=float(raw), absolute_ms=False)
+        m = _BUDGET_MS.match(str(raw))
+        if m:
+            return cls(value=float(m.group(1)), absolute_ms=True)
+        try:
+            return cls.parse(float(str(raw)))
+        except ValueError:
+            raise EtaError(f"budget '{raw}': expected a fraction such as 0.6 or milliseconds such as '2.5ms'") from None
+
+    def to_ms(self, teacher_ms: float) -> float:
+        return self.value if self.absolute_ms else self.value * teacher_ms
+
+    def __str__(self) -> str:
+        return f"{self.value:g}ms" if self.absolute_ms else f"{self.value:g}x"
+
+
+class LatencyConfig(_Strict):
+    backend: Literal["tvm", "torch"] = "tvm"
+    target: str = Field("llvm", description="TVM target kind: llvm (host CPU) or cuda")
+    batch_size: int = Field(1, ge=1)
+    number: Optional[int] = Field(None, ge=1, description="runs averaged per timing; None = automatic")
+    repeat: int = Field(7, ge=3)
+    max_spread: float = Field(0.05, gt=0, description="re-measure entries whose relative spread is wider")
+    tune_trials: int = Field(0, ge=0, description="MetaSchedule trials per task; 0 = untuned schedules")
+    calibration_students: int = Field(6, ge=0, description="random whole students compiled to fit latency ≈ a·Σtable + b")
+    node_resource: Optional[str] = Field(None, description="Ray custom resource of the node that measures, e.g. latency:rpi4")
+
+
+class Phase1Config(_Strict):
+    epochs: int = Field(1, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(64, ge=1)
+    elastic: bool = True
+    sort_every: int = Field(100, ge=1, description="re-rank hidden channels every N steps")
+    num_cpus: float = Field(1, gt=0, description="CPUs per Ray task")
+    num_gpus: float = Field(0, ge=0, description="GPUs (or fractions) per Ray task")
+    tasks: Optional[int] = Field(None, ge=1, description="number of block groups; None = one per available CPU slot")
+
+
+class PredictorConfig(_Strict):
+    encoding: Literal["one_hot", "index"] = "one_hot"
+    hidden: int = Field(64, ge=1)
+    layers: int = Field(2, ge=2)
+    activation: Literal["tanh", "relu"] = "tanh"
+    optimizer: Literal["adam", "sgd"] = "adam"
+    epochs: int = Field(300, ge=1)
+    lr: float = Field(3e-3, gt=0)
+
+
+class Phase2Config(_Strict):
+    samples: int = Field(300, ge=10, description="stitched students evaluated on the proxy set")
+    sample_levels: int = Field(10, ge=1, description="latency levels the samples are spread over (the 'Multi' setting)")
+    holdout: float = Field(0.2, gt=0, lt=0.9, description="fraction of samples kept to measure the predictor's Spearman")
+    bn_batches: int = Field(4, ge=1, description="training batches used to recalibrate BatchNorm statistics")
+    eval_tasks: Optional[int] = Field(None, ge=1)
+    solutions_per_budget: int = Field(2, ge=1)
+    predictor: PredictorConfig = Field(default_factory=PredictorConfig)
+
+
+class Phase3Config(_Strict):
+    epochs: int = Field(6, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    batch_size: int = Field(64, ge=1)
+    kd_weight: float = Field(0.7, ge=0, le=1, description="weight of the distillation term; the rest is cross-entropy")
+    temperature: float = Field(2.0, gt=0)
+    max_students: int = Field(8, ge=1)
+    num_cpus: float = Field(1, gt=0)
+    num_gpus: float = Field(0, ge=0)
+
+
+class TrackingConfig(_Strict):
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "eta"
+
+
+class SearchSpace(_Strict):
+    name: str
+    seed: int = 0
+    teacher: TeacherConfig
+    data: DataConfig
+    pool: list[PoolEntry] = Field(..., min_length=1)
+    bits: list[int] = Field(default_factory=lambda: [32])
+    resolutions: list[int] = Field(default_factory=list, description="phase 3 elastic resolutions; empty = data.resolution only")
+    latency: LatencyConfig = Field(default_factory=LatencyConfig)
+    budgets: list[Union[float, str]] = Field(..., min_length=1)
+    phase1: Phase1Config = Field(default_factory=Phase1Config)
+    phase2: Phase2Config = Field(default_factory=Phase2Config)
+    phase3: Phase3Config = Field(default_factory=Phase3Config)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: list[int]) -> list[int]:
+        for b in v:
+            if b not in (32, 8, 4):
+                raise ValueError(f"bit-width {b} not supported (choose from 32, 8, 4)")
+        return sorted(set(v), reverse=True)
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets(cls, v):
+        for raw in v:
+            try:
+                Budget.parse(raw)
+            except EtaError as err:
+                raise ValueError(str(err)) from None
+        return v
+
+    @model_validator(mode="after")
+    def _resolutions(self):
+        if not self.resolutions:
+            self.resolutions = [self.data.resolution]
+        self.resolutions = sorted(set(self.resolutions))
+        return self
+
+    # --- derived views -------------------------------------------------------------------
+    def op_specs(self) -> list[OpSpec]:
+        """Every candidate operator of the pool (before per-block shape filtering), bits included."""
+        specs = []
+        for entry in self.pool:
+            for spec in entry.specs():
+                specs.extend(spec.with_bits(b) for b in self.bits)
+        return sorted(set(specs), key=str)
+
+    def parsed_budgets(self) -> list[Budget]:
+        return [Budget.parse(b) for b in self.budgets]
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def fingerprint(self) -> str:
+        """Content hash of everything that defines the run; budgets and tracking may change on resume."""
+        return self.section_hash(exclude=("tracking", "budgets"))
+
+    def section_hash(self, *, include: tuple = (), exclude: tuple = ()) -> str:
+        d = self.to_dict()
+        if include:
+            d = {k: d[k] for k in include}
+        for k in exclude:
+            d.pop(k, None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_validation_error(err: ValidationError, where: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"].removeprefix("Value error, ")
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{where}: field '{loc}': {msg}{more}"
+
+
+def parse_space(data, where: str = "search space") -> SearchSpace:
+    if not isinstance(data, dict):
+        raise EtaError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return SearchSpace.model_validate(data)
+    except ValidationError as err:
+        raise EtaError(_format_validation_error(err, where)) from None
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Read and validate a YAML search space; every problem becomes one EtaError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise EtaError(f"search space not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise EtaError(f"{path}:{at}: malformed YAML: {problem}") from None
+    return parse_space(data, str(path))
+
+
+def dump_space(space: SearchSpace) -> str:
+    return yaml.safe_dump(space.to_dict(), sort_keys=False)

@@ -1,0 +1,158 @@
+"""Students: the teacher's stem and head around one chosen operator per block.
+
+Two ways to build the same network: *stitched* from phase-1 super-operators (each block's
+operator extracted as a slice), or as a *skeleton* with fresh weights that a saved state dict
+is loaded into (export and ``eta.load_student``). Both produce identical module trees, so
+state dicts move freely between them.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .arch import OpSpec
+from .bound import BoundSpace
+from .errors import EtaError
+from .ops import build_op, build_super_ops
+from .runs import load_tensors
+
+
+class Student(nn.Module):
+    def __init__(self, stem: nn.Module, blocks: list[nn.Module], head: nn.Module):
+        super().__init__()
+        self.stem = stem
+        self.blocks = nn.Sequential(*blocks)
+        self.head = head
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)))
+
+
+def super_key(spec: OpSpec, elastic: bool) -> str:
+    """Name of the super-operator that holds ``spec`` (one per expansion when elasticity is off)."""
+    return spec.super_key if elastic else f"{spec.super_key}_e{spec.expansion:g}"
+
+
+def block_super_ops(bound: BoundSpace, block: int, elastic: bool) -> nn.ModuleDict:
+    """The super-operators phase 1 trains for one block (empty weights)."""
+    ins, outs = bound.shapes[block]
+    specs = bound.trainable_specs(block)
+    if elastic:
+        return build_super_ops(specs, ins, outs)
+    return nn.ModuleDict({super_key(s, False): next(iter(build_super_ops([s], ins, outs).values())) for s in specs})
+
+
+def _standalone(bound: BoundSpace, block: int, spec: OpSpec) -> nn.Module:
+    if spec.family == "teacher":
+        return copy.deepcopy(bound.split.blocks[block])
+    ins, outs = bound.shapes[block]
+    return build_op(spec.with_bits(32), ins, outs)
+
+
+class OperatorBank:
+    """Phase-1 weights of every block, loaded once; stitches students by slicing."""
+
+    def __init__(self, bound: BoundSpace, phase1_dir: Path):
+        self.bound = bound
+        self.elastic = bound.space.phase1.elastic
+        self.blocks: list[nn.ModuleDict] = []
+        for b in range(bound.num_blocks):
+            ops = block_super_ops(bound, b, self.elastic)
+            if len(ops):
+                path = Path(phase1_dir) / f"block_{b:02d}.safetensors"
+                state = load_tensors(path)
+                try:
+                    ops.load_state_dict(state)
+                except RuntimeError as err:
+                    raise EtaError(f"{path} does not match the search space: {str(err).splitlines()[0]}") from None
+            ops.eval()
+            self.blocks.append(ops)
+
+    @classmethod
+    def from_states(cls, bound: BoundSpace, states: list[dict]) -> "OperatorBank":
+        bank = cls.__new__(cls)
+        bank.bound, bank.elastic, bank.blocks = bound, bound.space.phase1.elastic, []
+        for b, state in enumerate(states):
+            ops = block_super_ops(bound, b, bank.elastic)
+            if len(ops):
+                ops.load_state_dict(state)
+            bank.blocks.append(ops.eval())
+        return bank
+
+    def operator(self, block: int, spec: OpSpec) -> nn.Module:
+        if spec.family in ("teacher", "identity"):
+            return _standalone(self.bound, block, spec)
+        return self.blocks[block][super_key(spec, self.elastic)].extract(spec.expansion)
+
+    def stitch(self, arch) -> Student:
+        split = self.bound.split
+        ops = [self.operator(b, spec) for b, spec in enumerate(arch)]
+        return Student(copy.deepcopy(split.stem), ops, copy.deepcopy(split.head)).eval()
+
+
+def skeleton(bound: BoundSpace, arch) -> Student:
+    """A student with the right module tree and fresh weights, to load a saved state into."""
+    split = bound.split
+    ops = [_standalone(bound, b, spec) for b, spec in enumerate(arch)]
+    return Student(copy.deepcopy(split.stem), ops, copy.deepcopy(split.head))
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def size_mb(model: nn.Module, arch=None) -> float:
+    """Weight storage in MB at the bit-width each block runs at (stem and head at 32 bits)."""
+    total_bits = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("blocks.")) * 32
+    if arch is None:
+        return (total_bits + sum(p.numel() for p in model.blocks.parameters()) * 32) / 8 / 1e6
+    for b, spec in enumerate(arch):
+        total_bits += sum(p.numel() for p in model.blocks[b].parameters()) * spec.bits
+    return total_bits / 8 / 1e6
+
+
+def count_macs(model: nn.Module, input_shape: tuple) -> dict[str, int]:
+    """Multiply-accumulates per top-level part (stem, blocks.i, head) for one input, via forward hooks."""
+    macs: dict[str, int] = {}
+
+    def hook(name):
+        def fn(mod, inp, out):
+            if isinstance(mod, nn.Conv2d):
+                n = out.numel() // out.shape[0] * (mod.in_channels // mod.groups) * mod.kernel_size[0] * mod.kernel_size[1]
+            elif isinstance(mod, nn.Linear):
+                n = out.numel() // out.shape[0] * mod.in_features
+            else:
+                return
+            macs[name] = macs.get(name, 0) + n
+
+        return fn
+
+    handles = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Conv2d, nn.Linear)):
+            parts = name.split(".")
+            top = ".".join(parts[:2]) if parts[0] == "blocks" else parts[0]
+            handles.append(mod.register_forward_hook(hook(top)))
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, *input_shape[1:]))
+    model.train(was_training)
+    for h in handles:
+        h.remove()
+    return macs
+
+
+def bops(model: Student, arch, input_shape: tuple) -> float:
+    """Bit operations: MACs × weight bits × activation bits, per block at its bit-width."""
+    macs = count_macs(model, input_shape)
+    total = 0.0
+    for part, n in macs.items():
+        bits = 32
+        if part.startswith("blocks."):
+            bits = arch[int(part.split(".")[1])].bits
+        total += n * bits * bits
+    return total

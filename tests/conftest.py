@@ -1,0 +1,62 @@
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray cluster on loopback for the tests that need it, shut down at the end."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def digits_space_dict():
+    return yaml.safe_load((REPO / "search_spaces" / "digits.yaml").read_text())
+
+
+def tiny_space_dict(**overrides):
+    """A digits space small enough to run all phases in about a minute."""
+    d = yaml.safe_load((REPO / "search_spaces" / "digits.yaml").read_text())
+    d["name"] = "tiny"
+    d["teacher"]["train"]["epochs"] = 6
+    d["data"]["resolution"] = 16
+    d["pool"] = [
+        {"family": "ir", "kernel": [3], "expansion": [2, 4]},
+        {"family": "identity"},
+        {"family": "teacher"},
+    ]
+    d["resolutions"] = [12, 16]
+    d["latency"]["calibration_students"] = 3
+    d["latency"]["repeat"] = 3
+    d["budgets"] = [0.6, 0.85]
+    d["phase1"] = {"epochs": 2, "lr": 0.003, "batch_size": 64, "elastic": True, "sort_every": 10}
+    d["phase2"] = {"samples": 24, "sample_levels": 3, "holdout": 0.25, "bn_batches": 2, "solutions_per_budget": 1,
+                   "predictor": {"hidden": 16, "epochs": 100}}
+    d["phase3"] = {"epochs": 2, "batch_size": 64, "max_students": 2}
+    for k, v in overrides.items():
+        d[k] = v
+    return d
+
+
+@pytest.fixture
+def tiny_space_file(tmp_path):
+    def make(**overrides):
+        p = tmp_path / "tiny.yaml"
+        p.write_text(yaml.safe_dump(tiny_space_dict(**overrides)))
+        return p
+
+    return make
