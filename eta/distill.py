@@ -57,7 +57,7 @@ def pretrain_group(bound: BoundSpace, splits, blocks: list[int], *, seed: int = 
             if step % cfg.sort_every == 0:
                 for b in trainable:
                     for op in ops[b].values():
-                        op.sort_channels()
+                        op.sort_channels(optimizer=opt)
             with torch.no_grad():
                 feats = features_at_blocks(teacher, x, trainable)  # one teacher forward for the whole group
             loss = 0.0
@@ -79,7 +79,7 @@ def pretrain_group(bound: BoundSpace, splits, blocks: list[int], *, seed: int = 
     bar.close()
     for b in trainable:
         for op in ops[b].values():
-            op.sort_channels()
+            op.sort_channels(optimizer=opt)
     out = {}
     for b in blocks:
         metrics = {"candidates": evaluate_block(bound, b, ops[b], splits, device=device) if b in trainable else {}}

@@ -33,7 +33,7 @@ class Student(nn.Module):
 
 def super_key(spec: OpSpec, elastic: bool) -> str:
     """Name of the super-operator that holds ``spec`` (one per expansion when elasticity is off)."""
-    return spec.super_key if elastic else f"{spec.super_key}_e{spec.expansion:g}"
+    return spec.super_key if elastic else f"{spec.super_key}_e{spec.expansion:g}".replace(".", "p")
 
 
 def block_super_ops(bound: BoundSpace, block: int, elastic: bool) -> nn.ModuleDict:

@@ -1,0 +1,77 @@
+"""The command line as a user meets it: --help everywhere, bad input is one line and exit code 2."""
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from .conftest import REPO, tiny_space_dict
+
+VERBS = [["search"], ["demo"], ["teacher", "train"], ["pretrain"], ["latency", "build"], ["solve"], ["finetune"], ["pareto"], ["export"]]
+
+
+def eta(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "eta.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+@pytest.mark.parametrize("verb", VERBS, ids=lambda v: " ".join(v))
+def test_every_verb_has_help(verb):
+    r = eta(*verb, "--help")
+    assert r.returncode == 0 and "usage: eta" in r.stdout
+
+
+def _one_line_error(r):
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [l for l in r.stderr.strip().splitlines() if l.startswith("eta: error:")]
+    assert len(lines) == 1, r.stderr[-2000:]
+    return lines[0]
+
+
+def test_malformed_yaml(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("name: [unclosed\n")
+    line = _one_line_error(eta("search", str(p), "--runs-dir", str(tmp_path / "runs")))
+    assert "malformed YAML" in line and "bad.yaml" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unknown_operator(tmp_path):
+    d = tiny_space_dict()
+    d["pool"][0]["family"] = "wavelet"
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(d))
+    line = _one_line_error(eta("search", str(p), "--runs-dir", str(tmp_path / "runs")))
+    assert "pool.0.family" in line and "wavelet" in line
+
+
+def test_missing_data(tmp_path):
+    d = tiny_space_dict()
+    d["data"] = {"dataset": "fashion_mnist", "root": str(tmp_path / "nowhere"), "resolution": 28}
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(d))
+    line = _one_line_error(eta("search", str(p), "--runs-dir", str(tmp_path / "runs")))
+    assert "nowhere" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_teacher_that_cannot_be_split(tmp_path):
+    d = tiny_space_dict()
+    d["teacher"]["model"] = "tests.unsplittable:make"
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(d))
+    line = _one_line_error(eta("search", str(p), "--runs-dir", str(tmp_path / "runs")))
+    assert "blocks" in line and "Opaque" in line
+
+
+def test_unknown_teacher(tmp_path):
+    d = tiny_space_dict()
+    d["teacher"]["model"] = "no_such_model_xyz"
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(d))
+    line = _one_line_error(eta("search", str(p), "--runs-dir", str(tmp_path / "runs")))
+    assert "no_such_model_xyz" in line
+
+
+def test_pareto_of_missing_run(tmp_path):
+    line = _one_line_error(eta("pareto", str(tmp_path)))
+    assert "not an eta run" in line

@@ -1,0 +1,116 @@
+"""The whole search on a tiny digits space: every phase really runs, resumes, and exports.
+
+These tests fail if any phase is replaced by a stub: the teacher must beat chance, phase-1
+losses must fall, the predictor must be fitted on measured proxy accuracies, solutions must meet
+their budgets by the latency table, finetuned students must beat chance on the test split, and
+latencies must be real TVM measurements of the exported networks.
+"""
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from eta.errors import EtaError
+from eta.pipeline import Search
+from eta.space import parse_space
+
+from .conftest import tiny_space_dict
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, ray_local):
+    runs = tmp_path_factory.mktemp("runs")
+    space = parse_space(tiny_space_dict())
+    search = Search(space, runs_dir=runs, progress=False)
+    t0 = time.time()
+    pareto = search.run_all()
+    return search, pareto, time.time() - t0
+
+
+def test_phases_do_real_work(finished):
+    search, pareto, wall = finished
+    run = search.run
+    teacher = run.phase_info("teacher")
+    assert teacher["test_acc"]["16"] > 0.6  # 10 classes: chance is 0.1
+    p1 = json.loads((run.root / "phase1" / "metrics.json").read_text())
+    assert len(p1) == search.bound.num_blocks
+    for b, m in p1.items():
+        if "loss_last" in m:
+            assert m["loss_last"] < m["loss_first"], f"block {b}: distillation loss did not fall"
+            assert all(np.isfinite(v) for v in m["candidates"].values())
+    pred = json.loads((run.root / "phase2" / "predictor.json").read_text())
+    assert -1 <= pred["spearman_holdout"] <= 1 and pred["n_train"] >= 10
+    samples = json.loads((run.root / "phase2" / "samples.json").read_text())
+    accs = [s["proxy_acc"] for s in samples]
+    assert len(set(accs)) > 1, "proxy accuracies must vary between stitched students"
+    sols = json.loads((run.root / "phase2" / "solutions.json").read_text())
+    assert sols
+    for s in sols:
+        assert s["predicted_latency_ms"] <= s["budget_ms"] * (1 + 1e-6)
+    for p in pareto["all"]:
+        assert p["test_acc"] > 0.3 and p["latency_ms"] > 0
+
+
+def test_front_is_pareto_and_measured(finished):
+    search, pareto, _ = finished
+    front = pareto["front"]
+    assert front and (search.run.root / "pareto.png").stat().st_size > 5000
+    lat = [p["latency_ms"] for p in front]
+    acc = [p["test_acc"] for p in front]
+    assert lat == sorted(lat) and acc == sorted(acc), "front must trade latency for accuracy"
+    for p in pareto["all"]:
+        dominated = any(q["latency_ms"] < p["latency_ms"] and q["test_acc"] > p["test_acc"] for q in pareto["all"])
+        assert dominated == (p not in front) or p not in front
+    assert {p["resolution"] for p in pareto["all"]} == {12, 16}
+    assert all(p["params"] > 0 and p["size_mb"] > 0 and p["bops_g"] > 0 for p in front)
+
+
+def test_wandb_offline_runs_per_phase(finished):
+    search, _, _ = finished
+    runs = list((search.run.root / "wandb").glob("offline-run-*"))
+    assert len(runs) >= 5, runs  # teacher, latency, pretrain, solve, finetune (+ one per trial)
+    assert all(list(r.glob("*.wandb")) for r in runs)
+
+
+def test_resume_redoes_nothing(finished):
+    search, pareto, _ = finished
+    files = sorted((search.run.root / "phase1").glob("*.safetensors")) + [search.run.root / "pareto.json"]
+    before = {f: f.stat().st_mtime_ns for f in files}
+    again = Search(parse_space(tiny_space_dict()), runs_dir=search.run.root.parent, progress=False)
+    t0 = time.time()
+    out = again.run_all()
+    assert time.time() - t0 < 60
+    assert out["front"] == pareto["front"]
+    assert before == {f: f.stat().st_mtime_ns for f in files}
+
+
+def test_export_and_load_student(finished, tmp_path):
+    import eta
+    from eta.export import export_student, load_exported
+    from eta.train import evaluate
+
+    search, pareto, _ = finished
+    best = max(pareto["front"], key=lambda p: p["test_acc"])
+    model = eta.load_student(search.run.root, max_latency_ms=best["latency_ms"])
+    assert isinstance(model, torch.nn.Module)
+    acc = evaluate(model, search.splits.test, resolution=model.eta_info["resolution"])
+    assert acc == pytest.approx(model.eta_info["test_acc"], abs=1e-9)
+    meta = export_student(search.run.root, tmp_path / "out", max_latency_ms=best["latency_ms"])
+    plain = load_exported(tmp_path / "out")
+    x = torch.randn(4, 1, meta["resolution"], meta["resolution"])
+    assert torch.allclose(plain(x), model(x), atol=1e-5)
+    with pytest.raises(EtaError, match="fastest"):
+        export_student(search.run.root, tmp_path / "out2", max_latency_ms=1e-6)
+
+
+def test_infeasible_budget_stops_before_training(tmp_path, ray_local, finished):
+    search, _, _ = finished
+    d = tiny_space_dict(budgets=[0.01])
+    # reuse the finished run's teacher so only the budget check runs
+    d["teacher"]["checkpoint"] = str(search.teacher_path)
+    s = Search(parse_space(d), runs_dir=tmp_path, progress=False)
+    with pytest.raises(EtaError, match=r"infeasible.*fastest student of this space takes [0-9.]+ ms"):
+        s.run_all()
+    assert not (s.run.root / "phase1").exists()
