@@ -68,7 +68,7 @@ def pretrain_group(bound: BoundSpace, splits, blocks: list[int], *, seed: int = 
                     op.train()
                     e = op.sample_expansion(gen) if cfg.elastic else None
                     block_loss = block_loss + F.mse_loss(op(t_in, e), t_out)
-                history[b].append(float(block_loss) / len(ops[b]))
+                history[b].append(block_loss.item() / len(ops[b]))
                 loss = loss + block_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
