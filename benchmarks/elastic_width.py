@@ -83,7 +83,7 @@ def main(argv=None):
         tc = space.teacher.train
         t0 = time.time()
         fit(bound.teacher, splits.train, epochs=tc.epochs, lr=tc.lr, weight_decay=tc.weight_decay, batch_size=tc.batch_size,
-            resolutions=[res], seed=space.seed, device=args.device, desc="teacher")
+            resolutions=[res], seed=space.seed, device=args.device, desc="teacher", progress=False)
         bound.teacher.cpu()
         save_tensors(teacher_path, bound.teacher.state_dict())
         log.info("teacher trained in %.1f s", time.time() - t0)
@@ -99,7 +99,7 @@ def main(argv=None):
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.time()
-        result = pretrain_group(b2, splits, blocks, seed=space.seed, device=args.device, progress=True)
+        result = pretrain_group(b2, splits, blocks, seed=space.seed, device=args.device)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         wall = time.time() - t0
@@ -113,7 +113,7 @@ def main(argv=None):
             stitched = evaluate(student, splits.test, resolution=res, device=args.device)
             fit(student, splits.train, epochs=args.finetune_epochs, lr=space.phase3.lr, weight_decay=space.phase3.weight_decay,
                 batch_size=space.phase3.batch_size, resolutions=[res], teacher=b2.teacher, kd_weight=space.phase3.kd_weight,
-                temperature=space.phase3.temperature, seed=space.seed, device=args.device, desc=f"finetune {name}")
+                temperature=space.phase3.temperature, seed=space.seed, device=args.device, progress=False)
             entry[f"{name}_stitched_acc"] = stitched
             entry[f"{name}_finetuned_acc"] = evaluate(student, splits.test, resolution=res, device=args.device)
         mode = "elastic" if elastic else "separate"

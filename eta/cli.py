@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .errors import EtaError
+from .runs import PHASES
 
 log = logging.getLogger("eta")
 
@@ -81,7 +82,7 @@ def cmd_demo(args) -> int:
 def _phase_cmd(phase: str):
     def run(args) -> int:
         search = _space_or_run(args.space, args)
-        for p in ("teacher", "latency", "pretrain", "solve", "finetune"):
+        for p in PHASES:
             if p == phase:
                 break
             getattr(search, f"phase_{p}")()

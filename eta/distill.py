@@ -129,7 +129,7 @@ def _remote_pretrain_group(space_dict: dict, teacher_state: dict, blocks: list[i
 def plan_groups(pending: list[int], n_tasks: int) -> list[list[int]]:
     """Split pending blocks into at most ``n_tasks`` contiguous groups (one teacher forward serves a group)."""
     n = max(1, min(n_tasks, len(pending)))
-    return [list(g) for g in np.array_split(np.array(pending), n) if len(g)]
+    return [[int(b) for b in g] for g in np.array_split(np.array(pending), n) if len(g)]
 
 
 def run_phase1(run: Run, bound: BoundSpace, teacher_path: Path, tracker=None, progress: bool = True) -> dict:

@@ -66,8 +66,8 @@ def export_student(run_dir: Path, out_dir: Path, max_latency_ms: float | None = 
     entry = pick(run, max_latency_ms, resolution)
     model = build_student(run, entry)
     info = model.eta_info
-    x = torch.randn(1, info["in_chans"], entry["resolution"], entry["resolution"])
-    program = torch.export.export(model, (x,))
+    x = torch.randn(2, info["in_chans"], entry["resolution"], entry["resolution"])
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},))
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "student.pt2") as tmp:
         torch.export.save(program, str(tmp))
@@ -76,7 +76,7 @@ def export_student(run_dir: Path, out_dir: Path, max_latency_ms: float | None = 
         "format": "eta-student/1",
         "run": run.root.name,
         "teacher": run.space().teacher.model,
-        "input_shape": list(x.shape),
+        "input_shape": ["batch", *x.shape[1:]],
         "load_with": "torch.export.load('student.pt2').module()",
         **{k: v for k, v in info.items() if k != "weights"},
     }

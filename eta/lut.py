@@ -18,7 +18,8 @@ from .arch import arch_to_str
 from .bound import BoundSpace, module_digest
 from .errors import EtaError
 from .latency import calibrate as calib
-from .latency.table import LatencyTable, Protocol, default_table_path
+from .latency.protocol import Protocol
+from .latency.table import LatencyTable, default_table_path
 from .student import _standalone, skeleton
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def table_path(backend: Backend, root: Path | None = None) -> Path:
 
 
 def open_table(backend: Backend, root: Path | None = None) -> LatencyTable:
-    return LatencyTable.open(table_path(backend, root), backend=backend.name, target=backend.target, device=backend.device)
+    return LatencyTable.open(table_path(backend, root), backend=backend.name, target=backend.target, device=backend.device, protocol=backend.protocol)
 
 
 def _signature(kind: str, module: torch.nn.Module) -> str:

@@ -25,7 +25,7 @@ from .space import SearchSpace, dump_space, load_space
 
 log = logging.getLogger(__name__)
 
-PHASES = ("teacher", "pretrain", "latency", "solve", "finetune")
+PHASES = ("teacher", "latency", "pretrain", "solve", "finetune")
 
 
 @contextmanager

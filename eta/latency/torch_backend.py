@@ -1,0 +1,51 @@
+"""Time PyTorch modules as they run in PyTorch (eager, or ``torch.compile`` when asked)."""
+from __future__ import annotations
+
+import platform
+import time
+
+import torch
+
+from .protocol import Measurement, Protocol, measure_callable
+
+
+def device_name(device: str = "cpu") -> str:
+    if str(device).startswith("cuda"):
+        return torch.cuda.get_device_name()
+    from .tvm_backend import device_name as cpu_name
+
+    return cpu_name({"kind": "llvm"}) or platform.processor()
+
+
+@torch.inference_mode()
+def measure(module, input_shape, device="cpu", protocol: Protocol | None = None, compile: bool = False) -> Measurement:
+    protocol = protocol or Protocol()
+    t0 = time.perf_counter()
+    model = module.eval().to(device)
+    if compile:
+        model = torch.compile(model)
+    x = torch.randn(*input_shape, device=device)
+    cuda = str(device).startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def one_run():
+        model(x)
+        sync()
+
+    one_run()
+    compile_s = time.perf_counter() - t0
+
+    def timer(number, repeat):
+        out = []
+        for _ in range(repeat):
+            sync()
+            t = time.perf_counter()
+            for _ in range(number):
+                model(x)
+            sync()
+            out.append((time.perf_counter() - t) * 1e3 / number)
+        return out
+
+    m = measure_callable(timer, one_run, protocol)
+    m.compile_s = compile_s
+    return m

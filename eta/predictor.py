@@ -1,0 +1,104 @@
+"""The accuracy predictor: an MLP from an architecture's encoding to its proxy accuracy (eq. 14.2).
+
+The thesis' best setting is the default: one-hot encoding, two linear layers with tanh between,
+Adam, MSE. Targets are standardised for training and the scaling is folded back into the last
+layer, so ``numpy_layers()`` computes accuracy directly (what the solver maximises).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from scipy import stats
+from torch import nn
+
+
+def one_hot_encode(choices: Sequence[Sequence[int]], options_per_block: Sequence[int]) -> np.ndarray:
+    offsets = np.concatenate([[0], np.cumsum(options_per_block)[:-1]]).astype(int)
+    c = np.asarray(choices, dtype=int).reshape(-1, len(options_per_block))
+    X = np.zeros((len(c), int(sum(options_per_block))), dtype=np.float32)
+    X[np.arange(len(c))[:, None], c + offsets] = 1.0
+    return X
+
+
+def index_encode(choices: Sequence[Sequence[int]], options_per_block: Sequence[int]) -> np.ndarray:
+    c = np.asarray(choices, dtype=np.float32).reshape(-1, len(options_per_block))
+    return c / np.maximum(np.asarray(options_per_block, dtype=np.float32) - 1, 1)
+
+
+_ACTS = {"tanh": nn.Tanh, "relu": nn.ReLU}
+
+
+class MLPPredictor(nn.Module):
+    def __init__(self, in_dim: int, hidden: int = 64, layers: int = 2, activation: str = "tanh"):
+        super().__init__()
+        self.config = {"in_dim": in_dim, "hidden": hidden, "layers": layers, "activation": activation}
+        dims = [in_dim] + [hidden] * (layers - 1) + [1]
+        mods = []
+        for i in range(layers):
+            mods.append(nn.Linear(dims[i], dims[i + 1]))
+            if i < layers - 1:
+                mods.append(_ACTS[activation]())
+        self.net = nn.Sequential(*mods)
+
+    def forward(self, x):
+        return self.net(x).squeeze(-1)
+
+    @torch.no_grad()
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        self.eval()
+        return self(torch.as_tensor(np.asarray(X), dtype=torch.float32)).numpy().astype(np.float64)
+
+    def numpy_layers(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [(m.weight.detach().numpy().astype(np.float64), m.bias.detach().numpy().astype(np.float64))
+                for m in self.net if isinstance(m, nn.Linear)]
+
+    def save(self, path: Path) -> None:
+        from .runs import atomic_path
+
+        with atomic_path(Path(path)) as tmp:
+            torch.save({"config": self.config, "state": self.state_dict()}, tmp)
+
+    @classmethod
+    def load(cls, path: Path) -> "MLPPredictor":
+        blob = torch.load(path, weights_only=True)
+        model = cls(**blob["config"])
+        model.load_state_dict(blob["state"])
+        return model.eval()
+
+
+def train_predictor(X, y, *, hidden=64, layers=2, activation="tanh", optimizer="adam", lr=3e-3, epochs=300,
+                    batch_size=64, weight_decay=1e-4, seed=0) -> MLPPredictor:
+    """Fit by MSE on standardised targets; deterministic for a seed."""
+    torch.manual_seed(seed)
+    X = torch.as_tensor(np.asarray(X), dtype=torch.float32)
+    y = np.asarray(y, dtype=np.float64)
+    mu, sd = float(y.mean()), float(y.std()) or 1.0
+    t = torch.as_tensor((y - mu) / sd, dtype=torch.float32)
+    model = MLPPredictor(X.shape[1], hidden, layers, activation)
+    if optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=lr * 10, momentum=0.9, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(len(X), generator=gen).split(batch_size):
+            loss = nn.functional.mse_loss(model(X[idx]), t[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+    last = model.net[-1]
+    with torch.no_grad():  # fold the target scaling into the output layer
+        last.weight.mul_(sd)
+        last.bias.mul_(sd).add_(mu)
+    return model.eval()
+
+
+def spearman(pred, true) -> float:
+    r = stats.spearmanr(np.asarray(pred), np.asarray(true))[0]
+    return 0.0 if np.isnan(r) else float(r)
