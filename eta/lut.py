@@ -27,6 +27,13 @@ log = logging.getLogger(__name__)
 REPO_PREDICTORS = Path(__file__).resolve().parent.parent / "predictors"
 
 
+def predictors_dir() -> Path:
+    """Where shared tables live: ``$ETA_PREDICTORS_DIR``, else the repository's ``predictors/``."""
+    import os
+
+    return Path(os.environ.get("ETA_PREDICTORS_DIR") or REPO_PREDICTORS)
+
+
 @dataclass
 class Backend:
     """Where and how latency is measured: the backend name, its target and the device's name."""
@@ -62,7 +69,7 @@ class Backend:
 
 
 def table_path(backend: Backend, root: Path | None = None) -> Path:
-    return default_table_path(root or REPO_PREDICTORS / "latency", backend.name, backend.target, backend.device)
+    return default_table_path(root or predictors_dir() / "latency", backend.name, backend.target, backend.device)
 
 
 def open_table(backend: Backend, root: Path | None = None) -> LatencyTable:
@@ -154,11 +161,12 @@ def calibrate(bound: BoundSpace, backend: Backend, base: float, per_block: list[
         rows.append({"arch": arch_to_str(arch), "table_sum_ms": float(pred), "measured_ms": m.median_ms, "spread": m.spread})
     pred = np.array([r["table_sum_ms"] for r in rows])
     meas = np.array([r["measured_ms"] for r in rows])
-    if len(rows) >= 3 and np.ptp(pred) > 0:
+    a, b = float(np.median(meas / np.maximum(pred, 1e-9))), 0.0  # a ratio when too few points for a line
+    if len(rows) >= 5 and np.ptp(pred) > 0:
         cal = calib.fit_calibration(pred, meas)
-        a, b = cal.a, cal.b
-    else:
-        a, b = float(np.mean(meas / np.maximum(pred, 1e-9))), 0.0
+        # a line is kept only where it stays positive over every student of the space
+        if cal.a > 0 and cal.a * base + cal.b > 0:
+            a, b = cal.a, cal.b
     before = calib.agreement(pred, meas) if len(rows) >= 3 else {}
     after = calib.agreement(a * pred + b, meas) if len(rows) >= 3 else {}
     return {"a": float(a), "b": float(b), "students": rows, "before": _jsonable(before), "after": _jsonable(after)}

@@ -4,12 +4,12 @@ Variables are one-hot per block over that block's options. The objective is the 
 (on the one-hot encoding) minus any additive per-option penalty (the modelled quantization drop);
 the constraint is the calibrated table latency a·(base + Σ option ms) + b ≤ budget, plus any
 extra linear limits (model size, BOPs). Gekko's APOPT solves it locally; the best architecture of a
-cheap evolutionary search warm-starts it, and the better of the two is returned. Exhaustive
+cheap evolutionary search, polished by two-block local search, warm-starts it, and the better of
+the two is returned. Exhaustive
 enumeration, predictor-ranked random sampling, evolution and HANT's additive ILP are the baselines.
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -23,25 +23,36 @@ log = logging.getLogger(__name__)
 
 
 class InfeasibleBudget(EtaError):
-    pass
+    """No architecture of the space meets the requested latency (or the other limits)."""
 
 
 @dataclass
 class SearchProblem:
-    option_latency: list
-    layers: list = field(default_factory=list)
+    """One block-wise choice problem: per-option latency tables and the predictor's weights.
+
+    ``layers`` may be empty (before a predictor exists): latency bounds and sampling still work.
+    """
+
+    option_latency: list[np.ndarray]
+    layers: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     activation: str = "tanh"
     base_latency: float = 0.0
-    calibration: tuple = (1.0, 0.0)
-    option_penalty: list | None = None
-    limits: Sequence = ()
+    calibration: tuple[float, float] = (1.0, 0.0)
+    option_penalty: list[np.ndarray] | None = None
+    limits: Sequence[tuple[list[np.ndarray], float]] = ()
 
     def __post_init__(self):
+        if self.activation not in ("tanh", "relu"):
+            raise EtaError(f"unknown predictor activation {self.activation!r} (tanh or relu)")
         self.option_latency = [np.asarray(r, dtype=float) for r in self.option_latency]
         self.sizes = [len(r) for r in self.option_latency]
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(int)
         if self.option_penalty is not None:
             self.option_penalty = [np.asarray(r, dtype=float) for r in self.option_penalty]
+        self.layers = [(np.asarray(W, dtype=float), np.asarray(b, dtype=float)) for W, b in self.layers]
+        if self.layers and self.layers[0][0].shape[1] != sum(self.sizes):
+            raise EtaError(f"the predictor takes {self.layers[0][0].shape[1]} inputs but the one-hot encoding of this "
+                           f"space has {sum(self.sizes)}: the solver needs a predictor trained on the one-hot encoding")
 
     @property
     def num_blocks(self) -> int:
@@ -91,13 +102,15 @@ class SearchProblem:
         return a * (self.base_latency + sum(r.max() for r in self.option_latency)) + b
 
     def check_budget(self, budget_ms: float) -> None:
-        if budget_ms < self.min_latency() - 1e-12:
-            raise InfeasibleBudget(f"budget {budget_ms:.3f} ms is infeasible: the fastest student takes {self.min_latency():.3f} ms")
+        """Fail in one line when no architecture can meet the budget."""
+        fastest = self.min_latency()
+        if budget_ms < fastest - 1e-12:
+            raise InfeasibleBudget(f"budget {budget_ms:.3f} ms is infeasible: the smallest achievable latency is {fastest:.3f} ms")
 
 
 @dataclass
 class Solution:
-    choices: tuple
+    choices: tuple[int, ...]
     objective: float
     latency: float
     wall_s: float
@@ -112,46 +125,69 @@ def _solution(problem, choices, t0, method) -> Solution:
 def _feasible(problem, C, budget, exclude=()):
     ok = (problem.latency_many(C) <= budget + 1e-9) & problem.within_limits_many(C)
     if len(exclude):
-        ex = {tuple(int(v) for v in e) for e in exclude}
-        ok &= np.array([tuple(c) not in ex for c in C.tolist()])
+        ex = np.ravel_multi_index(np.asarray(exclude, dtype=int).reshape(-1, problem.num_blocks).T, problem.sizes)
+        ok &= ~np.isin(np.ravel_multi_index(np.asarray(C, dtype=int).T, problem.sizes), ex)
     return ok
 
 
 # --- sampling and heuristics ---------------------------------------------------------------------
-def _repair(problem, c, budget, rng, lower=None, max_steps=200):
-    """Move a random architecture into [lower, budget] by swapping single blocks."""
-    c = list(c)
-    lat = problem.latency(c)
+def _repair_many(problem, C, budget, rng, lower=None, max_steps=100) -> tuple[np.ndarray, np.ndarray]:
+    """Move every architecture into [lower, budget] by re-drawing one random block per step.
+
+    Over budget, the block takes a random cheaper option; under ``lower``, a random dearer one
+    that stays within budget. All rows move at once (numpy), so tight budgets do not starve the
+    samplers. Returns the repaired rows and which of them landed in the band.
+    """
+    C = np.array(C, dtype=int, copy=True).reshape(-1, problem.num_blocks)
+    lower = -np.inf if lower is None else float(lower)
+    a = problem.calibration[0]
+    width = max(problem.sizes)
+    table = np.full((problem.num_blocks, width), np.nan)
+    for i, row in enumerate(problem.option_latency):
+        table[i, : len(row)] = a * row
+    lat = problem.latency_many(C) if len(C) else np.zeros(0)
     for _ in range(max_steps):
-        if lat > budget:
-            i = int(rng.integers(problem.num_blocks))
-            cheaper = np.flatnonzero(problem.option_latency[i] < problem.option_latency[i][c[i]])
-            if len(cheaper):
-                c[i] = int(rng.choice(cheaper))
-        elif lower is not None and lat < lower:
-            i = int(rng.integers(problem.num_blocks))
-            room = (budget - lat) / problem.calibration[0]
-            dearer = np.flatnonzero((problem.option_latency[i] > problem.option_latency[i][c[i]])
-                                    & (problem.option_latency[i] - problem.option_latency[i][c[i]] <= room + 1e-12))
-            if len(dearer):
-                c[i] = int(rng.choice(dearer))
-        else:
-            return tuple(c)
-        lat = problem.latency(c)
-    return tuple(c) if lat <= budget + 1e-9 and (lower is None or lat >= lower - 1e-9) else None
-
-
-def sample_under_budget(problem, budget_ms, n, rng, *, lower_ms=None) -> list[tuple]:
-    """Up to ``n`` distinct random architectures with latency in [lower_ms, budget_ms]."""
-    out, seen = [], set()
-    for _ in range(n * 20):
-        if len(out) >= n:
+        rows = np.flatnonzero((lat > budget + 1e-9) | (lat < lower - 1e-9))
+        if not len(rows):
             break
-        c = tuple(int(rng.integers(k)) for k in problem.sizes)
-        c = _repair(problem, c, budget_ms, rng, lower_ms)
-        if c is not None and c not in seen and problem.within_limits_many([c])[0]:
-            seen.add(c)
-            out.append(c)
+        blk = rng.integers(problem.num_blocks, size=len(rows))
+        delta = table[blk] - table[blk, C[rows, blk]][:, None]  # NaN where a block has fewer options
+        over = (lat[rows] > budget + 1e-9)[:, None]
+        with np.errstate(invalid="ignore"):
+            allowed = np.where(over, delta < 0, (delta > 0) & (lat[rows, None] + delta <= budget + 1e-9))
+        keys = np.where(allowed, rng.random(allowed.shape), -1.0)
+        pick = np.argmax(keys, axis=1)
+        moved = np.flatnonzero(allowed.any(axis=1))
+        C[rows[moved], blk[moved]] = pick[moved]
+        lat[rows[moved]] += delta[moved, pick[moved]]
+    lat = problem.latency_many(C) if len(C) else lat  # exact again, free of accumulated rounding
+    return C, (lat <= budget + 1e-9) & (lat >= lower - 1e-9)
+
+
+def sample_under_budget(problem, budget_ms, n, rng, *, lower_ms=None, patience=5) -> list[tuple]:
+    """Up to ``n`` distinct random architectures with latency in [lower_ms, budget_ms].
+
+    Uniform draws, each out-of-band one repaired toward the band; stops early (returning fewer)
+    once ``patience`` rounds in a row add nothing new, so narrow bands and tiny spaces end quickly.
+    """
+    lower = -np.inf if lower_ms is None else float(lower_ms)
+    if n <= 0 or budget_ms < problem.min_latency() - 1e-9 or lower > min(budget_ms, problem.max_latency()) + 1e-9:
+        return []
+    out, seen, stale = [], set(), 0
+    while len(out) < n and stale < patience:
+        batch = max(64, 2 * (n - len(out)))
+        C = np.stack([rng.integers(0, k, batch) for k in problem.sizes], axis=1)
+        C, ok = _repair_many(problem, C, budget_ms, rng, lower)
+        C = C[ok & problem.within_limits_many(C)]
+        added = 0
+        for c in map(tuple, C.tolist()):
+            if c not in seen:
+                seen.add(c)
+                out.append(c)
+                added += 1
+                if len(out) >= n:
+                    break
+        stale = 0 if added else stale + 1
     return out
 
 
@@ -159,9 +195,8 @@ def random_search(problem, budget_ms, k, seed=0, exclude=()) -> Solution:
     """Predictor-ranked random sampling of ``k`` feasible architectures."""
     t0 = time.time()
     problem.check_budget(budget_ms)
-    cands = sample_under_budget(problem, budget_ms, k, np.random.default_rng(seed))
-    C = np.array(cands)
-    C = C[_feasible(problem, C, budget_ms, exclude)]
+    C = np.array(sample_under_budget(problem, budget_ms, k, np.random.default_rng(seed)), dtype=int)
+    C = C[_feasible(problem, C, budget_ms, exclude)] if len(C) else C
     if not len(C):
         raise InfeasibleBudget(f"no feasible architecture found under {budget_ms:.3f} ms")
     return _solution(problem, C[int(np.argmax(problem.objective_many(C)))], t0, f"random(k={k})")
@@ -181,8 +216,8 @@ def evolutionary(problem, budget_ms, population=100, generations=30, seed=0, exc
         kids = np.where(mask, parents[:, 0], parents[:, 1])
         mut = rng.random(kids.shape) < mutation
         kids = np.where(mut, rng.integers(0, sizes, size=kids.shape), kids)
-        kids = [c for c in (_repair(problem, k, budget_ms, rng) for k in kids) if c is not None]
-        allc = np.unique(np.vstack([pop] + ([np.array(kids)] if kids else [])), axis=0)
+        kids, ok = _repair_many(problem, kids, budget_ms, rng)
+        allc = np.unique(np.vstack([pop, kids[ok]]), axis=0)
         allc = allc[_feasible(problem, allc, budget_ms, exclude)] if len(allc) else allc
         if not len(allc):
             break
@@ -192,18 +227,17 @@ def evolutionary(problem, budget_ms, population=100, generations=30, seed=0, exc
     return _solution(problem, pop[0], t0, f"evolution(p={population},g={generations})")
 
 
-def exhaustive(problem, budget_ms, *, exclude=(), max_combinations=2_000_000, chunk=200_000) -> Solution:
+def exhaustive(problem, budget_ms, *, exclude=(), max_combinations=2_000_000, chunk=65_536) -> Solution:
+    """The exact optimum by enumerating every architecture in numpy chunks (small spaces only)."""
     t0 = time.time()
     problem.check_budget(budget_ms)
     total = int(np.prod(problem.sizes, dtype=np.float64))
     if total > max_combinations:
         raise EtaError(f"exhaustive search over {total} architectures exceeds the limit of {max_combinations}")
     best, best_obj = None, -np.inf
-    it = itertools.product(*[range(k) for k in problem.sizes])
-    while True:
-        C = np.array(list(itertools.islice(it, chunk)), dtype=int)
-        if not len(C):
-            break
+    for start in range(0, total, chunk):
+        flat = np.arange(start, min(start + chunk, total))
+        C = np.stack(np.unravel_index(flat, problem.sizes), axis=1)
         C = C[_feasible(problem, C, budget_ms, exclude)]
         if len(C):
             obj = problem.objective_many(C)
@@ -211,7 +245,7 @@ def exhaustive(problem, budget_ms, *, exclude=(), max_combinations=2_000_000, ch
             if obj[i] > best_obj:
                 best, best_obj = C[i], obj[i]
     if best is None:
-        raise InfeasibleBudget(f"no architecture meets {budget_ms:.3f} ms with the exclusions given")
+        raise InfeasibleBudget(f"no architecture meets the budget of {budget_ms:.3f} ms with the exclusions given")
     return _solution(problem, best, t0, "exhaustive")
 
 
@@ -245,8 +279,60 @@ def additive_ilp(option_drop, problem, budget_ms) -> Solution:
     return sol
 
 
+def local_search(problem, choices, budget_ms, *, exclude=(), max_rounds=100) -> tuple[int, ...]:
+    """Best-improvement ascent over all one- and two-block changes that stay feasible.
+
+    Two-block moves let a block spend latency another one frees, which single swaps under a tight
+    budget cannot; it polishes heuristic answers before they warm-start (or compete with) APOPT.
+    """
+    c = np.asarray(choices, dtype=int)
+    best = problem.objective(c)
+    pairs = [(i, j) for i in range(problem.num_blocks) for j in range(i + 1, problem.num_blocks)]
+    for _ in range(max_rounds):
+        moves = [np.repeat(c[None], problem.sizes[i], 0) for i in range(problem.num_blocks)]
+        for i, m in enumerate(moves):
+            m[:, i] = np.arange(problem.sizes[i])
+        for i, j in pairs:
+            vi, vj = np.meshgrid(np.arange(problem.sizes[i]), np.arange(problem.sizes[j]), indexing="ij")
+            m = np.repeat(c[None], vi.size, 0)
+            m[:, i], m[:, j] = vi.ravel(), vj.ravel()
+            moves.append(m)
+        C = np.vstack(moves)
+        C = C[_feasible(problem, C, budget_ms, exclude)]
+        if not len(C):
+            break
+        obj = problem.objective_many(C)
+        k = int(np.argmax(obj))
+        if obj[k] <= best + 1e-12:
+            break
+        c, best = C[k], float(obj[k])
+    return tuple(int(v) for v in c)
+
+
 # --- Gekko INLP -----------------------------------------------------------------------------------
-def _gekko_solve(problem, budget_ms, exclude, warm, time_limit_s):
+APOPT_OPTIONS = (
+    "minlp_maximum_iterations 2000",  # branch-and-bound nodes
+    "minlp_max_iter_with_int_sol 200",  # stop this many nodes after an integer solution stops improving
+    "minlp_gap_tol 1e-4",
+    "minlp_integer_tol 1e-3",
+    "nlp_maximum_iterations 300",
+)
+
+
+def _affine(m, weights, terms, const, chunk=150):
+    """Σ w·t + c as Gekko Intermediates, split so no equation string outgrows APM's line limit."""
+    pairs = [(float(w), t) for w, t in zip(weights, terms) if w != 0]
+    parts = [m.Intermediate(sum(w * t for w, t in pairs[k : k + chunk])) for k in range(0, len(pairs), chunk)]
+    if not parts:
+        return m.Const(value=const)
+    return m.Intermediate(sum(parts) + const) if len(parts) > 1 else m.Intermediate(parts[0] + const)
+
+
+def _gekko_solve(problem, budget_ms, exclude, warm, time_limit_s, apopt_options=APOPT_OPTIONS):
+    """One APOPT solve from ``warm``: (rounded one-hot answer, objective as Gekko computed it).
+
+    Raises whatever Gekko raises when APOPT finds no solution.
+    """
     from gekko import GEKKO
 
     m = GEKKO(remote=False)
@@ -255,55 +341,82 @@ def _gekko_solve(problem, budget_ms, exclude, warm, time_limit_s):
         for row in x:
             m.Equation(m.sum(row) == 1)
         a, b = problem.calibration
-        lat = problem.base_latency + sum(float(problem.option_latency[i][j]) * x[i][j] for i in range(problem.num_blocks) for j in range(problem.sizes[i]))
-        m.Equation(a * lat + b <= budget_ms)
+        xs = [v for row in x for v in row]  # same order as the one-hot encoding
+        m.Equation(_affine(m, a * np.concatenate(problem.option_latency), xs, a * problem.base_latency + b) <= budget_ms)
         for values, limit in problem.limits:
-            m.Equation(sum(float(values[i][j]) * x[i][j] for i in range(problem.num_blocks) for j in range(problem.sizes[i])) <= limit)
+            m.Equation(_affine(m, np.concatenate([np.asarray(v, float) for v in values]), xs, 0.0) <= limit)
         for e in exclude:
             m.Equation(sum(x[i][int(c)] for i, c in enumerate(e)) <= problem.num_blocks - 1)
-        flat = [(i, j) for i in range(problem.num_blocks) for j in range(problem.sizes[i])]
-        W1, b1 = problem.layers[0]
-        h = []
-        for u in range(W1.shape[0]):
-            pre = float(b1[u]) + sum(float(W1[u, problem.offsets[i] + j]) * x[i][j] for i, j in flat if W1[u, problem.offsets[i] + j] != 0)
-            h.append(m.Intermediate(m.tanh(pre) if problem.activation == "tanh" else m.max2(pre, 0)))
-        for li, (W, bb) in enumerate(problem.layers[1:]):
-            nxt = [float(bb[o]) + sum(float(W[o, u]) * h[u] for u in range(W.shape[1])) for o in range(W.shape[0])]
-            last = li == len(problem.layers) - 2
-            h = nxt if last else [m.Intermediate(m.tanh(v) if problem.activation == "tanh" else m.max2(v, 0)) for v in nxt]
+        h = xs
+        for li, (W, bias) in enumerate(problem.layers):
+            pre = [_affine(m, W[o], h, float(bias[o])) for o in range(W.shape[0])]
+            if li < len(problem.layers) - 1:
+                pre = [m.Intermediate(m.tanh(v) if problem.activation == "tanh" else m.max2(v, 0)) for v in pre]
+            h = pre
         obj = h[0]
         if problem.option_penalty is not None:
-            obj = obj - sum(float(problem.option_penalty[i][j]) * x[i][j] for i, j in flat)
+            obj = obj - _affine(m, np.concatenate(problem.option_penalty), xs, 0.0)
         m.Maximize(obj)
         m.options.SOLVER = 1  # APOPT: mixed-integer, local
         m.options.IMODE = 3
         m.options.MAX_TIME = time_limit_s
-        m.solver_options = ["minlp_maximum_iterations 2000", "minlp_max_iter_with_int_sol 200", "minlp_gap_tol 1e-4",
-                            "nlp_maximum_iterations 300", "minlp_integer_tol 1e-3"]
+        m.solver_options = list(apopt_options)
         m.solve(disp=False)
-        return tuple(int(np.argmax([v.value[0] for v in row])) for row in x)
+        choices = tuple(int(np.argmax([v.value[0] for v in row])) for row in x)
+        return choices, -float(m.options.OBJFCNVAL)  # Gekko minimises −objective
     finally:
         m.cleanup()
 
 
+def warm_start(problem, budget_ms, *, exclude=(), seed=0, population=100, generations=40) -> Solution:
+    """The cheap heuristic APOPT starts from: evolution polished by two-block local search."""
+    t0 = time.time()
+    evo = evolutionary(problem, budget_ms, population=population, generations=generations, seed=seed, exclude=exclude)
+    return _solution(problem, local_search(problem, evo.choices, budget_ms, exclude=exclude), t0, "heuristic")
+
+
 def solve_inlp(problem, budget_ms, *, exclude=(), seed=0, time_limit_s=60) -> Solution:
-    """max predictor − penalty s.t. calibrated latency ≤ budget, by Gekko/APOPT from a warm start."""
+    """max predictor − penalty s.t. calibrated latency ≤ budget, by Gekko/APOPT from a warm start.
+
+    APOPT is a local branch-and-bound on a non-convex objective, so its answer is polished by
+    the same local search and compared with the warm start. ``method`` says which won: ``inlp``
+    (APOPT's answer as is), ``inlp+local`` (APOPT's answer, improved by local search),
+    ``inlp(warm)`` (the warm start was better) or ``heuristic`` (APOPT failed outright).
+    """
     t0 = time.time()
     problem.check_budget(budget_ms)
-    warm = evolutionary(problem, budget_ms, population=64, generations=15, seed=seed, exclude=exclude)
-    best, method = warm.choices, "inlp(warm start kept)"
     try:
-        cand = _gekko_solve(problem, budget_ms, exclude, warm.choices, time_limit_s)
-        C = np.array([cand])
-        if _feasible(problem, C, budget_ms, exclude)[0] and problem.objective(cand) >= problem.objective(best) - 1e-12:
-            best, method = cand, "inlp"
+        warm = warm_start(problem, budget_ms, exclude=exclude, seed=seed)
+    except InfeasibleBudget:  # the heuristic found nothing feasible; APOPT may still
+        warm = None
+    start = warm.choices if warm is not None else tuple(int(np.argmin(r)) for r in problem.option_latency)
+    try:
+        cand, _ = _gekko_solve(problem, budget_ms, exclude, start, time_limit_s)
     except Exception as err:  # APOPT reports failures as exceptions of several kinds
-        log.warning("Gekko/APOPT failed at budget %.3f ms (%s); keeping the heuristic warm start", budget_ms, str(err).splitlines()[0][:120])
-        method = "heuristic"
-    return _solution(problem, best, t0, method)
+        if warm is None:
+            raise InfeasibleBudget(f"no architecture found under the budget of {budget_ms:.3f} ms with the limits and exclusions given") from err
+        log.warning("Gekko/APOPT failed at budget %.3f ms (%s); keeping the heuristic warm start",
+                    budget_ms, (str(err).strip().splitlines() or ["no message"])[0][:160])
+        return _solution(problem, warm.choices, t0, "heuristic")
+    found = []  # (objective, choices, method) in order of preference when objectives tie
+    if _feasible(problem, np.array([cand]), budget_ms, exclude)[0]:
+        found.append((problem.objective(cand), cand, "inlp"))
+        polished = local_search(problem, cand, budget_ms, exclude=exclude)
+        found.append((problem.objective(polished), polished, "inlp+local"))
+    else:
+        log.warning("Gekko/APOPT returned an architecture breaking a constraint at budget %.3f ms; ignoring it", budget_ms)
+    if warm is not None:
+        found.append((warm.objective, warm.choices, "inlp(warm)"))
+    if not found:
+        raise InfeasibleBudget(f"no architecture found under the budget of {budget_ms:.3f} ms with the limits and exclusions given")
+    top = max(f[0] for f in found)
+    _, choices, method = next(f for f in found if f[0] >= top - 1e-12)
+    if method != "inlp":
+        log.info("budget %.3f ms: APOPT's own answer was not the best found (%s)", budget_ms, method)
+    return _solution(problem, choices, t0, method)
 
 
-def solve_budgets(problem, budgets_ms, k_per_budget=1, seed=0) -> dict:
+def solve_budgets(problem, budgets_ms, k_per_budget=1, seed=0) -> dict[float, list[Solution]]:
     """``k`` distinct solutions per budget, each solve excluding the earlier ones of that budget."""
     out = {}
     for budget in budgets_ms:

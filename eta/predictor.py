@@ -32,8 +32,14 @@ _ACTS = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
 
 class MLPPredictor(nn.Module):
+    """``layers`` Linear maps with ``activation`` between; outputs proxy accuracy itself."""
+
     def __init__(self, in_dim: int, hidden: int = 64, layers: int = 2, activation: str = "tanh"):
         super().__init__()
+        if activation not in _ACTS:
+            raise ValueError(f"unknown predictor activation {activation!r} (one of {sorted(_ACTS)})")
+        if layers < 1:
+            raise ValueError("the predictor needs at least one layer")
         self.config = {"in_dim": in_dim, "hidden": hidden, "layers": layers, "activation": activation}
         dims = [in_dim] + [hidden] * (layers - 1) + [1]
         mods = []
@@ -52,6 +58,7 @@ class MLPPredictor(nn.Module):
         return self(torch.as_tensor(np.asarray(X), dtype=torch.float32)).numpy().astype(np.float64)
 
     def numpy_layers(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(W (out, in), b) per Linear, in float64: what the solver rebuilds in Gekko."""
         return [(m.weight.detach().numpy().astype(np.float64), m.bias.detach().numpy().astype(np.float64))
                 for m in self.net if isinstance(m, nn.Linear)]
 
@@ -63,7 +70,7 @@ class MLPPredictor(nn.Module):
 
     @classmethod
     def load(cls, path: Path) -> "MLPPredictor":
-        blob = torch.load(path, weights_only=True)
+        blob = torch.load(path, map_location="cpu", weights_only=True)
         model = cls(**blob["config"])
         model.load_state_dict(blob["state"])
         return model.eval()
@@ -71,27 +78,35 @@ class MLPPredictor(nn.Module):
 
 def train_predictor(X, y, *, hidden=64, layers=2, activation="tanh", optimizer="adam", lr=3e-3, epochs=300,
                     batch_size=64, weight_decay=1e-4, seed=0) -> MLPPredictor:
-    """Fit by MSE on standardised targets; deterministic for a seed."""
-    torch.manual_seed(seed)
+    """Fit by MSE (eq. 14.2) on standardised targets; deterministic for a seed, global RNG untouched."""
     X = torch.as_tensor(np.asarray(X), dtype=torch.float32)
     y = np.asarray(y, dtype=np.float64)
     mu, sd = float(y.mean()), float(y.std()) or 1.0
     t = torch.as_tensor((y - mu) / sd, dtype=torch.float32)
-    model = MLPPredictor(X.shape[1], hidden, layers, activation)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MLPPredictor(X.shape[1], hidden, layers, activation)
     if optimizer == "adam":
         opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    else:
+    elif optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=lr * 10, momentum=0.9, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"unknown predictor optimizer {optimizer!r} (adam or sgd)")
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        model.train()
-        for idx in torch.randperm(len(X), generator=gen).split(batch_size):
-            loss = nn.functional.mse_loss(model(X[idx]), t[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        sched.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # matrices this small only lose to thread hand-offs (~100x on a busy CPU)
+    try:
+        for _ in range(epochs):
+            model.train()
+            for idx in torch.randperm(len(X), generator=gen).split(batch_size):
+                loss = nn.functional.mse_loss(model(X[idx]), t[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            sched.step()
+    finally:
+        torch.set_num_threads(threads)
     last = model.net[-1]
     with torch.no_grad():  # fold the target scaling into the output layer
         last.weight.mul_(sd)
@@ -100,5 +115,9 @@ def train_predictor(X, y, *, hidden=64, layers=2, activation="tanh", optimizer="
 
 
 def spearman(pred, true) -> float:
-    r = stats.spearmanr(np.asarray(pred), np.asarray(true))[0]
+    """Rank correlation; 0 when undefined (a constant prediction ranks nothing)."""
+    pred, true = np.asarray(pred, dtype=np.float64), np.asarray(true, dtype=np.float64)
+    if np.ptp(pred) == 0 or np.ptp(true) == 0:
+        return 0.0
+    r = stats.spearmanr(pred, true)[0]
     return 0.0 if np.isnan(r) else float(r)

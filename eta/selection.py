@@ -111,20 +111,20 @@ def evaluate_samples(run: Run, bound: BoundSpace, block_states: list[dict], choi
     return [done[c] for c in choices_list]
 
 
-def encode(bound: BoundSpace, choices_list) -> np.ndarray:
-    if bound.space.phase2.predictor.encoding == "index":
+def encode(bound: BoundSpace, choices_list, encoding: str | None = None) -> np.ndarray:
+    if (encoding or bound.space.phase2.predictor.encoding) == "index":
         return index_encode(choices_list, bound.options_per_block)
     return one_hot_encode(choices_list, bound.options_per_block)
 
 
-def fit_predictor(bound: BoundSpace, samples: list[dict], seed: int) -> tuple[MLPPredictor, dict]:
+def fit_predictor(bound: BoundSpace, samples: list[dict], seed: int, encoding: str | None = None) -> tuple[MLPPredictor, dict]:
     """Train on a seeded split of the samples; report Spearman on the held-out part."""
     cfg = bound.space.phase2
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(samples))
     n_hold = max(2, int(round(cfg.holdout * len(samples))))
     hold, train = order[:n_hold], order[n_hold:]
-    X = encode(bound, [s["choices"] for s in samples])
+    X = encode(bound, [s["choices"] for s in samples], encoding)
     y = np.array([s["proxy_acc"] for s in samples], dtype=np.float64)
     p = cfg.predictor
     model = train_predictor(X[train], y[train], hidden=p.hidden, layers=p.layers, activation=p.activation, optimizer=p.optimizer, lr=p.lr, epochs=p.epochs, seed=seed)
@@ -155,7 +155,8 @@ def run_phase2(run: Run, bound: BoundSpace, block_states: list[dict], latency_in
     write_json(out / "predictor.json", pmetrics)
     log.info("predictor: Spearman %.3f on %d held-out architectures", pmetrics["spearman_holdout"], pmetrics["n_holdout"])
     if cfg.predictor.encoding != "one_hot":
-        log.warning("the solver needs the one-hot predictor; refitting one for solving")
+        log.info("the solver needs a one-hot predictor; fitting one on the same samples for solving")
+        predictor, _ = fit_predictor(bound, samples, seed, encoding="one_hot")
     problem = search_problem(bound, latency_info, predictor)
     solutions = solve_budgets(problem, budgets_ms, k_per_budget=cfg.solutions_per_budget, seed=seed)
     bank = OperatorBank.from_states(bound, block_states)

@@ -1,17 +1,22 @@
-"""Teachers: build one by name and cut it into stem, replaceable blocks and head.
+"""Teachers: build one by name, and cut it into a stem, replaceable blocks and a head.
 
-The cut must reproduce the teacher exactly (``head(blocks(stem(x))) == model(x)``); the pieces
-share the teacher's modules, so loading teacher weights updates them. Supported automatically:
-models with ``stem``/``blocks``/``head`` attributes (eta's convention), timm ResNets,
-EfficientNets / MobileNets and Vision Transformers; any ``nn.Sequential`` with an explicit list of
-block names. Anything else is refused with a message saying how to describe it.
+The cut must compute exactly what the teacher computes (``head(blocks(stem(x))) == model(x)``) and
+share the teacher's modules, so loading teacher weights into the model updates every piece. Where a
+family's own code runs the head (timm's ``forward_head``), the piece runs that same code, so model
+options such as pooling type or prefix tokens keep working without eta restating them.
+
+Cut automatically: eta's convention (``stem``/``blocks``/``head`` attributes), timm ResNets,
+EfficientNets / MobileNetV2s, MobileNetV3s and Vision Transformers. An explicit list of dotted block
+paths may regroup those blocks, or name consecutive children of ``nn.Sequential`` containers.
 """
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 import logging
 import types
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -21,66 +26,102 @@ from .errors import EtaError
 log = logging.getLogger(__name__)
 
 
+# ---------------------------------------------------------------------------------------------
+# building
+
+
 def build_teacher(model: str, *, num_classes: int, in_chans: int, kwargs: dict | None = None) -> nn.Module:
-    """A timm model by name, or ``package.module:callable`` called with num_classes and in_chans."""
+    """A timm model by name (untrained), or ``package.module:callable`` called with num_classes and in_chans."""
     kwargs = dict(kwargs or {})
     if ":" in model:
-        mod_name, _, fn_name = model.partition(":")
+        module_name, _, fn_name = model.partition(":")
         try:
-            fn = getattr(importlib.import_module(mod_name), fn_name)
+            fn = getattr(importlib.import_module(module_name), fn_name)
         except (ImportError, AttributeError) as err:
             raise EtaError(f"teacher.model '{model}': cannot import it ({err})") from None
-        return fn(num_classes=num_classes, in_chans=in_chans, **kwargs)
+        try:
+            inspect.signature(fn).bind(num_classes=num_classes, in_chans=in_chans, **kwargs)
+        except TypeError as err:
+            raise EtaError(f"teacher.model '{model}' must accept num_classes=, in_chans= and teacher.kwargs ({err})") from None
+        except ValueError:  # no signature to check (a builtin): let the call decide
+            pass
+        built = fn(num_classes=num_classes, in_chans=in_chans, **kwargs)
+        if not isinstance(built, nn.Module):
+            raise EtaError(f"teacher.model '{model}' returned a {type(built).__name__}, not a torch nn.Module")
+        return built
     import timm
 
     if not timm.is_model(model):
-        raise EtaError(f"teacher.model '{model}' is neither a timm model name nor 'package.module:callable'")
-    return timm.create_model(model, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+        close = difflib.get_close_matches(model, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise EtaError(f"teacher.model '{model}' is neither a timm model name nor 'package.module:callable'{hint}")
+    try:
+        return timm.create_model(model, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    except TypeError as err:
+        raise EtaError(f"teacher.model '{model}': bad teacher.kwargs ({str(err).splitlines()[0]})") from None
 
 
-class _Part(nn.Module):
-    """A piece of a model: some of its children and parameters, and a forward written against them.
+# ---------------------------------------------------------------------------------------------
+# pieces of a model
 
-    Plain attributes of the model (drop rates, prefix-token counts, pool types) are copied so the
-    model's own methods (``forward_head``, ``_pos_embed``) run unchanged on the piece.
+
+class ModelPart(nn.Module):
+    """Some children and direct tensors of a model, run by a function written against the model.
+
+    The model's plain settings (drop rates, pooling type, prefix-token counts) are copied and its
+    methods are reachable from the part, so ``forward`` may call the model class's own code with
+    the part as ``self`` (e.g. ``VisionTransformer.forward_head``). Only the listed children and
+    tensors belong to the part: a deep copy of a head does not copy the whole teacher.
     """
 
-    def __init__(self, model: nn.Module, children: list[str], params: list[str], fn: Callable):
+    def __init__(self, model: nn.Module, children: Iterable[str], tensors: Iterable[str], run: Callable):
         super().__init__()
         for name in children:
-            child = getattr(model, name)
-            if child is not None:
+            child = getattr(model, name, None)
+            if isinstance(child, nn.Module):
                 self.add_module(name, child)
             else:
-                setattr(self, name, None)
-        for name in params:
-            p = getattr(model, name, None)
-            if p is None:
-                setattr(self, name, None)
+                setattr(self, name, child)
+        for name in tensors:  # parameters stay parameters, buffers stay buffers (both follow .to(device))
+            tensor = getattr(model, name, None)
+            if isinstance(tensor, nn.Parameter) or tensor is None:
+                self.register_parameter(name, tensor)
             else:
-                self.register_parameter(name, p)
-        for k, v in vars(model).items():
-            if not k.startswith("_") and k != "training" and not isinstance(v, (nn.Module, torch.Tensor)) and not hasattr(self, k):
-                setattr(self, k, v)
-        self._fn = fn
-        self._model_cls = type(model)
+                self.register_buffer(name, tensor, persistent=name not in model._non_persistent_buffers_set)
+        for key, value in vars(model).items():
+            if key.startswith("_") or key == "training" or hasattr(self, key):
+                continue
+            if not isinstance(value, (nn.Module, torch.Tensor)):
+                setattr(self, key, value)
+        self._run = run
+        self._model_class = type(model)
 
     def __getattr__(self, name):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            method = getattr(self.__dict__.get("_model_cls"), name, None)  # the model's own helpers, e.g. ViT's pool()
-            if callable(method):
-                return types.MethodType(method, self)
+            cls = self.__dict__.get("_model_class")
+            attr = inspect.getattr_static(cls, name, None) if cls is not None else None
+            if isinstance(attr, property):
+                return attr.fget(self)
+            if inspect.isfunction(attr):
+                return types.MethodType(attr, self)
             raise
 
+    def extra_repr(self) -> str:
+        return f"of {self._model_class.__name__}, runs {getattr(self._run, '__name__', 'a function')}"
+
     def forward(self, x):
-        return self._fn(self, x)
+        return self._run(self, x)
 
 
 class TeacherSplit(nn.Module):
+    """Stem, replaceable blocks and head of a teacher; ``block_names`` are the blocks' dotted paths in it."""
+
     def __init__(self, stem: nn.Module, blocks: list[nn.Module], head: nn.Module, block_names: list[str]):
         super().__init__()
+        if len(blocks) != len(block_names):
+            raise ValueError(f"{len(blocks)} blocks but {len(block_names)} names")
         self.stem = stem
         self.blocks = nn.ModuleList(blocks)
         self.head = head
@@ -88,127 +129,250 @@ class TeacherSplit(nn.Module):
 
     def forward(self, x):
         x = self.stem(x)
-        for b in self.blocks:
-            x = b(x)
+        for block in self.blocks:
+            x = block(x)
         return self.head(x)
 
 
-def _stem_head_convention(model):
-    if all(hasattr(model, a) for a in ("stem", "blocks", "head")) and isinstance(model.blocks, (nn.Sequential, nn.ModuleList)):
-        return TeacherSplit(model.stem, list(model.blocks), model.head, [f"blocks.{i}" for i in range(len(model.blocks))])
-    return None
+# ---------------------------------------------------------------------------------------------
+# automatic cuts, one per family; each returns None for a model it does not know
 
 
-def _timm_resnet(model):
+def _split_convention(model: nn.Module) -> TeacherSplit | None:
+    parts = [getattr(model, a, None) for a in ("stem", "blocks", "head")]
+    if not all(isinstance(p, nn.Module) for p in parts) or not isinstance(parts[1], (nn.Sequential, nn.ModuleList)):
+        return None
+    names = [f"blocks.{n}" for n, _ in model.blocks.named_children()]
+    return TeacherSplit(model.stem, list(model.blocks), model.head, names)
+
+
+def _resnet_stem(part, x):
+    return part.maxpool(part.act1(part.bn1(part.conv1(x))))
+
+
+def _split_timm_resnet(model: nn.Module) -> TeacherSplit | None:
     from timm.models.resnet import ResNet
 
     if not isinstance(model, ResNet):
         return None
-    stem = _Part(model, ["conv1", "bn1", "act1", "maxpool"], [], lambda s, x: s.maxpool(s.act1(s.bn1(s.conv1(x)))))
+    stem = ModelPart(model, ["conv1", "bn1", "act1", "maxpool"], [], _resnet_stem)
+    head = ModelPart(model, ["global_pool", "fc"], [], ResNet.forward_head)
     blocks, names = [], []
     for layer in ("layer1", "layer2", "layer3", "layer4"):
-        for i, blk in enumerate(getattr(model, layer)):
-            blocks.append(blk)
-            names.append(f"{layer}.{i}")
-    head = _Part(model, ["global_pool", "fc"], [], type(model).forward_head)
+        for n, block in getattr(model, layer).named_children():
+            blocks.append(block)
+            names.append(f"{layer}.{n}")
     return TeacherSplit(stem, blocks, head, names)
 
 
-def _timm_efficientnet(model):
+def _efficientnet_stem(part, x):
+    return part.bn1(part.conv_stem(x))
+
+
+def _efficientnet_head(part, x):
+    # EfficientNet's conv_head/bn2 belong to forward_features, not forward_head
+    return part._model_class.forward_head(part, part.bn2(part.conv_head(x)))
+
+
+def _split_timm_efficientnet(model: nn.Module) -> TeacherSplit | None:
     from timm.models.efficientnet import EfficientNet
     from timm.models.mobilenetv3 import MobileNetV3
 
     if not isinstance(model, (EfficientNet, MobileNetV3)):
         return None
-    stem = _Part(model, ["conv_stem", "bn1"], [], lambda s, x: s.bn1(s.conv_stem(x)))
-    blocks, names = [], []
-    for si, stage in enumerate(model.blocks):
-        for bi, blk in enumerate(stage):
-            blocks.append(blk)
-            names.append(f"blocks.{si}.{bi}")
+    stem = ModelPart(model, ["conv_stem", "bn1"], [], _efficientnet_stem)
     head_children = [n for n, _ in model.named_children() if n not in ("conv_stem", "bn1", "blocks")]
-    cls = type(model)
-    if isinstance(model, EfficientNet):  # its conv_head / bn2 belong to forward_features
-        head = _Part(model, head_children, [], lambda s, x: cls.forward_head(s, s.bn2(s.conv_head(x))))
-    else:
-        head = _Part(model, head_children, [], cls.forward_head)
+    # MobileNetV3's forward_head already runs conv_head / norm_head / act2 (after pooling)
+    run_head = type(model).forward_head if isinstance(model, MobileNetV3) else _efficientnet_head
+    head = ModelPart(model, head_children, [], run_head)
+    blocks, names = [], []
+    for s, stage in model.blocks.named_children():
+        for b, block in stage.named_children():
+            blocks.append(block)
+            names.append(f"blocks.{s}.{b}")
     return TeacherSplit(stem, blocks, head, names)
 
 
-def _timm_vit(model):
+VIT_STEM_CHILDREN = ("patch_embed", "pos_drop", "patch_drop", "norm_pre")
+
+
+def _vit_stem(part, x):
+    return part.norm_pre(part.patch_drop(part._model_class._pos_embed(part, part.patch_embed(x))))
+
+
+def _vit_head(part, x):
+    return part._model_class.forward_head(part, part.norm(x))
+
+
+def _split_timm_vit(model: nn.Module) -> TeacherSplit | None:
     from timm.models.vision_transformer import VisionTransformer
 
     if not isinstance(model, VisionTransformer):
         return None
-    cls = type(model)
-    stem_children = ["patch_embed", "pos_drop", "patch_drop", "norm_pre"]
-    stem = _Part(model, stem_children, ["pos_embed", "cls_token", "reg_token"],
-                 lambda s, x: s.norm_pre(s.patch_drop(cls._pos_embed(s, s.patch_embed(x)))))
-    head_children = [n for n, _ in model.named_children() if n not in stem_children + ["blocks"]]
-    head = _Part(model, head_children, [], lambda s, x: cls.forward_head(s, s.norm(x)))
-    return TeacherSplit(stem, list(model.blocks), head, [f"blocks.{i}" for i in range(len(model.blocks))])
+    own = [n for n, _ in model.named_parameters(recurse=False)] + [n for n, _ in model.named_buffers(recurse=False)]
+    stem = ModelPart(model, VIT_STEM_CHILDREN, dict.fromkeys(own + ["cls_token", "reg_token", "pos_embed"]), _vit_stem)
+    head_children = [n for n, _ in model.named_children() if n not in VIT_STEM_CHILDREN + ("blocks",)]
+    head = ModelPart(model, head_children, [], _vit_head)
+    names = [f"blocks.{n}" for n, _ in model.blocks.named_children()]
+    return TeacherSplit(stem, list(model.blocks), head, names)
 
 
-AUTO_SPLITTERS = (_stem_head_convention, _timm_resnet, _timm_efficientnet, _timm_vit)
+AUTO_SPLITTERS = (_split_convention, _split_timm_resnet, _split_timm_efficientnet, _split_timm_vit)
 
 
-def _explicit(model: nn.Module, names: list[str]) -> TeacherSplit:
-    if not isinstance(model, nn.Sequential):
-        raise EtaError(
-            f"teacher {type(model).__name__}: explicit teacher.blocks needs an nn.Sequential model "
-            "(or give the model stem/blocks/head attributes)"
-        )
-    children = list(model.named_children())
-    order = [n for n, _ in children]
-    missing = [n for n in names if n not in order]
-    if missing:
-        raise EtaError(f"teacher.blocks: {missing[0]} is not a child of {type(model).__name__} (children: {', '.join(order)})")
-    idx = [order.index(n) for n in names]
-    if idx != list(range(idx[0], idx[0] + len(idx))):
-        raise EtaError("teacher.blocks must be consecutive children, in order")
-    stem = nn.Sequential(*[m for _, m in children[: idx[0]]])
-    head = nn.Sequential(*[m for _, m in children[idx[-1] + 1 :]])
-    return TeacherSplit(stem, [m for _, m in children[idx[0] : idx[-1] + 1]], head, names)
-
-
-def split_teacher(model: nn.Module, blocks="auto") -> TeacherSplit:
-    if blocks != "auto":
-        return _explicit(model, list(blocks))
+def _auto_split(model: nn.Module) -> TeacherSplit | None:
     for splitter in AUTO_SPLITTERS:
         split = splitter(model)
         if split is not None:
             return split
-    raise EtaError(
-        f"cannot split teacher {type(model).__name__} into blocks automatically: list them under teacher.blocks "
-        "(children of an nn.Sequential), or give the model stem/blocks/head attributes"
-    )
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# explicit block lists
+
+
+def _regroup(model: nn.Module, auto: TeacherSplit, names: list[str]) -> TeacherSplit:
+    """Blocks named by the user as whole automatic blocks, or containers holding a run of them."""
+    spans = []
+    for name in names:
+        covered = [i for i, n in enumerate(auto.block_names) if n == name or n.startswith(name + ".")]
+        inside = [n for n in auto.block_names if name.startswith(n + ".")]
+        if inside:
+            raise EtaError(f"teacher.blocks: '{name}' is inside block '{inside[0]}' of {type(model).__name__}; "
+                           "list whole blocks or containers of them")
+        if not covered:
+            raise EtaError(f"teacher.blocks: '{name}' is not a block of {type(model).__name__} nor holds any "
+                           f"(its blocks: {', '.join(auto.block_names[:4])}, ...)")
+        spans.append((covered[0], covered[-1], name))
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start != end + 1:
+            raise EtaError(f"teacher.blocks: '{b}' must directly follow '{a}' (blocks must be consecutive, in order)")
+    blocks = []
+    for start, end, name in spans:
+        if end == start and auto.block_names[start] == name:
+            blocks.append(auto.blocks[start])
+            continue
+        container = model.get_submodule(name)
+        inner = [f"{name}.{n}" for n, _ in container.named_children()]
+        if not _runs_children_in_order(container) or inner != auto.block_names[start: end + 1]:
+            raise EtaError(f"teacher.blocks: '{name}' is not a sequence of whole blocks of {type(model).__name__}")
+        blocks.append(container)
+    first, last = spans[0][0], spans[-1][1]
+    stem = auto.stem if first == 0 else nn.Sequential(auto.stem, *auto.blocks[:first])
+    head = auto.head if last == len(auto.blocks) - 1 else nn.Sequential(*auto.blocks[last + 1:], auto.head)
+    return TeacherSplit(stem, blocks, head, names)
+
+
+def _runs_children_in_order(module: nn.Module) -> bool:
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+def _split_sequential_chain(model: nn.Module, names: list[str]) -> TeacherSplit:
+    """Blocks that are consecutive children of a ``nn.Sequential`` reached through ``nn.Sequential``s from
+    the model: what runs before them is the stem, what runs after is the head."""
+    parents = {name.rpartition(".")[0] for name in names}
+    if len(parents) != 1:
+        raise EtaError(f"teacher.blocks of {type(model).__name__} must be children of one container; got {', '.join(names)}")
+    parent_path = parents.pop()
+    before, after = [], []
+    container = model
+    steps = parent_path.split(".") if parent_path else []
+    for step in steps + [None]:
+        if not _runs_children_in_order(container):
+            raise EtaError(f"cannot cut teacher {type(model).__name__} at {', '.join(names)}: it does not run those "
+                           "blocks as a chain of nn.Sequential containers; give it stem/blocks/head attributes")
+        children = list(container.named_children())
+        order = [n for n, _ in children]
+        if step is None:
+            break
+        if step not in order:
+            raise EtaError(f"teacher.blocks: {type(container).__name__} has no child '{step}' (children: {', '.join(order)})")
+        at = order.index(step)
+        before += [m for _, m in children[:at]]
+        after = [m for _, m in children[at + 1:]] + after
+        container = children[at][1]
+    leaves = [name.rpartition(".")[2] for name in names]
+    missing = [f"{parent_path + '.' if parent_path else ''}{leaf}" for leaf in leaves if leaf not in order]
+    if missing:
+        raise EtaError(f"teacher.blocks: '{missing[0]}' is not a child of {type(container).__name__} "
+                       f"(children: {', '.join(order)})")
+    idx = [order.index(leaf) for leaf in leaves]
+    if idx != list(range(idx[0], idx[0] + len(idx))):
+        raise EtaError("teacher.blocks must be consecutive children of their container, in order")
+    before += [m for _, m in children[: idx[0]]]
+    after = [m for _, m in children[idx[-1] + 1:]] + after
+    blocks = [m for _, m in children[idx[0]: idx[-1] + 1]]
+    return TeacherSplit(nn.Sequential(*before), blocks, nn.Sequential(*after), names)
+
+
+def split_teacher(model: nn.Module, blocks: str | list[str] = "auto") -> TeacherSplit:
+    """Cut ``model`` into stem, replaceable blocks and head (``"auto"``, or a list of dotted block paths).
+
+    The split starts in the model's train/eval mode; afterwards its mode is its own (``split.eval()``).
+    """
+    return _cut(model, blocks).train(model.training)
+
+
+def _cut(model: nn.Module, blocks) -> TeacherSplit:
+    auto = _auto_split(model)
+    if isinstance(blocks, str) and blocks == "auto":
+        if auto is None:
+            raise EtaError(f"cannot split teacher {type(model).__name__} into blocks automatically: list them under "
+                           "teacher.blocks (dotted paths of consecutive nn.Sequential children), or give the model "
+                           "stem/blocks/head attributes")
+        return auto
+    names = [blocks] if isinstance(blocks, str) else [str(b) for b in blocks]
+    if not names:
+        raise EtaError("teacher.blocks is empty: list at least one block, or use 'auto'")
+    if len(set(names)) != len(names):
+        raise EtaError(f"teacher.blocks lists a block twice: {', '.join(names)}")
+    if auto is not None:
+        return _regroup(model, auto, names)
+    return _split_sequential_chain(model, names)
+
+
+# ---------------------------------------------------------------------------------------------
+# shapes and features
+
+
+def _first_param_device(module: nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 @torch.no_grad()
 def block_io_shapes(split: TeacherSplit, input_shape: tuple) -> list[tuple[tuple, tuple]]:
-    """(input, output) shape of every block, without the batch dimension."""
-    was = split.training
+    """(input, output) shape of every block, without the batch dimension, for one input of ``input_shape``."""
+    was_training = split.training
     split.eval()
-    x = split.stem(torch.zeros(1, *input_shape))
-    shapes = []
-    for b in split.blocks:
-        y = b(x)
-        shapes.append((tuple(x.shape[1:]), tuple(y.shape[1:])))
-        x = y
-    split.train(was)
+    try:
+        x = split.stem(torch.zeros(1, *input_shape, device=_first_param_device(split)))
+        shapes = []
+        for block in split.blocks:
+            y = block(x)
+            shapes.append((tuple(x.shape[1:]), tuple(y.shape[1:])))
+            x = y
+    except (RuntimeError, AssertionError, ValueError) as err:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise EtaError(f"the teacher does not accept inputs of shape {tuple(input_shape)}: {first_line}") from None
+    finally:
+        split.train(was_training)
     return shapes
 
 
 def features_at_blocks(split: TeacherSplit, x: torch.Tensor, block_indices) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """The teacher's input and output of each asked block, from one forward pass."""
-    wanted = set(int(i) for i in block_indices)
-    out = {}
+    """The teacher's input and output of each asked block, from one forward pass that stops after the last."""
+    wanted = {int(i) for i in block_indices}
+    if not wanted:
+        return {}
+    if min(wanted) < 0 or max(wanted) >= len(split.blocks):
+        raise IndexError(f"block indices {sorted(wanted)} out of range for {len(split.blocks)} blocks")
+    features = {}
     x = split.stem(x)
-    for i, b in enumerate(split.blocks):
-        if i > max(wanted):
-            break
-        y = b(x)
+    for i, block in enumerate(split.blocks[: max(wanted) + 1]):
+        y = block(x)
         if i in wanted:
-            out[i] = (x, y)
+            features[i] = (x, y)
         x = y
-    return out
+    return features

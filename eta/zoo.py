@@ -1,18 +1,20 @@
-"""Small teachers eta trains itself, for the laptop demo and the CPU test spaces.
+"""Small teachers eta trains itself: the laptop demo (digits) and the CPU benchmark (Fashion-MNIST).
 
-They follow eta's stem / blocks / head convention and are built from the same operator classes
-as the candidates, so a teacher block and a candidate of the same family are the same module type.
+They follow eta's stem / blocks / head convention, so :func:`eta.teachers.split_teacher` cuts them
+without configuration, and they are assembled from timm's own blocks (``InvertedResidual``,
+``BasicBlock``) and layers, so they behave like the timm families eta is meant for.
 """
 from __future__ import annotations
 
-from timm.layers import ConvNormAct, SelectAdaptivePool2d
+from timm.layers import ClassifierHead, ConvNormAct, make_divisible
+from timm.models._efficientnet_blocks import InvertedResidual
+from timm.models.resnet import BasicBlock, downsample_conv
 from torch import nn
-
-from .arch import OpSpec
-from .ops import build_op
 
 
 class StemBlocksHead(nn.Module):
+    """A network that runs ``stem``, then each of ``blocks``, then ``head``: eta's teacher convention."""
+
     def __init__(self, stem: nn.Module, blocks: list[nn.Module], head: nn.Module):
         super().__init__()
         self.stem = stem
@@ -23,32 +25,54 @@ class StemBlocksHead(nn.Module):
         return self.head(self.blocks(self.stem(x)))
 
 
-def _head(in_ch: int, hidden: int, num_classes: int) -> nn.Module:
-    return nn.Sequential(ConvNormAct(in_ch, hidden, 1), SelectAdaptivePool2d(pool_type="avg", flatten=True), nn.Linear(hidden, num_classes))
+def _conv_head(in_chs: int, hidden: int, num_classes: int, drop_rate: float) -> nn.Module:
+    """MobileNet-style head: 1x1 conv to ``hidden`` channels, global average pool, linear classifier."""
+    return nn.Sequential(ConvNormAct(in_chs, hidden, 1),
+                         ClassifierHead(hidden, num_classes, pool_type="avg", drop_rate=drop_rate))
 
 
-def _stage_blocks(plan, c0: int, res: int):
-    """plan: (family, kernel, expansion, out_channels, stride) per block; shapes chained from (c0, res)."""
-    blocks, c, r = [], c0, res
-    for fam, k, e, out, s in plan:
-        blocks.append(build_op(OpSpec(fam, k, e), (c, r, r), (out, r // s, r // s)))
-        c, r = out, r // s
-    return blocks, c
+def tiny_mbnet(num_classes: int = 10, in_chans: int = 1, *, width_mult: float = 1.0, head_width: int = 128,
+               drop_rate: float = 0.0) -> nn.Module:
+    """MobileNetV2-style teacher for 32x32 inputs (8x8 digits upscaled): stride-1 stem, six inverted
+    residuals in three stages (16, 24, 40 channels at 32, 16, 8 pixels), conv head."""
+    def w(c: int) -> int:
+        return int(make_divisible(c * width_mult, divisor=8))
+
+    # (out channels, depthwise kernel, expansion, stride) per block
+    plan = [(w(16), 3, 3, 1),
+            (w(24), 3, 4, 2), (w(24), 3, 4, 1),
+            (w(40), 5, 4, 2), (w(40), 3, 4, 1), (w(40), 3, 4, 1)]
+    stem_chs = w(16)
+    blocks, chs = [], stem_chs
+    for out, kernel, expansion, stride in plan:
+        blocks.append(InvertedResidual(chs, out, dw_kernel_size=kernel, stride=stride, exp_ratio=expansion))
+        chs = out
+    return StemBlocksHead(ConvNormAct(in_chans, stem_chs, 3), blocks, _conv_head(chs, head_width, num_classes, drop_rate))
 
 
-def tiny_mbnet(num_classes: int = 10, in_chans: int = 1, width: int = 16, **_) -> nn.Module:
-    """MobileNet-style teacher for 32x32 inputs: stem, six inverted residuals in three stages, conv head."""
-    w = width
-    plan = [("ir", 3, 3, w, 1), ("ir", 3, 4, w * 3 // 2, 2), ("ir", 3, 4, w * 3 // 2, 1),
-            ("ir", 5, 4, w * 5 // 2, 2), ("ir", 3, 4, w * 5 // 2, 1), ("ir", 3, 4, w * 5 // 2, 1)]
-    blocks, c = _stage_blocks(plan, w, 32)
-    return StemBlocksHead(ConvNormAct(in_chans, w, 3), blocks, _head(c, 128, num_classes))
+def _basic_block(in_chs: int, out_chs: int, stride: int) -> nn.Module:
+    downsample = None
+    if stride != 1 or in_chs != out_chs:
+        downsample = downsample_conv(in_chs, out_chs, kernel_size=1, stride=stride, norm_layer=nn.BatchNorm2d)
+    block = BasicBlock(in_chs, out_chs, stride=stride, downsample=downsample)
+    block.zero_init_last()  # each residual starts as (almost) the identity, as timm's ResNets do
+    return block
 
 
-def small_resnet(num_classes: int = 10, in_chans: int = 1, width: int = 32, **_) -> nn.Module:
-    """ResNet-style teacher for 28x28 inputs: stem, seven basic blocks in three stages, conv head."""
-    w = width
-    plan = [("basic", 3, 1, w, 1), ("basic", 3, 1, w, 1), ("basic", 3, 1, 2 * w, 2), ("basic", 3, 1, 2 * w, 1),
-            ("basic", 3, 1, 2 * w, 1), ("basic", 3, 1, 4 * w, 2), ("basic", 3, 1, 4 * w, 1)]
-    blocks, c = _stage_blocks(plan, w, 28)
-    return StemBlocksHead(ConvNormAct(in_chans, w, 3), blocks, _head(c, 256, num_classes))
+def small_resnet(num_classes: int = 10, in_chans: int = 1, *, width_mult: float = 1.0, drop_rate: float = 0.0) -> nn.Module:
+    """ResNet-style teacher for 28x28 inputs (Fashion-MNIST): stride-1 stem, seven basic blocks in three
+    stages (16, 32, 64 channels at 28, 14, 7 pixels), pooled linear head."""
+    def w(c: int) -> int:
+        return int(make_divisible(c * width_mult, divisor=8))
+
+    # (out channels, stride) per block
+    plan = [(w(16), 1), (w(16), 1),
+            (w(32), 2), (w(32), 1),
+            (w(64), 2), (w(64), 1), (w(64), 1)]
+    stem_chs = w(16)
+    blocks, chs = [], stem_chs
+    for out, stride in plan:
+        blocks.append(_basic_block(chs, out, stride))
+        chs = out
+    head = ClassifierHead(chs, num_classes, pool_type="avg", drop_rate=drop_rate)
+    return StemBlocksHead(ConvNormAct(in_chans, stem_chs, 3), blocks, head)

@@ -12,6 +12,13 @@ os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_latency_tables(tmp_path_factory):
+    """Tests measure into their own tables, never into the repository's predictors/."""
+    os.environ["ETA_PREDICTORS_DIR"] = str(tmp_path_factory.mktemp("predictors"))
+    yield
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray cluster on loopback for the tests that need it, shut down at the end."""

@@ -34,6 +34,8 @@ class Measurement:
     repeats: int
     samples_ms: list = field(default_factory=list)
     compile_s: float = 0.0
+    timing_s: float = 0.0
+    number: int = 0  # runs averaged per sample
 
 
 def relative_spread(samples_ms) -> float:
@@ -43,25 +45,37 @@ def relative_spread(samples_ms) -> float:
     return float((q75 - q25) / med) if med > 0 else 0.0
 
 
+def choose_number(timer: Callable[[int, int], list], min_repeat_ms: float, cap: int = 100_000) -> int:
+    """Runs per repeat so that one repeat lasts at least ``min_repeat_ms``, estimated with the backend's own timer.
+
+    A single run overstates the per-run time (timer and synchronisation overhead; 2x for small
+    GPU kernels), so the estimate is refined with batches until one lasts a quarter of the goal.
+    """
+    number = 1
+    for _ in range(6):
+        per_run_ms = max(float(timer(number, 1)[0]), 1e-6)
+        if per_run_ms * number >= min_repeat_ms / 4 or number >= cap:
+            break
+        number = int(min(cap, max(2 * number, np.ceil(min_repeat_ms / 4 / per_run_ms))))
+    return int(min(cap, max(1, np.ceil(min_repeat_ms / per_run_ms))))
+
+
 def measure_callable(timer: Callable[[int, int], list], one_run: Callable[[], None], protocol: Protocol) -> Measurement:
     """Apply the protocol to a backend: ``timer(number, repeat)`` returns per-repeat mean ms.
 
-    ``one_run`` runs once (for warm-up and for choosing ``number``).
+    ``one_run`` runs once (for warm-up). ``timing_s`` of the result is the wall time spent here.
     """
+    t0 = time.perf_counter()
     for _ in range(protocol.warmup):
         one_run()
-    number = protocol.number
-    if number is None:
-        t0 = time.perf_counter()
-        one_run()
-        once_ms = max((time.perf_counter() - t0) * 1e3, 1e-4)
-        number = int(min(10_000, max(1, np.ceil(protocol.min_repeat_ms / once_ms))))
+    number = protocol.number or choose_number(timer, protocol.min_repeat_ms)
     best = None
     for _ in range(1 + protocol.retries):
-        samples = list(timer(number, protocol.repeat))
-        m = Measurement(float(np.median(samples)), relative_spread(samples), protocol.repeat, [float(s) for s in samples])
+        samples = [float(s) for s in timer(number, protocol.repeat)]
+        m = Measurement(float(np.median(samples)), relative_spread(samples), len(samples), samples, number=number)
         if best is None or m.spread < best.spread:
             best = m
         if m.spread <= protocol.max_cv:
             break
+    best.timing_s = time.perf_counter() - t0
     return best

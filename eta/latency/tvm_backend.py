@@ -48,6 +48,26 @@ def device_name(target: dict) -> str:
     return platform.processor() or platform.machine()
 
 
+def lower_for_tuning(mod):
+    """The TIR form MetaSchedule tunes and its database is keyed on (inference ops, bindings, legalised)."""
+    import tvm
+    from tvm import relax
+
+    seq = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
+                                    relax.get_pipeline("zero")])
+    return seq(mod)
+
+
+def apply_database(mod, tvm_target, database_dir):
+    """Replace each TIR function by its tuned schedule from a MetaSchedule JSON database (untuned when absent)."""
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+
+    mod = lower_for_tuning(mod)
+    with ms.database.JSONDatabase(work_dir=str(database_dir)), tvm_target:
+        return relax.transform.MetaScheduleApplyDatabase()(mod)
+
+
 class CompiledModule:
     """A module compiled for one input shape; ``run`` for outputs, ``time`` for latency."""
 
@@ -66,10 +86,7 @@ class CompiledModule:
             raise EtaError(f"TVM cannot import {type(module).__name__}: {str(err).splitlines()[0]}") from None
         tvm_target = tvm.target.Target(target)
         if database_dir is not None:
-            from tvm.s_tir import meta_schedule as ms
-
-            with ms.database.JSONDatabase(work_dir=str(database_dir)), tvm_target:
-                mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+            mod = apply_database(mod, tvm_target, database_dir)
         self.executable = tvm.compile(mod, target=tvm_target)
         self.device = tvm.cuda() if target.get("kind") == "cuda" else tvm.cpu()
         self.vm = relax.VirtualMachine(self.executable, self.device)

@@ -1,0 +1,206 @@
+"""Latency tables: TVM agrees with PyTorch, entries are cached, invalidated and resumed as promised."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from eta.arch import OpSpec
+from eta.latency import calibrate, table as table_mod, tvm_backend
+from eta.latency.protocol import Measurement, Protocol, relative_spread
+from eta.latency.table import LatencyTable, default_table_path
+from eta.ops import build_op
+
+FAST = Protocol(warmup=1, repeat=5, max_cv=0.05, retries=1, min_repeat_ms=2.0)
+
+
+def conv_block(cin=8, cout=16):
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+    bn = block[1]
+    bn.running_mean.uniform_(-1, 1)  # non-trivial statistics so a dropped BN would be visible
+    bn.running_var.uniform_(0.5, 2.0)
+    return block.eval()
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tvm_backend.host_target(num_cores=1)
+
+
+def open_table(path, target, backend="tvm", device="test-cpu"):
+    return LatencyTable.open(path, backend=backend, target=target, device=device, protocol=FAST)
+
+
+@pytest.fixture
+def fake_measure(monkeypatch):
+    """Replace TVM timing with a counter; each call returns a distinct latency."""
+    calls = []
+
+    def measure(module, input_shape, target, protocol=None, database_dir=None):
+        calls.append(tuple(input_shape))
+        return Measurement(median_ms=float(len(calls)), spread=0.01, repeats=3, samples_ms=[1.0, 1.0, 1.0])
+
+    monkeypatch.setattr(tvm_backend, "measure", measure)
+    return calls
+
+
+def items(n, bits=32):
+    return [(f"op{i}", nn.Identity, (1, 4, i + 1, i + 1), bits) for i in range(n)]
+
+
+def test_tvm_matches_torch_for_conv_block(target):
+    block = conv_block()
+    x = np.random.default_rng(0).standard_normal((1, 8, 12, 12)).astype("float32")
+    compiled = tvm_backend.compile_module(block, x.shape, target)
+    with torch.no_grad():
+        ref = block(torch.from_numpy(x)).numpy()
+    out = compiled.run(x)
+    assert out.shape == ref.shape
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
+    m = compiled.time(FAST)
+    assert m.median_ms > 0 and m.repeats == FAST.repeat and len(m.samples_ms) == FAST.repeat
+    assert m.spread == pytest.approx(relative_spread(m.samples_ms))
+    assert m.compile_s > 0
+
+
+def test_protocol_sizes_repeats_and_keeps_tightest_attempt():
+    from eta.latency.protocol import measure_callable
+
+    attempts = iter([[1.0, 2.0, 3.0, 4.0], [1.0, 1.5, 1.0, 1.2], [1.0, 3.0, 1.0, 3.0]])
+    numbers = []
+
+    def timer(number, repeat):
+        numbers.append(number)
+        if repeat == 1:  # sizing: 0.01 ms per run
+            return [0.01]
+        return next(attempts)
+
+    m = measure_callable(timer, lambda: None, Protocol(warmup=0, repeat=4, max_cv=0.01, retries=2, min_repeat_ms=10.0))
+    assert m.number == 1000  # 1000 runs x 0.01 ms = one 10 ms repeat
+    assert m.samples_ms == [1.0, 1.5, 1.0, 1.2]  # the tightest of the three attempts
+    assert m.median_ms == pytest.approx(1.1)
+
+
+def test_cache_hit_does_not_remeasure(tmp_path, target, fake_measure):
+    path = tmp_path / "t.json"
+    t = open_table(path, target)
+    first = t.measure_many(items(3), progress=False)
+    assert len(fake_measure) == 3
+    again = open_table(path, target).measure_many(items(3), progress=False)
+    assert len(fake_measure) == 3
+    assert again == first
+    assert open_table(path, target).get("op1", (1, 4, 2, 2)) == 2.0
+
+
+@pytest.mark.parametrize("change", ["target", "tvm_version", "device"])
+def test_changed_provenance_remeasures_and_keeps_old_entries_visible(tmp_path, target, fake_measure, monkeypatch, change):
+    path = tmp_path / "t.json"
+    open_table(path, target).measure_many(items(2), progress=False)
+    assert len(fake_measure) == 2
+    device = "test-cpu"
+    if change == "target":
+        target = {**target, "mcpu": "some-other-cpu"}
+    elif change == "device":
+        device = "another-cpu"
+    else:
+        versions = table_mod._versions()
+        monkeypatch.setattr(table_mod, "_versions", lambda: {**versions, "tvm_version": "9.9.9"})
+    t = open_table(path, target, device=device)
+    assert t.get("op0", (1, 4, 1, 1)) is None
+    t.measure_many(items(2), progress=False)
+    assert len(fake_measure) == 4
+    data = json.loads(path.read_text())
+    assert len(data["entries"]) == 2 and data["entries"][t.key("op0", (1, 4, 1, 1))]["median_ms"] == 3.0
+    assert len(data["stale"]) == 1 and len(data["stale"][0]["entries"]) == 2  # invalidated, not silently dropped
+
+
+def test_torch_version_does_not_invalidate_a_tvm_table(tmp_path, target, fake_measure, monkeypatch):
+    path = tmp_path / "t.json"
+    open_table(path, target).measure_many(items(2), progress=False)
+    versions = table_mod._versions()
+    monkeypatch.setattr(table_mod, "_versions", lambda: {**versions, "torch_version": "0.0.1"})
+    open_table(path, target).measure_many(items(2), progress=False)
+    assert len(fake_measure) == 2
+
+
+def test_interrupted_build_resumes(tmp_path, target, fake_measure):
+    path = tmp_path / "t.json"
+    todo = items(5)
+
+    def broken():
+        raise RuntimeError("interrupted")
+
+    signature, _, shape, bits = todo[2]
+    with pytest.raises(RuntimeError):
+        open_table(path, target).measure_many(todo[:2] + [(signature, broken, shape, bits)] + todo[3:], progress=False)
+    on_disk = json.loads(path.read_text())["entries"]
+    assert set(on_disk) == {LatencyTable.key(s, sh, b) for s, _, sh, b in todo[:2]}
+    out = open_table(path, target).measure_many(todo, progress=False)
+    assert fake_measure == [sh for _, _, sh, _ in todo]  # items 0, 1 once; then 2, 3, 4
+    assert all(v is not None for v in out.values()) and len(out) == 5
+
+
+def test_low_bits_recorded_not_executable(tmp_path, target, fake_measure):
+    path = tmp_path / "t.json"
+    t = open_table(path, target)
+    out = t.measure_many(items(1, bits=8) + items(1), progress=False)
+    assert len(fake_measure) == 1  # only the float entry was timed
+    assert t.get("op0", (1, 4, 1, 1), 8) is None
+    assert t.get("op0", (1, 4, 1, 1), 32) == 1.0
+    assert out[t.key("op0", (1, 4, 1, 1), 8)] is None
+    entry = json.loads(path.read_text())["entries"][t.key("op0", (1, 4, 1, 1), 8)]
+    assert entry["executable"] is False and "8-bit" in entry["reason"]
+
+
+def test_fresh_measurement_agrees_with_cached_entry(tmp_path, target):
+    """A recompiled, re-timed operator lands within a tolerance set by the spread its entry recorded."""
+    op = build_op(OpSpec("ir", 3, 4.0), (16, 16, 16), (16, 16, 16)).eval()
+    shape = (1, 16, 16, 16)
+    t = LatencyTable.open(tmp_path / "t.json", backend="tvm", target=target, device="test-cpu",
+                          protocol=Protocol(repeat=5, min_repeat_ms=5.0))
+    t.measure_many([("ir_k3_e4", lambda: op, shape, 32)], progress=False)
+    entry = t.entry("ir_k3_e4", shape)
+    assert entry["executable"] and entry["compile_s"] > 0 and entry["number"] >= 1
+    assert entry["number"] * entry["median_ms"] >= 2.5  # one repeat lasted about min_repeat_ms
+    fresh = tvm_backend.measure(op, shape, target, Protocol(repeat=5, min_repeat_ms=5.0))
+    tolerance = max(3 * entry["spread"], 0.3)
+    assert abs(fresh.median_ms - entry["median_ms"]) / entry["median_ms"] <= tolerance
+
+
+def test_torch_backend_times_eager_module():
+    from eta.latency import torch_backend
+
+    m = torch_backend.measure(conv_block(), (1, 8, 12, 12), protocol=FAST)
+    assert m.median_ms > 0 and len(m.samples_ms) == FAST.repeat and m.number >= 1
+    assert torch_backend.device_name("cpu")
+
+
+def test_default_table_path_names_target_and_device(tmp_path):
+    p = default_table_path(tmp_path, "tvm", {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}, "AMD EPYC 7B13")
+    assert p == tmp_path / "llvm-znver3" / "tvm-amd-epyc-7b13.json"
+
+
+def test_calibration_and_agreement_on_synthetic_data():
+    table_sum = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    measured = 0.8 * table_sum + 0.25
+    cal = calibrate.fit_calibration(table_sum, measured)
+    assert cal.a == pytest.approx(0.8) and cal.b == pytest.approx(0.25)
+    np.testing.assert_allclose(cal(table_sum), measured)
+
+    predicted = np.array([1.0, 2.0, 3.0, 4.0])
+    actual = np.array([1.0, 2.0, 3.0, 5.0])  # only the last one is off, by -20%
+    out = calibrate.agreement(predicted, actual)
+    assert out["pearson_r"] == pytest.approx(np.corrcoef(predicted, actual)[0, 1])
+    assert out["mape"] == pytest.approx(0.2 / 4)
+    assert out["worst"][0] == {"index": 3, "predicted": 4.0, "measured": 5.0, "rel_error": pytest.approx(-0.2)}
+
+
+def test_empty_schedule_database_still_compiles_correctly(tmp_path, target):
+    """The tuned-schedule path lowers the module the way MetaSchedule keys it; no records means untuned, not broken."""
+    block = conv_block()
+    x = np.random.default_rng(1).standard_normal((1, 8, 10, 10)).astype("float32")
+    compiled = tvm_backend.compile_module(block, x.shape, target, database_dir=tmp_path)
+    with torch.no_grad():
+        np.testing.assert_allclose(compiled.run(x), block(torch.from_numpy(x)).numpy(), atol=1e-4, rtol=1e-4)
