@@ -46,7 +46,7 @@ class Backend:
     @classmethod
     def from_space(cls, bound: BoundSpace) -> "Backend":
         cfg = bound.space.latency
-        protocol = Protocol(number=cfg.number, repeat=cfg.repeat, max_cv=cfg.max_spread) if cfg.number else Protocol(repeat=cfg.repeat, max_cv=cfg.max_spread)
+        protocol = Protocol(number=cfg.number, repeat=cfg.repeat, max_cv=cfg.max_spread)
         if cfg.backend == "tvm":
             from .latency import tvm_backend
 
@@ -57,15 +57,6 @@ class Backend:
         dev = "cuda" if cfg.target == "cuda" else "cpu"
         return cls("torch", {"kind": dev}, torch_backend.device_name(dev), protocol)
 
-    def measure(self, module: torch.nn.Module, input_shape: tuple):
-        module = module.eval()
-        if self.name == "tvm":
-            from .latency import tvm_backend
-
-            return tvm_backend.measure(module, input_shape, self.target, self.protocol)
-        from .latency import torch_backend
-
-        return torch_backend.measure(module, input_shape, device=self.target["kind"], protocol=self.protocol)
 
 
 def table_path(backend: Backend, root: Path | None = None) -> Path:
@@ -132,33 +123,26 @@ def option_latency_matrix(bound: BoundSpace, table: LatencyTable) -> tuple[float
     return float(base + head), per_block
 
 
-def measure_network(backend: Backend, model: torch.nn.Module, input_shape: tuple):
-    return backend.measure(model.eval(), input_shape)
-
-
-def calibrate(bound: BoundSpace, backend: Backend, base: float, per_block: list[np.ndarray], *, n_students: int, seed: int, progress: bool = True) -> dict:
+def calibrate(bound: BoundSpace, table: LatencyTable, base: float, per_block: list[np.ndarray], *, n_students: int, seed: int, progress: bool = True) -> dict:
     """Compile the teacher and ``n_students`` random students end to end; fit measured ≈ a·Σtable + b."""
-    from tqdm.auto import tqdm
-
     rng = np.random.default_rng(seed)
-    batch = bound.space.latency.batch_size
-    shape = bound.input_shape(batch=batch)
+    shape = bound.input_shape(batch=bound.space.latency.batch_size)
     archs = []
     tc = bound.teacher_choices()
     if tc is not None:
         archs.append(tc)
-    while len(archs) < n_students + (tc is not None):
+    while len(archs) < n_students + (tc is not None) and len(archs) < bound.space_size():
         c = tuple(int(rng.integers(k)) for k in bound.options_per_block)
         if c not in archs:
             archs.append(c)
-        if len(archs) >= bound.space_size():
-            break
+    models = [skeleton(bound, bound.arch(c)) for c in archs]
+    items = [(_signature("network", m), (lambda m=m: m), shape, 32) for m in models]
+    table.measure_many(items, desc="latency calibration (whole networks)", progress=progress)
     rows = []
-    for c in tqdm(archs, desc="latency calibration (whole networks)", disable=not progress, leave=False):
-        arch = bound.arch(c)
+    for c, (sig, _, _, _) in zip(archs, items):
+        e = table.entry(sig, shape, 32)
         pred = base + sum(per_block[b][j] for b, j in enumerate(c))
-        m = measure_network(backend, skeleton(bound, arch), shape)
-        rows.append({"arch": arch_to_str(arch), "table_sum_ms": float(pred), "measured_ms": m.median_ms, "spread": m.spread})
+        rows.append({"arch": arch_to_str(bound.arch(c)), "table_sum_ms": float(pred), "measured_ms": float(e["median_ms"]), "spread": float(e["spread"])})
     pred = np.array([r["table_sum_ms"] for r in rows])
     meas = np.array([r["measured_ms"] for r in rows])
     a, b = float(np.median(meas / np.maximum(pred, 1e-9))), 0.0  # a ratio when too few points for a line

@@ -368,11 +368,26 @@ def _gekko_solve(problem, budget_ms, exclude, warm, time_limit_s, apopt_options=
         m.cleanup()
 
 
-def warm_start(problem, budget_ms, *, exclude=(), seed=0, population=100, generations=40) -> Solution:
-    """The cheap heuristic APOPT starts from: evolution polished by two-block local search."""
+def warm_start(problem, budget_ms, *, exclude=(), seed=0, restarts=4, population=300, generations=100) -> Solution:
+    """The cheap heuristic APOPT starts from: the best of a few evolutions, each polished by local search.
+
+    Tens of milliseconds at 8 blocks × 10 options, against seconds for APOPT; restarts guard
+    against one evolution settling on a poor local optimum.
+    """
     t0 = time.time()
-    evo = evolutionary(problem, budget_ms, population=population, generations=generations, seed=seed, exclude=exclude)
-    return _solution(problem, local_search(problem, evo.choices, budget_ms, exclude=exclude), t0, "heuristic")
+    best = None
+    for run_seed in np.random.default_rng(seed).integers(2**31, size=restarts):
+        try:
+            evo = evolutionary(problem, budget_ms, population=population, generations=generations, seed=int(run_seed), exclude=exclude)
+        except InfeasibleBudget:
+            continue
+        c = local_search(problem, evo.choices, budget_ms, exclude=exclude)
+        obj = problem.objective(c)
+        if best is None or obj > best[0]:
+            best = (obj, c)
+    if best is None:
+        raise InfeasibleBudget(f"the heuristic found no architecture under {budget_ms:.3f} ms with the limits and exclusions given")
+    return _solution(problem, best[1], t0, "heuristic")
 
 
 def solve_inlp(problem, budget_ms, *, exclude=(), seed=0, time_limit_s=60) -> Solution:
@@ -416,14 +431,14 @@ def solve_inlp(problem, budget_ms, *, exclude=(), seed=0, time_limit_s=60) -> So
     return _solution(problem, choices, t0, method)
 
 
-def solve_budgets(problem, budgets_ms, k_per_budget=1, seed=0) -> dict[float, list[Solution]]:
+def solve_budgets(problem, budgets_ms, k_per_budget=1, seed=0, time_limit_s=60) -> dict[float, list[Solution]]:
     """``k`` distinct solutions per budget, each solve excluding the earlier ones of that budget."""
     out = {}
     for budget in budgets_ms:
         sols = []
         for _ in range(k_per_budget):
             try:
-                sols.append(solve_inlp(problem, budget, exclude=[s.choices for s in sols], seed=seed))
+                sols.append(solve_inlp(problem, budget, exclude=[s.choices for s in sols], seed=seed, time_limit_s=time_limit_s))
             except InfeasibleBudget:
                 if not sols:
                     raise

@@ -132,9 +132,9 @@ class Search:
         table = lut.open_table(backend)
         items = lut.table_items(self.bound)
         log.info("latency table: %d entries on %s (%s), cached in %s", len(items), backend.device, backend.name, table.path)
-        table.measure_many(items, desc="latency table")
+        table.measure_many(items, desc="latency table", progress=self.progress)
         base, per_block = lut.option_latency_matrix(self.bound, table)
-        calib = lut.calibrate(self.bound, backend, base, per_block, n_students=self.space.latency.calibration_students, seed=self.space.seed, progress=self.progress)
+        calib = lut.calibrate(self.bound, table, base, per_block, n_students=self.space.latency.calibration_students, seed=self.space.seed, progress=self.progress)
         teacher = self.measure_network_all_resolutions(backend, table, None)
         info = {
             "backend": backend.name,
@@ -230,7 +230,7 @@ class Search:
         from . import lut
         from .arch import arch_from_str
         from .finetune import run_phase3, student_id
-        from .pareto import FRONT_COLUMNS, format_table, pareto_front, plot_front
+        from .pareto import FRONT_COLUMNS, pareto_front, plot_front
         from .selection import search_problem
 
         if self.done("finetune") and not force:
@@ -275,7 +275,7 @@ class Search:
             tr.image("pareto/plot", self.run.root / "pareto.png")
             tr.artifact(f"{self.run.root.name}-students", "model", [self.run.root / "phase3" / p["id"] for p in front])
         self._finish("finetune", students=len(archs), front=len(front))
-        log.info("front:\n%s", format_table(front, FRONT_COLUMNS))
+        log.info("phase 3: %d students finetuned, %d points on the front", len(archs), len(front))
         return out
 
     def _ensure_teacher(self) -> None:

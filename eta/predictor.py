@@ -66,7 +66,7 @@ class MLPPredictor(nn.Module):
         from .runs import atomic_path
 
         with atomic_path(Path(path)) as tmp:
-            torch.save({"config": self.config, "state": self.state_dict()}, tmp)
+            torch.save({"config": dict(self.config), "state": dict(self.state_dict())}, tmp)
 
     @classmethod
     def load(cls, path: Path) -> "MLPPredictor":

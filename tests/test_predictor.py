@@ -45,6 +45,20 @@ def test_predictor_ranks_held_out_architectures():
     assert np.mean(np.abs(model.predict(X[450:]) - y[450:])) < 0.03
 
 
+def test_one_hot_beats_chance_and_the_index_encoding():
+    """A shuffled-target control ranks at chance; index encoding imposes an order the target lacks."""
+    C = random_choices(600, seed=1)
+    y = synthetic_accuracy(C)
+    X = one_hot_encode(C, SIZES)
+    one_hot = spearman(train_predictor(X[:450], y[:450], epochs=100).predict(X[450:]), y[450:])
+    shuffled = y[:450][np.random.default_rng(0).permutation(450)]
+    control = spearman(train_predictor(X[:450], shuffled, epochs=100).predict(X[450:]), y[450:])
+    Xi = index_encode(C, SIZES)
+    index = spearman(train_predictor(Xi[:450], y[:450], epochs=100).predict(Xi[450:]), y[450:])
+    assert abs(control) < 0.3
+    assert one_hot > 0.9 and one_hot > index + 0.2
+
+
 def test_training_is_deterministic_for_a_seed_and_leaves_global_rng_alone():
     C = random_choices(80, seed=2)
     X, y = one_hot_encode(C, SIZES), synthetic_accuracy(C)

@@ -48,6 +48,18 @@ def device_name(target: dict) -> str:
     return platform.processor() or platform.machine()
 
 
+def to_relax(module: torch.nn.Module, input_shape: tuple):
+    """The module as a Relax IRModule with its weights as constants (``torch.export`` then TVM's frontend)."""
+    from tvm.relax.frontend.torch import from_exported_program
+
+    try:
+        with torch.no_grad():
+            program = torch.export.export(module.eval(), (torch.randn(*input_shape),))
+        return from_exported_program(program, keep_params_as_input=False)
+    except Exception as err:  # the frontend raises many types for unsupported operators
+        raise EtaError(f"TVM cannot import {type(module).__name__}: {str(err).splitlines()[0]}") from None
+
+
 def lower_for_tuning(mod):
     """The TIR form MetaSchedule tunes and its database is keyed on (inference ops, bindings, legalised)."""
     import tvm
@@ -74,16 +86,9 @@ class CompiledModule:
     def __init__(self, module: torch.nn.Module, input_shape: tuple, target: dict, database_dir: Path | None = None):
         import tvm
         from tvm import relax
-        from tvm.relax.frontend.torch import from_exported_program
 
         t0 = time.perf_counter()
-        x = torch.randn(*input_shape)
-        try:
-            with torch.no_grad():
-                program = torch.export.export(module.eval(), (x,))
-            mod = from_exported_program(program, keep_params_as_input=False)
-        except Exception as err:  # the frontend raises many types for unsupported operators
-            raise EtaError(f"TVM cannot import {type(module).__name__}: {str(err).splitlines()[0]}") from None
+        mod = to_relax(module, input_shape)
         tvm_target = tvm.target.Target(target)
         if database_dir is not None:
             mod = apply_database(mod, tvm_target, database_dir)
@@ -119,3 +124,72 @@ def compile_module(module, input_shape, target: dict, database_dir=None) -> Comp
 
 def measure(module, input_shape, target: dict, protocol: Protocol | None = None, database_dir=None) -> Measurement:
     return compile_module(module, input_shape, target, database_dir).time(protocol)
+
+
+# apache-tvm-ffi releases known to crash inside MetaSchedule (tvm::ffi::ToJSONGraph segfault)
+CRASHING_FFI_PREFIXES = ("0.1.15",)
+
+
+def _check_tuning_runtime() -> None:
+    import importlib.metadata as md
+
+    try:
+        ffi = md.version("apache-tvm-ffi")
+    except md.PackageNotFoundError:
+        return
+    if ffi.startswith(CRASHING_FFI_PREFIXES):
+        raise EtaError(f"MetaSchedule tuning crashes with apache-tvm-ffi {ffi}; install apache-tvm-ffi==0.1.14.post1")
+
+
+def build_candidate(mod, target, _params):
+    """MetaSchedule's default candidate build, minus its import of every TVM tensor intrinsic.
+
+    That import costs each builder worker about 20 s of CPU inside the 30 s build timeout, so on a
+    busy machine every build timed out. Candidates arrive already scheduled (tensorized blocks
+    expanded), so the build itself does not need the intrinsics registered.
+    """
+    import tvm
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return tvm.compile(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+
+def tune(module, input_shape, target: dict, work_dir, trials: int, *, max_workers: int | None = None, seed: int = 0) -> None:
+    """Tune each TIR workload of the module with MetaSchedule for ``trials`` trials into ``work_dir``.
+
+    ``work_dir`` holds a JSON database that ``compile_module(database_dir=work_dir)`` applies, so
+    a table and the students compiled later share the same schedules. Workloads already in the
+    database are skipped (MetaSchedule keys them by structural hash), so identical layers of
+    different table entries are tuned once.
+    """
+    import os
+
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    _check_tuning_runtime()
+    if trials < 1:
+        raise EtaError(f"tuning needs at least one trial per workload, got {trials}")
+    tvm_target = tvm.target.Target(target)
+    mod = lower_for_tuning(to_relax(module, input_shape))
+    Path(work_dir).mkdir(parents=True, exist_ok=True)
+    database = ms.database.JSONDatabase(work_dir=str(work_dir))
+    t0 = time.perf_counter()
+    try:
+        with tvm_target:
+            tasks = [t for t in ms.relax_integration.extract_tasks(mod, tvm_target)
+                     if database.query_tuning_record(t.dispatched[0], tvm_target, t.task_name) is None]
+            if not tasks:
+                log.info("tune %s: every workload is already in %s", type(module).__name__, work_dir)
+                return
+            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(tasks, work_dir=str(work_dir), seed=seed)
+            if not contexts:  # every remaining function was scheduled already (e.g. by a library dispatch)
+                return
+            builder = ms.builder.LocalBuilder(max_workers=max_workers or int(target.get("num-cores") or os.cpu_count() or 1),
+                                              f_build=build_candidate)
+            ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir), max_trials_global=trials * len(contexts),
+                               max_trials_per_task=trials, num_trials_per_iter=min(64, trials), builder=builder,
+                               runner=ms.runner.LocalRunner(), database=database, cost_model="xgb")
+    except Exception as err:  # MetaSchedule surfaces TVM and Python errors of many types
+        raise EtaError(f"MetaSchedule tuning of {type(module).__name__} failed: {str(err).strip().splitlines()[0][:200]}") from None
+    log.info("tuned %d workloads of %s (%d trials each) in %.0f s", len(contexts), type(module).__name__, trials, time.perf_counter() - t0)

@@ -1,0 +1,57 @@
+"""End-to-end searches as a user runs them, through the command line (slow: run with -m slow)."""
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from eta.data import FASHION_MNIST_ROOT
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def eta(*args):
+    r = subprocess.run([sys.executable, "-m", "eta.cli", *args, "--no-progress"], capture_output=True, text=True, cwd=REPO, timeout=3000)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_demo_gives_a_front(tmp_path):
+    out = eta("demo", "--runs-dir", str(tmp_path)).stdout
+    pareto = json.loads((tmp_path / "digits" / "pareto.json").read_text())
+    assert len(pareto["front"]) >= 3, out
+    assert (tmp_path / "digits" / "pareto.png").exists()
+    assert "Pareto front of digits" in out
+    best = max(p["test_acc"] for p in pareto["front"])
+    assert best > 0.9
+    r = eta("export", str(tmp_path / "digits"), "--max-latency-ms", str(pareto["front"][-1]["latency_ms"]), "-o", str(tmp_path / "exp"))
+    assert (tmp_path / "exp" / "student.pt2").exists() and "exported" in r.stdout
+
+
+@pytest.mark.skipif(not FASHION_MNIST_ROOT.exists(), reason="needs Debian's dataset-fashion-mnist")
+def test_fashion_mnist_teacher_then_search(tmp_path):
+    d = yaml.safe_load((REPO / "search_spaces" / "fashion_mnist.yaml").read_text())
+    d["data"].update(max_train=6000, max_test=2000)
+    d["teacher"]["train"]["epochs"] = 3
+    d["pool"] = d["pool"][:1] + d["pool"][-2:]  # basic widths, identity, teacher: a few minutes on 2 cores
+    d["resolutions"] = [20, 28]
+    d["latency"]["calibration_students"] = 5
+    d["phase2"].update(samples=60, sample_levels=5)
+    d["phase3"].update(epochs=1, max_students=3)
+    space = tmp_path / "fmnist.yaml"
+    space.write_text(yaml.safe_dump(d))
+    runs = str(tmp_path / "runs")
+    eta("teacher", "train", str(space), "--runs-dir", runs, "--out", str(tmp_path / "teacher.safetensors"))
+    manifest = json.loads((tmp_path / "runs" / "fashion_mnist" / "manifest.json").read_text())
+    assert manifest["phases"]["teacher"]["test_acc"]["28"] > 0.7
+    trained_at = manifest["phases"]["teacher"]["finished"]
+    eta("search", str(space), "--runs-dir", runs)
+    run = tmp_path / "runs" / "fashion_mnist"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["phases"]["teacher"]["finished"] == trained_at, "the cached teacher must be reused"
+    pareto = json.loads((run / "pareto.json").read_text())
+    assert pareto["front"] and all(p["test_acc"] > 0.6 for p in pareto["front"])
+    assert (tmp_path / "teacher.safetensors").exists()
