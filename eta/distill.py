@@ -38,12 +38,12 @@ def pretrain_group(bound: BoundSpace, splits, blocks: list[int], *, seed: int = 
     """Distil every candidate of ``blocks``; returns {block: (state_dict, metrics)}."""
     cfg = bound.space.phase1
     gen = set_seed(seed + 7919 * blocks[0])
-    ops = {b: block_super_ops(bound, b, cfg.elastic).to(device) for b in blocks}
+    ops = {b: block_super_ops(bound, b, cfg.elastic).to(device, memory_format=torch.channels_last) for b in blocks}
     trainable = [b for b in blocks if len(ops[b])]
     params = [p for b in trainable for p in ops[b].parameters()]
     if not params:
         return {b: ({}, {"candidates": {}}) for b in blocks}
-    teacher = bound.split.to(device).eval()
+    teacher = bound.split.to(device, memory_format=torch.channels_last).eval()
     opt = create_optimizer_v2(params, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = num_batches(splits.train, cfg.batch_size, drop_last=True) or 1
     total = steps_per_epoch * cfg.epochs
@@ -58,6 +58,7 @@ def pretrain_group(bound: BoundSpace, splits, blocks: list[int], *, seed: int = 
                 for b in trainable:
                     for op in ops[b].values():
                         op.sort_channels(optimizer=opt)
+            x = x.contiguous(memory_format=torch.channels_last)
             with torch.no_grad():
                 feats = features_at_blocks(teacher, x, trainable)  # one teacher forward for the whole group
             loss = 0.0

@@ -149,8 +149,12 @@ def calibrate(bound: BoundSpace, table: LatencyTable, base: float, per_block: li
     if len(rows) >= 5 and np.ptp(pred) > 0:
         cal = calib.fit_calibration(pred, meas)
         # a line is kept only where it stays positive over every student of the space
-        if cal.a > 0 and cal.a * base + cal.b > 0:
+        r = calib.agreement(pred, meas)["pearson_r"]
+        if cal.a > 0 and cal.a * base + cal.b > 0 and r >= 0.9:
             a, b = cal.a, cal.b
+        else:
+            log.warning("latency table agrees poorly with whole networks (Pearson r %.2f); using a ratio, not a line. "
+                        "Was the machine busy while measuring? Re-measure with 'eta latency build --rerun' on a quiet machine.", r)
     before = calib.agreement(pred, meas) if len(rows) >= 3 else {}
     after = calib.agreement(a * pred + b, meas) if len(rows) >= 3 else {}
     return {"a": float(a), "b": float(b), "students": rows, "before": _jsonable(before), "after": _jsonable(after)}

@@ -3,9 +3,9 @@
 Variables are one-hot per block over that block's options. The objective is the MLP predictor
 (on the one-hot encoding) minus any additive per-option penalty (the modelled quantization drop);
 the constraint is the calibrated table latency a·(base + Σ option ms) + b ≤ budget, plus any
-extra linear limits (model size, BOPs). Gekko's APOPT solves it locally; the best architecture of a
-cheap evolutionary search, polished by two-block local search, warm-starts it, and the better of
-the two is returned. Exhaustive
+extra linear limits (model size, BOPs). Gekko's APOPT solves it locally, warm-started by a few
+cheap evolutionary searches polished by two-block local search; APOPT's answer is polished the
+same way and the best found is returned, ``method`` saying where it came from. Exhaustive
 enumeration, predictor-ranked random sampling, evolution and HANT's additive ILP are the baselines.
 """
 from __future__ import annotations

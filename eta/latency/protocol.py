@@ -50,10 +50,12 @@ def choose_number(timer: Callable[[int, int], list], min_repeat_ms: float, cap: 
 
     A single run overstates the per-run time (timer and synchronisation overhead; 2x for small
     GPU kernels), so the estimate is refined with batches until one lasts a quarter of the goal.
+    Each estimate is the faster of two batches: on a shared machine one batch can be descheduled,
+    and a 5x overestimate left ``number`` too small for a stable median.
     """
     number = 1
     for _ in range(6):
-        per_run_ms = max(float(timer(number, 1)[0]), 1e-6)
+        per_run_ms = max(min(float(s) for s in timer(number, 2)), 1e-6)
         if per_run_ms * number >= min_repeat_ms / 4 or number >= cap:
             break
         number = int(min(cap, max(2 * number, np.ceil(min_repeat_ms / 4 / per_run_ms))))

@@ -92,6 +92,9 @@ class CompiledModule:
         tvm_target = tvm.target.Target(target)
         if database_dir is not None:
             mod = apply_database(mod, tvm_target, database_dir)
+        # how many TIR functions run a tuned schedule (0: TVM's untuned defaults throughout)
+        self.tuned_functions = sum(1 for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None
+                                   and bool(f.attrs.get("tirx.is_scheduled", False)))
         self.executable = tvm.compile(mod, target=tvm_target)
         self.device = tvm.cuda() if target.get("kind") == "cuda" else tvm.cpu()
         self.vm = relax.VirtualMachine(self.executable, self.device)
@@ -148,10 +151,10 @@ def build_candidate(mod, target, _params):
     busy machine every build timed out. Candidates arrive already scheduled (tensorized blocks
     expanded), so the build itself does not need the intrinsics registered.
     """
-    import tvm
+    from tvm.driver import build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
-    return tvm.compile(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+    return build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
 def tune(module, input_shape, target: dict, work_dir, trials: int, *, max_workers: int | None = None, seed: int = 0) -> None:
