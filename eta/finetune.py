@@ -97,7 +97,7 @@ def _finetune_trial(config: dict) -> None:
     write_json(out / "metrics.json", metrics)
     tracker.summary(**{f"test_acc@{r}": a for r, a in accs.items()})
     tracker.finish()
-    tune.report({"done": True, "sid": sid, **{f"test_acc@{r}": a for r, a in accs.items()}})
+    tune.report({"done": True, "sid": sid, **{f"test_acc_{r}": a for r, a in accs.items()}})
 
 
 def run_phase3(run: Run, bound: BoundSpace, archs: list[str], teacher_path: Path, *, wandb_mode: str, wandb_project: str, progress=True) -> list[dict]:

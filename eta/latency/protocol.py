@@ -79,5 +79,8 @@ def measure_callable(timer: Callable[[int, int], list], one_run: Callable[[], No
             best = m
         if m.spread <= protocol.max_cv:
             break
+        if protocol.number is None and m.median_ms * number < protocol.min_repeat_ms / 2:
+            # sized during a slow spell (first runs, a busy neighbour): repeats are too short to be stable
+            number = choose_number(timer, protocol.min_repeat_ms)
     best.timing_s = time.perf_counter() - t0
     return best

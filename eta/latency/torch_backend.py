@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from ..errors import EtaError
 from .protocol import Measurement, Protocol, measure_callable
 
 
@@ -19,6 +20,10 @@ def device_name(device: str = "cpu") -> str:
 
 @torch.inference_mode()
 def measure(module, input_shape, device="cpu", protocol: Protocol | None = None, compile: bool = False) -> Measurement:
+    """Latency of the module as PyTorch runs it on ``device``; ``compile_s`` includes ``torch.compile`` when asked.
+
+    A reference beside TVM's numbers, and the backend for targets TVM does not reach.
+    """
     protocol = protocol or Protocol()
     t0 = time.perf_counter()
     model = module.eval().to(device)
@@ -32,7 +37,13 @@ def measure(module, input_shape, device="cpu", protocol: Protocol | None = None,
         model(x)
         sync()
 
-    one_run()
+    try:
+        one_run()  # torch.compile compiles here, on the first call
+    except Exception as err:  # inductor raises many types (no C++ compiler, unsupported operator, ...)
+        if not compile:
+            raise
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise EtaError(f"torch.compile failed for {type(module).__name__}: {reason} (measure with compile=False)") from None
     compile_s = time.perf_counter() - t0
 
     def timer(number, repeat):

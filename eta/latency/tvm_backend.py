@@ -161,9 +161,9 @@ def tune(module, input_shape, target: dict, work_dir, trials: int, *, max_worker
     """Tune each TIR workload of the module with MetaSchedule for ``trials`` trials into ``work_dir``.
 
     ``work_dir`` holds a JSON database that ``compile_module(database_dir=work_dir)`` applies, so
-    a table and the students compiled later share the same schedules. Workloads already in the
-    database are skipped (MetaSchedule keys them by structural hash), so identical layers of
-    different table entries are tuned once.
+    a table and the students compiled later share the same schedules. Workloads that already have
+    a tuning record there are skipped (MetaSchedule keys them by structural hash), so identical
+    layers of different table entries are tuned once.
     """
     import os
 
@@ -183,7 +183,7 @@ def tune(module, input_shape, target: dict, work_dir, trials: int, *, max_worker
             tasks = [t for t in ms.relax_integration.extract_tasks(mod, tvm_target)
                      if database.query_tuning_record(t.dispatched[0], tvm_target, t.task_name) is None]
             if not tasks:
-                log.info("tune %s: every workload is already in %s", type(module).__name__, work_dir)
+                log.info("tune %s: every workload already has a tuned schedule in %s", type(module).__name__, work_dir)
                 return
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(tasks, work_dir=str(work_dir), seed=seed)
             if not contexts:  # every remaining function was scheduled already (e.g. by a library dispatch)
@@ -194,5 +194,6 @@ def tune(module, input_shape, target: dict, work_dir, trials: int, *, max_worker
                                max_trials_per_task=trials, num_trials_per_iter=min(64, trials), builder=builder,
                                runner=ms.runner.LocalRunner(), database=database, cost_model="xgb")
     except Exception as err:  # MetaSchedule surfaces TVM and Python errors of many types
-        raise EtaError(f"MetaSchedule tuning of {type(module).__name__} failed: {str(err).strip().splitlines()[0][:200]}") from None
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise EtaError(f"MetaSchedule tuning of {type(module).__name__} failed: {reason}") from None
     log.info("tuned %d workloads of %s (%d trials each) in %.0f s", len(contexts), type(module).__name__, trials, time.perf_counter() - t0)
