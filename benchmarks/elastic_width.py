@@ -31,24 +31,13 @@ from eta.train import evaluate, fit, recalibrate_bn
 log = logging.getLogger("benchmarks.elastic_width")
 
 
-def widest_student(bound):
-    """Per block the widest option of the first conv family offered there (teacher where none)."""
+def extreme_student(bound, pick=max):
+    """Per block the widest (``pick=max``) or narrowest option of the first conv family offered there."""
     arch = []
     for opts in bound.options:
         conv = [o for o in opts if o.family not in ("teacher", "identity")]
-        fam = conv[0].super_key if conv else None
-        same = [o for o in conv if o.super_key == fam]
-        arch.append(max(same, key=lambda o: o.expansion) if same else opts[-1])
-    return tuple(arch)
-
-
-def narrowest_student(bound):
-    arch = []
-    for opts in bound.options:
-        conv = [o for o in opts if o.family not in ("teacher", "identity")]
-        fam = conv[0].super_key if conv else None
-        same = [o for o in conv if o.super_key == fam]
-        arch.append(min(same, key=lambda o: o.expansion) if same else opts[-1])
+        same = [o for o in conv if o.super_key == conv[0].super_key] if conv else []
+        arch.append(pick(same, key=lambda o: o.expansion) if same else opts[-1])
     return tuple(arch)
 
 
@@ -90,7 +79,7 @@ def main(argv=None):
     teacher_acc = evaluate(bound.teacher.to(args.device), splits.test, resolution=res, device=args.device)
     blocks = list(range(bound.num_blocks))
     rows, out = [], {"space": args.space, "device": args.device, "teacher_acc": teacher_acc, "modes": {}}
-    archs = {"widest": widest_student(bound), "narrowest": narrowest_student(bound)}
+    archs = {"widest": extreme_student(bound, max), "narrowest": extreme_student(bound, min)}
     for elastic in (False, True):
         d2 = space.to_dict()
         d2["phase1"]["elastic"] = elastic

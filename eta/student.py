@@ -18,17 +18,11 @@ from .bound import BoundSpace
 from .errors import EtaError
 from .ops import build_op, build_super_ops
 from .runs import load_tensors
+from .zoo import StemBlocksHead
 
 
-class Student(nn.Module):
-    def __init__(self, stem: nn.Module, blocks: list[nn.Module], head: nn.Module):
-        super().__init__()
-        self.stem = stem
-        self.blocks = nn.Sequential(*blocks)
-        self.head = head
-
-    def forward(self, x):
-        return self.head(self.blocks(self.stem(x)))
+class Student(StemBlocksHead):
+    """A student network: the teacher's stem and head around the chosen operators."""
 
 
 def super_key(spec: OpSpec, elastic: bool) -> str:
