@@ -150,11 +150,15 @@ def calibrate(bound: BoundSpace, table: LatencyTable, base: float, per_block: li
         cal = calib.fit_calibration(pred, meas)
         # a line is kept only where it stays positive over every student of the space
         r = calib.agreement(pred, meas)["pearson_r"]
-        if cal.a > 0 and cal.a * base + cal.b > 0 and r >= 0.9:
-            a, b = cal.a, cal.b
-        else:
+        fastest = base + sum(float(np.min(row)) for row in per_block)
+        if r < 0.9:
             log.warning("latency table agrees poorly with whole networks (Pearson r %.2f); using a ratio, not a line. "
-                        "Was the machine busy while measuring? Re-measure with 'eta latency build --rerun' on a quiet machine.", r)
+                        "Was the machine busy while measuring? Re-measure on a quiet machine.", r)
+        elif cal.a <= 0 or cal.a * fastest + cal.b <= 0:
+            log.warning("the calibration line (a=%.3f, b=%.3f ms) would predict a non-positive latency for the fastest "
+                        "student; using a ratio instead", cal.a, cal.b)
+        else:
+            a, b = cal.a, cal.b
     before = calib.agreement(pred, meas) if len(rows) >= 3 else {}
     after = calib.agreement(a * pred + b, meas) if len(rows) >= 3 else {}
     return {"a": float(a), "b": float(b), "students": rows, "before": _jsonable(before), "after": _jsonable(after)}

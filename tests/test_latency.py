@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from eta.arch import OpSpec
+from eta.errors import EtaError
 from eta.latency import calibrate, table as table_mod, tvm_backend
 from eta.latency.protocol import Measurement, Protocol, relative_spread
 from eta.latency.table import LatencyTable, default_table_path
@@ -73,8 +74,8 @@ def test_protocol_sizes_repeats_and_keeps_tightest_attempt():
 
     def timer(number, repeat):
         numbers.append(number)
-        if repeat == 1:  # sizing: 0.01 ms per run
-            return [0.01]
+        if repeat != 4:  # sizing: 0.01 ms per run, but the very first batch was descheduled (5 ms)
+            return [5.0 if len(numbers) == 1 else 0.01] + [0.01] * (repeat - 1)
         return next(attempts)
 
     m = measure_callable(timer, lambda: None, Protocol(warmup=0, repeat=4, max_cv=0.01, retries=2, min_repeat_ms=10.0))
@@ -204,3 +205,80 @@ def test_empty_schedule_database_still_compiles_correctly(tmp_path, target):
     compiled = tvm_backend.compile_module(block, x.shape, target, database_dir=tmp_path)
     with torch.no_grad():
         np.testing.assert_allclose(compiled.run(x), block(torch.from_numpy(x)).numpy(), atol=1e-4, rtol=1e-4)
+    assert compiled.tuned_functions == 0
+
+
+def test_tune_refuses_the_ffi_release_that_crashes_metaschedule(tmp_path, target, monkeypatch):
+    import importlib.metadata
+
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda pkg: "0.1.15.post2" if pkg == "apache-tvm-ffi" else real_version(pkg))
+    with pytest.raises(EtaError, match="apache-tvm-ffi==0.1.14.post1"):
+        tvm_backend.tune(conv_block(), (1, 8, 10, 10), target, tmp_path / "db", trials=2)
+    assert not (tmp_path / "db").exists()  # refused before anything ran
+
+
+def test_tuning_crash_is_one_line_error(tmp_path, target, monkeypatch):
+    from tvm.s_tir import meta_schedule as ms
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("InternalError: Check failed: (f != nullptr)\nStack trace:\n  0: ...")
+
+    monkeypatch.setattr(ms.relax_integration, "extract_tasks", crash)
+    with pytest.raises(EtaError) as err:
+        tvm_backend.tune(conv_block(), (1, 8, 10, 10), target, tmp_path / "db", trials=2)
+    assert str(err.value) == "MetaSchedule tuning of Sequential failed: InternalError: Check failed: (f != nullptr)"
+
+
+@pytest.mark.slow
+def test_tuned_schedules_are_applied_and_not_tuned_twice(tmp_path, target, monkeypatch):
+    """A few MetaSchedule trials land in the database, compile_module applies them correctly, a re-tune skips."""
+    from tvm.s_tir import meta_schedule as ms
+
+    block, work = conv_block(), tmp_path / "db"
+    x = np.random.default_rng(2).standard_normal((1, 8, 10, 10)).astype("float32")
+    tvm_backend.tune(block, x.shape, target, work, trials=4, max_workers=1)
+    records = (work / "database_tuning_record.json").read_text().splitlines()
+    assert len(records) >= 1
+    compiled = tvm_backend.compile_module(block, x.shape, target, database_dir=work)
+    assert compiled.tuned_functions >= 1  # a tuned schedule replaced TVM's default one
+    with torch.no_grad():
+        np.testing.assert_allclose(compiled.run(x), block(torch.from_numpy(x)).numpy(), atol=1e-4, rtol=1e-4)
+
+    def must_not_tune(**kwargs):
+        raise AssertionError("every workload already had a record")
+
+    monkeypatch.setattr(ms.tune, "tune_tasks", must_not_tune)
+    tvm_backend.tune(block, x.shape, target, work, trials=4)
+    assert (work / "database_tuning_record.json").read_text().splitlines() == records
+
+
+def test_protocol_resizes_repeats_that_were_sized_during_a_slow_spell():
+    from eta.latency.protocol import measure_callable
+
+    calls = []
+
+    def timer(number, repeat):
+        calls.append((number, repeat))
+        if len(calls) == 1:  # sizing while the machine was busy: 10 ms per run
+            return [10.0] * repeat
+        if number == 1:  # single short runs are noisy
+            return [0.1, 0.3, 0.1, 0.3][:repeat]
+        return [0.1] * repeat  # enough runs per repeat: stable
+
+    m = measure_callable(timer, lambda: None, Protocol(warmup=0, repeat=4, max_cv=0.05, retries=2, min_repeat_ms=10.0))
+    assert m.number == 100 and m.samples_ms == [0.1] * 4 and m.spread == 0.0
+
+
+def test_torch_compile_failure_is_one_line_error(monkeypatch):
+    from eta.latency import torch_backend
+
+    def broken_compile(model):
+        def run(x):
+            raise RuntimeError("InductorError: no working C++ compiler\ndetails follow")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.raises(EtaError, match="^torch.compile failed for Sequential: InductorError: no working C\\+\\+ compiler"):
+        torch_backend.measure(conv_block(), (1, 8, 12, 12), protocol=FAST, compile=True)
