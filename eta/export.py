@@ -6,7 +6,6 @@ with ``torch.export.load(path).module()`` and needs neither eta nor the teacher'
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 

@@ -12,12 +12,11 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 
 from .bound import BoundSpace, bind, splits_for
 from .errors import EtaError
-from .runs import PHASES, Run, load_tensors, read_json, save_tensors, write_json
-from .space import Budget, SearchSpace
+from .runs import PHASES, Run, read_json, save_tensors, write_json
+from .space import SearchSpace
 from .tracking import PhaseTracker
 
 log = logging.getLogger(__name__)
