@@ -1,5 +1,4 @@
 """Run directories: atomic writes, resume with the same space, refusal to overwrite without --force."""
-import json
 
 import pytest
 import torch
