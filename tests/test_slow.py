@@ -14,7 +14,8 @@ pytestmark = pytest.mark.slow
 
 
 def eta(*args):
-    r = subprocess.run([sys.executable, "-m", "eta.cli", *args, "--no-progress"], capture_output=True, text=True, cwd=REPO, timeout=3000)
+    quiet = ["--no-progress"] if args[0] in ("demo", "search", "teacher") else []
+    r = subprocess.run([sys.executable, "-m", "eta.cli", *args, *quiet], capture_output=True, text=True, cwd=REPO, timeout=3000)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
