@@ -54,5 +54,9 @@ def test_fashion_mnist_teacher_then_search(tmp_path):
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["phases"]["teacher"]["finished"] == trained_at, "the cached teacher must be reused"
     pareto = json.loads((run / "pareto.json").read_text())
-    assert pareto["front"] and all(p["test_acc"] > 0.6 for p in pareto["front"])
+    front = pareto["front"]
+    assert front and all(p["test_acc"] > 0.3 for p in front)  # 10 classes: chance is 0.1
+    teacher28 = next(t for t in pareto["teacher"]["points"] if t["resolution"] == 28)
+    best = max(front, key=lambda p: p["test_acc"])
+    assert best["test_acc"] > teacher28["test_acc"] - 0.1 and front[0]["latency_ms"] < teacher28["latency_ms"]
     assert (tmp_path / "teacher.safetensors").exists()
