@@ -35,40 +35,33 @@ def test_malformed_yaml(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_unknown_operator(tmp_path):
+def _search_error(tmp_path, edit) -> str:
+    """Run `eta search` on the tiny space after ``edit(space_dict)``; return its one error line."""
     d = tiny_space_dict()
-    d["pool"][0]["family"] = "wavelet"
+    edit(d)
     p = tmp_path / "s.yaml"
     p.write_text(yaml.safe_dump(d))
-    line = _one_line_error(eta("search", str(p), "--runs-dir", str(tmp_path / "runs")))
+    return _one_line_error(eta("search", str(p), "--runs-dir", str(tmp_path / "runs")))
+
+
+def test_unknown_operator(tmp_path):
+    line = _search_error(tmp_path, lambda d: d["pool"][0].update(family="wavelet"))
     assert "pool.0.family" in line and "wavelet" in line
 
 
 def test_missing_data(tmp_path):
-    d = tiny_space_dict()
-    d["data"] = {"dataset": "fashion_mnist", "root": str(tmp_path / "nowhere"), "resolution": 28}
-    p = tmp_path / "s.yaml"
-    p.write_text(yaml.safe_dump(d))
-    line = _one_line_error(eta("search", str(p), "--runs-dir", str(tmp_path / "runs")))
+    line = _search_error(tmp_path, lambda d: d.update(data={"dataset": "fashion_mnist", "root": str(tmp_path / "nowhere"), "resolution": 28}))
     assert "nowhere" in line
     assert not (tmp_path / "runs").exists()
 
 
 def test_teacher_that_cannot_be_split(tmp_path):
-    d = tiny_space_dict()
-    d["teacher"]["model"] = "tests.unsplittable:make"
-    p = tmp_path / "s.yaml"
-    p.write_text(yaml.safe_dump(d))
-    line = _one_line_error(eta("search", str(p), "--runs-dir", str(tmp_path / "runs")))
+    line = _search_error(tmp_path, lambda d: d["teacher"].update(model="tests.unsplittable:make"))
     assert "blocks" in line and "Opaque" in line
 
 
 def test_unknown_teacher(tmp_path):
-    d = tiny_space_dict()
-    d["teacher"]["model"] = "no_such_model_xyz"
-    p = tmp_path / "s.yaml"
-    p.write_text(yaml.safe_dump(d))
-    line = _one_line_error(eta("search", str(p), "--runs-dir", str(tmp_path / "runs")))
+    line = _search_error(tmp_path, lambda d: d["teacher"].update(model="no_such_model_xyz"))
     assert "no_such_model_xyz" in line
 
 
