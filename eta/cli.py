@@ -16,25 +16,34 @@ REPO_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 DEMO_SPACE = REPO_SPACES / "digits.yaml"
 
 
+def _latency_overrides(args) -> dict:
+    """The latency settings given on the command line (``eta latency build/validate``)."""
+    names = {"backend": "backend", "target": "target", "tune_trials": "tune_trials", "node_resource": "node_resource"}
+    return {key: getattr(args, attr) for attr, key in names.items() if getattr(args, attr, None) is not None}
+
+
 def _space_or_run(arg: str, args, budgets=None):
     """A search space YAML (a run is created or resumed) or an existing run directory."""
     from .pipeline import Search
-    from .space import load_space
+    from .space import load_space, parse_space
 
     common = dict(address=args.address, num_cpus=args.num_cpus, progress=not args.no_progress)
+    latency = _latency_overrides(args)
     p = Path(arg)
     if p.is_dir() and (p / "manifest.json").exists():
-        if budgets:
-            raise EtaError("--budgets applies to a search space, not to an existing run; edit the space or start a new run")
+        if budgets or latency:
+            flags = "--budgets" if budgets else "/".join("--" + k.replace("_", "-") for k in latency)
+            raise EtaError(f"{flags} applies to a search space, not to an existing run; edit the space or start a new run")
         search = Search.from_run(p, **common)
         _apply_tracking(search.space, args)
         return search
     space = load_space(p)
-    if budgets:
-        space = space.model_copy(update={"budgets": list(budgets)})
-        from .space import parse_space
-
-        space = parse_space(space.to_dict(), "--budgets")
+    if budgets or latency:
+        d = space.to_dict()
+        if budgets:
+            d["budgets"] = list(budgets)
+        d["latency"] = {**d.get("latency", {}), **latency}
+        space = parse_space(d, f"{p} with command-line settings")
     _apply_tracking(space, args)
     return Search(space, runs_dir=Path(args.runs_dir), name=args.name, force=args.force, **common)
 
@@ -85,6 +94,8 @@ def _phase_cmd(phase: str):
         for p in PHASES:
             if p == phase:
                 break
+            if phase == "latency":
+                break  # latency depends on the teacher's architecture, not on its trained weights
             getattr(search, f"phase_{p}")()
         out = getattr(search, f"phase_{phase}")(force=args.rerun)
         if phase == "finetune":
@@ -97,12 +108,42 @@ def _phase_cmd(phase: str):
                                                   ("predicted_acc", "predicted", ".4f"), ("proxy_acc", "proxy acc", ".4f"),
                                                   ("predicted_latency_ms", "latency ms", ".3f"), ("solver_s", "solver s", ".2f")]))
         elif phase == "latency":
-            print(f"latency table: {out['table']}")
-            print(f"teacher: {out['teacher_ms']} ms; calibration a={out['calibration']['a']:.3f} b={out['calibration']['b']:.3f}")
+            cal = out["calibration"]
+            print(f"latency table: {out['table']}  ({out['backend']}, {out.get('schedule', 'untuned')}, {out['device']})")
+            print("teacher: " + ", ".join(f"{r}px {ms:.3f} ms" for r, ms in out["teacher_ms"].items()))
+            print(f"calibration ({cal.get('kind', 'line')}, {len(cal['students'])} whole networks): a={cal['a']:.3f} "
+                  f"b={cal['b']:.3f} ms c={cal.get('c', 0.0):.3f} ms/operator")
         print(f"run: {search.run.root}")
         return 0
 
     return run
+
+
+def cmd_latency_validate(args) -> int:
+    from .pareto import format_table
+
+    if args.students < 3:
+        raise EtaError(f"--students must be at least 3 to judge the table, got {args.students}")
+    search = _space_or_run(args.space, args)
+    rep = search.validate_latency(args.students, args.seed, Path(args.plot) if args.plot else None)
+    n = len(rep["students"])
+    print(f"\nlatency table {rep['table']}\n{rep['backend']} ({rep['schedule']}) on {rep['device']}: {n} whole networks "
+          f"compiled end to end against the sum of their table entries\n")
+    cv = rep.get("cross_validated_mape", {})
+    rows = [{"model": "Σ table", "r": rep["before"]["pearson_r"], "mape": 100 * rep["before"]["mape"],
+             "worst": 100 * rep["before"]["max_abs_rel_error"], "cv": float("nan")},
+            {"model": f"calibrated: {rep['kind']}", "r": rep["after"]["pearson_r"], "mape": 100 * rep["after"]["mape"],
+             "worst": 100 * rep["after"]["max_abs_rel_error"], "cv": 100 * cv.get(rep["kind"], float("nan"))}]
+    print(format_table(rows, [("model", "prediction", "s"), ("r", "Pearson r", ".4f"), ("mape", "MAPE %", ".2f"),
+                              ("worst", "worst %", ".1f"), ("cv", "5-fold MAPE %", ".2f")]))
+    print(f"\ncalibration: measured ≈ {rep['a']:.4f}·Σtable {rep.get('c', 0.0):+.4f}·operators {rep['b']:+.4f} ms "
+          f"(alternatives, 5-fold MAPE: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in cv.items()) + ")")
+    worst = [{"arch": rep["students"][w["index"]]["arch"], "pred": w["predicted"], "meas": w["measured"], "err": 100 * w["rel_error"]}
+             for w in rep["after"]["worst"]]
+    print("\nworst students after calibration:\n" + format_table(worst, [("arch", "architecture", "s"), ("pred", "predicted ms", ".3f"),
+                                                                        ("meas", "measured ms", ".3f"), ("err", "error %", "+.1f")]))
+    print(f"\nstored with the table (space key {rep['space_key']}); every search of this space uses it. run: {search.run.root}")
+    return 0
 
 
 def cmd_teacher_train(args) -> int:
@@ -188,10 +229,25 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=_phase_cmd(phase))
 
     lat = sub.add_parser("latency", help="latency lookup tables").add_subparsers(dest="latency_cmd", required=True, metavar="ACTION")
+    def latency_flags(p):
+        p.add_argument("--backend", choices=["tvm", "torch"], help="measure with TVM (default) or PyTorch")
+        p.add_argument("--target", help="TVM target kind: llvm (the host CPU, default) or cuda; torch: cpu or cuda")
+        p.add_argument("--tune-trials", type=int, help="MetaSchedule trials per workload (0: TVM's untuned schedules)")
+        p.add_argument("--node-resource", help="measure on the Ray node holding this custom resource, e.g. latency:rpi4")
+
     p = lat.add_parser("build", help="measure every operator of the space (and the teacher) on the target; cached and reused")
     common(p)
-    p.add_argument("--rerun", action="store_true")
+    latency_flags(p)
+    p.add_argument("--rerun", action="store_true", help="re-read the table and re-fit the calibration even if the phase finished")
     p.set_defaults(func=_phase_cmd("latency"))
+
+    p = lat.add_parser("validate", help="compile random whole students, compare with the table's sums, store the calibration")
+    common(p)
+    latency_flags(p)
+    p.add_argument("--students", type=int, default=50, help="random students to compile end to end (default 50)")
+    p.add_argument("--seed", type=int, help="which random students (default: the space's seed)")
+    p.add_argument("--plot", help="also save a predicted-vs-measured scatter plot here (.png)")
+    p.set_defaults(func=cmd_latency_validate)
 
     p = sub.add_parser("pareto", help="print the Pareto front of a finished run")
     p.add_argument("run", help="run directory, e.g. runs/digits")

@@ -8,6 +8,7 @@ to end to fit HAO's calibration, latency ≈ a·Σ table + b, which the optimise
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from .bound import BoundSpace, module_digest
 from .errors import EtaError
 from .latency import calibrate as calib
 from .latency.protocol import Protocol
-from .latency.table import LatencyTable, default_table_path
+from .latency.table import LatencyTable, default_table_path, measure_entry, schedule_policy
 from .student import _standalone, skeleton
 
 log = logging.getLogger(__name__)
@@ -36,35 +37,84 @@ def predictors_dir() -> Path:
 
 @dataclass
 class Backend:
-    """Where and how latency is measured: the backend name, its target and the device's name."""
+    """Where and how latency is measured: backend, target, device name, schedule policy, protocol.
+
+    ``node_resource`` names a Ray custom resource (``latency:rpi4``); measurements then run as Ray
+    tasks on the node that holds it, and target and device name are read on that node.
+    """
 
     name: str
     target: dict
     device: str
     protocol: Protocol
+    schedule: str = "untuned"
+    node_resource: str | None = None
 
     @classmethod
     def from_space(cls, bound: BoundSpace) -> "Backend":
         cfg = bound.space.latency
         protocol = Protocol(number=cfg.number, repeat=cfg.repeat, max_cv=cfg.max_spread)
-        if cfg.backend == "tvm":
-            from .latency import tvm_backend
+        schedule = schedule_policy(cfg.backend, cfg.tune_trials, cfg.torch_compile)
+        if cfg.node_resource:
+            import ray
 
-            target = tvm_backend.host_target(cfg.target)
-            return cls("tvm", target, tvm_backend.device_name(target), protocol)
-        from .latency import torch_backend
+            if not ray.is_initialized():
+                raise EtaError(f"latency.node_resource {cfg.node_resource!r} needs a Ray cluster (pass --address)")
+            if cfg.node_resource not in ray.cluster_resources():
+                raise EtaError(f"latency.node_resource: no node of the Ray cluster has resource {cfg.node_resource!r}; start one with "
+                               f"ray start --address=<head> --resources='{{\"{cfg.node_resource}\": 1}}'")
+            task = ray.remote(describe_target).options(num_cpus=0, resources={cfg.node_resource: 0.001})
+            target, device = _get_from_node(task.remote(cfg.backend, cfg.target), cfg.node_resource)
+        else:
+            target, device = describe_target(cfg.backend, cfg.target)
+        return cls(cfg.backend, target, device, protocol, schedule, cfg.node_resource)
 
-        dev = "cuda" if cfg.target == "cuda" else "cpu"
-        return cls("torch", {"kind": dev}, torch_backend.device_name(dev), protocol)
+    def executor(self):
+        """How one table entry is measured: here, or as a Ray task on the node with ``node_resource``."""
+        if not self.node_resource:
+            return measure_entry
+        import ray
 
+        # one measurement at a time on that node, holding all of its latency resource, so nothing else runs beside it
+        task = ray.remote(measure_entry).options(num_cpus=1, resources={self.node_resource: 1}, max_retries=2)
+
+        def run_on_node(provenance, module, shape, bits, database_dir):
+            return _get_from_node(task.remote(provenance, module, shape, bits, database_dir), self.node_resource)
+
+        return run_on_node
+
+
+def describe_target(backend: str, kind: str) -> tuple[dict, str]:
+    """The target dict and device name of the machine this runs on (called on the measuring node)."""
+    if backend == "tvm":
+        from .latency import tvm_backend
+
+        target = tvm_backend.host_target(kind)
+        return target, tvm_backend.device_name(target)
+    from .latency import torch_backend
+
+    dev = "cuda" if kind == "cuda" else "cpu"
+    return {"kind": dev}, torch_backend.device_name(dev)
+
+
+def _get_from_node(ref, resource: str, timeout_s: float = 3600):
+    import ray
+
+    ready, _ = ray.wait([ref], timeout=timeout_s)
+    if not ready:
+        ray.cancel(ref, force=True)
+        raise EtaError(f"no Ray node with resource {resource!r} measured within {timeout_s:.0f} s "
+                       f"(start one with: ray start --address=... --resources='{{\"{resource}\": 1}}')")
+    return ray.get(ref)
 
 
 def table_path(backend: Backend, root: Path | None = None) -> Path:
-    return default_table_path(root or predictors_dir() / "latency", backend.name, backend.target, backend.device)
+    return default_table_path(root or predictors_dir() / "latency", backend.name, backend.target, backend.device, backend.schedule)
 
 
 def open_table(backend: Backend, root: Path | None = None) -> LatencyTable:
-    return LatencyTable.open(table_path(backend, root), backend=backend.name, target=backend.target, device=backend.device, protocol=backend.protocol)
+    return LatencyTable.open(table_path(backend, root), backend=backend.name, target=backend.target, device=backend.device,
+                             protocol=backend.protocol, schedule=backend.schedule)
 
 
 def _signature(kind: str, module: torch.nn.Module) -> str:
@@ -123,45 +173,138 @@ def option_latency_matrix(bound: BoundSpace, table: LatencyTable) -> tuple[float
     return float(base + head), per_block
 
 
-def calibrate(bound: BoundSpace, table: LatencyTable, base: float, per_block: list[np.ndarray], *, n_students: int, seed: int, progress: bool = True) -> dict:
-    """Compile the teacher and ``n_students`` random students end to end; fit measured ≈ a·Σtable + b."""
-    rng = np.random.default_rng(seed)
-    shape = bound.input_shape(batch=bound.space.latency.batch_size)
-    archs = []
+def space_key(items: list) -> str:
+    """Names the set of table entries a space uses: its calibration is stored in the table under this key."""
+    import hashlib
+
+    keys = sorted(LatencyTable.key(sig, shape, bits) for sig, _, shape, bits in items)
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+
+
+def calibration_archs(bound: BoundSpace, n_students: int, seed: int, stored: dict | None = None) -> list[tuple]:
+    """The teacher (when it is a choice of the space) and ``n_students`` distinct random students.
+
+    Students a stored calibration already measured come first, so a later call with the same or
+    fewer students re-uses them from the table instead of compiling new ones.
+    """
+    archs = [tuple(c) for c in (stored or {}).get("choices", [])]
     tc = bound.teacher_choices()
-    if tc is not None:
-        archs.append(tc)
-    while len(archs) < n_students + (tc is not None) and len(archs) < bound.space_size():
+    if tc is not None and tc not in archs:
+        archs.insert(0, tc)
+    want = n_students + (tc is not None)
+    rng = np.random.default_rng(seed)
+    while len(archs) < want and len(archs) < bound.space_size():
         c = tuple(int(rng.integers(k)) for k in bound.options_per_block)
         if c not in archs:
             archs.append(c)
+    return archs
+
+
+def calibrate(bound: BoundSpace, table: LatencyTable, base: float, per_block: list[np.ndarray], *, n_students: int, seed: int,
+              progress: bool = True, executor=None, items: list | None = None) -> dict:
+    """Compile the teacher and random students end to end; fit measured ≈ a·Σtable (+ c·operators) + b.
+
+    The fit is stored in the table under the space's key; a calibration with at least as many
+    students there (``eta latency validate`` measures 50) is re-used, not re-measured.
+    """
+    key = space_key(items or table_items(bound))
+    stored = table.calibrations.get(key)
+    archs = calibration_archs(bound, n_students, seed, stored)
+    shape = bound.input_shape(batch=bound.space.latency.batch_size)
     models = [skeleton(bound, bound.arch(c)) for c in archs]
-    items = [(_signature("network", m), (lambda m=m: m), shape, 32) for m in models]
-    table.measure_many(items, desc="latency calibration (whole networks)", progress=progress)
+    net_items = [(_signature("network", m), (lambda m=m: m), shape, 32) for m in models]
+    table.measure_many(net_items, desc="latency calibration (whole networks)", progress=progress, executor=executor)
+    identity = [np.array([s.family == "identity" for s in opts]) for opts in bound.options]
     rows = []
-    for c, (sig, _, _, _) in zip(archs, items):
+    for c, (sig, _, _, _) in zip(archs, net_items):
         e = table.entry(sig, shape, 32)
-        pred = base + sum(per_block[b][j] for b, j in enumerate(c))
-        rows.append({"arch": arch_to_str(bound.arch(c)), "table_sum_ms": float(pred), "measured_ms": float(e["median_ms"]), "spread": float(e["spread"])})
+        rows.append({"arch": arch_to_str(bound.arch(c)), "choices": list(c),
+                     "table_sum_ms": float(base + sum(per_block[b][j] for b, j in enumerate(c))),
+                     "operators": int(sum(not identity[b][j] for b, j in enumerate(c))),
+                     "measured_ms": float(e["median_ms"]), "spread": float(e["spread"])})
+    out = fit_rows(rows, base, per_block, identity)
+    out["space_key"] = key
+    if len(rows) > len((stored or {}).get("choices", [])):
+        table.set_calibration(key, {k: v for k, v in out.items() if k != "students"} | {"choices": [r["choices"] for r in rows],
+                                   "fitted_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return out
+
+
+def fit_rows(rows: list[dict], base: float, per_block: list[np.ndarray], identity: list[np.ndarray]) -> dict:
+    """Choose and fit the calibration: HAO's line, the line with a boundary term, or a plain ratio.
+
+    The boundary term is kept only when it lowers the cross-validated error by a tenth; a line is
+    kept only when the table agrees with whole networks (r >= 0.9) and it predicts a positive
+    latency for the fastest student of the space.
+    """
     pred = np.array([r["table_sum_ms"] for r in rows])
     meas = np.array([r["measured_ms"] for r in rows])
-    a, b = float(np.median(meas / np.maximum(pred, 1e-9))), 0.0  # a ratio when too few points for a line
+    n_ops = np.array([r["operators"] for r in rows])
+    cal = calib.Calibration(float(np.median(meas / np.maximum(pred, 1e-9))), 0.0)  # a ratio when too few points for a line
+    kind, cv = "ratio", {}
     if len(rows) >= 5 and np.ptp(pred) > 0:
-        cal = calib.fit_calibration(pred, meas)
-        # a line is kept only where it stays positive over every student of the space
+        cv["line"] = calib.cross_validated_mape(pred, meas)
+        line = calib.fit_calibration(pred, meas)
+        candidates = [("line", line)]
+        if len(rows) >= 8 and np.ptp(n_ops) > 0:
+            cv["line+boundary"] = calib.cross_validated_mape(pred, meas, n_ops)
+            if cv["line+boundary"] < 0.9 * cv["line"]:
+                candidates.insert(0, ("line+boundary", calib.fit_calibration(pred, meas, n_ops)))
         r = calib.agreement(pred, meas)["pearson_r"]
-        fastest = base + sum(float(np.min(row)) for row in per_block)
         if r < 0.9:
             log.warning("latency table agrees poorly with whole networks (Pearson r %.2f); using a ratio, not a line. "
                         "Was the machine busy while measuring? Re-measure on a quiet machine.", r)
-        elif cal.a <= 0 or cal.a * fastest + cal.b <= 0:
-            log.warning("the calibration line (a=%.3f, b=%.3f ms) would predict a non-positive latency for the fastest "
-                        "student; using a ratio instead", cal.a, cal.b)
         else:
-            a, b = cal.a, cal.b
+            for name, fit in candidates:
+                eff = effective_option_ms(per_block, identity, fit)
+                fastest = fit.a * (base + sum(float(np.min(row)) for row in eff)) + fit.b
+                if fit.a > 0 and fastest > 0:
+                    kind, cal = name, fit
+                    break
+                log.warning("the calibration %s (a=%.3f, b=%.3f ms, c=%.3f ms) would predict a non-positive latency "
+                            "for the fastest student; trying a simpler one", name, fit.a, fit.b, fit.c)
     before = calib.agreement(pred, meas) if len(rows) >= 3 else {}
-    after = calib.agreement(a * pred + b, meas) if len(rows) >= 3 else {}
-    return {"a": float(a), "b": float(b), "students": rows, "before": _jsonable(before), "after": _jsonable(after)}
+    after = calib.agreement(cal(pred, n_ops), meas) if len(rows) >= 3 else {}
+    return {"kind": kind, "a": cal.a, "b": cal.b, "c": cal.c, "students": rows, "before": _jsonable(before),
+            "after": _jsonable(after), "cross_validated_mape": cv}
+
+
+def effective_option_ms(per_block: list[np.ndarray], identity: list[np.ndarray], cal) -> list[np.ndarray]:
+    """Per-option latencies with the boundary term folded in (c/a ms per non-identity option).
+
+    a·Σ(option + c/a·[not identity]) + b = a·Σtable + c·operators + b, so the optimiser keeps its
+    additive latency model and the line (a, b).
+    """
+    c, a = float(getattr(cal, "c", 0.0)), float(cal.a)
+    if not c:
+        return [np.asarray(r, float) for r in per_block]
+    return [np.asarray(r, float) + (c / a) * (~np.asarray(ident, bool)) for r, ident in zip(per_block, identity)]
+
+
+def plot_calibration(cal: dict, path: Path, title: str) -> None:
+    """Measured against predicted latency, before and after calibration (HAO fig. 13.5's view)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = cal["students"]
+    pred = np.array([r["table_sum_ms"] for r in rows])
+    meas = np.array([r["measured_ms"] for r in rows])
+    after = calib.Calibration(cal["a"], cal["b"], cal.get("c", 0.0))(pred, [r["operators"] for r in rows])
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.scatter(pred, meas, s=14, alpha=0.6, label=f"Σ table (r={cal['before']['pearson_r']:.4f}, MAPE {100 * cal['before']['mape']:.1f}%)")
+    ax.scatter(after, meas, s=14, alpha=0.6, label=f"calibrated {cal['kind']} (r={cal['after']['pearson_r']:.4f}, MAPE {100 * cal['after']['mape']:.1f}%)")
+    lo, hi = float(min(pred.min(), after.min(), meas.min())), float(max(pred.max(), after.max(), meas.max()))
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    ax.set_xlabel("predicted latency (ms)")
+    ax.set_ylabel("measured whole-network latency (ms)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _jsonable(d):

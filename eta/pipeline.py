@@ -127,16 +127,18 @@ class Search:
             info = read_json(path)
             self.check_budgets(info)
             return info
-        backend = lut.Backend.from_space(self.bound)
-        table = lut.open_table(backend)
-        items = lut.table_items(self.bound)
-        log.info("latency table: %d entries on %s (%s), cached in %s", len(items), backend.device, backend.name, table.path)
-        table.measure_many(items, desc="latency table", progress=self.progress)
-        base, per_block = lut.option_latency_matrix(self.bound, table)
-        calib = lut.calibrate(self.bound, table, base, per_block, n_students=self.space.latency.calibration_students, seed=self.space.seed, progress=self.progress)
-        teacher = self.measure_network_all_resolutions(backend, table, None)
+        with self._latency_session():
+            backend, table, executor = self.latency_backend()
+            items = lut.table_items(self.bound)
+            log.info("latency table: %d entries on %s (%s, %s), cached in %s", len(items), backend.device, backend.name, backend.schedule, table.path)
+            table.measure_many(items, desc="latency table", progress=self.progress, executor=executor)
+            base, per_block = lut.option_latency_matrix(self.bound, table)
+            calib = lut.calibrate(self.bound, table, base, per_block, n_students=self.space.latency.calibration_students,
+                                  seed=self.space.seed, progress=self.progress, executor=executor, items=items)
+            teacher = self.measure_network_all_resolutions(table, None, executor)
         info = {
             "backend": backend.name,
+            "schedule": backend.schedule,
             "target": backend.target,
             "device": backend.device,
             "table": str(table.path),
@@ -156,7 +158,46 @@ class Search:
         self.check_budgets(info)
         return info
 
-    def measure_network_all_resolutions(self, backend, table, arch) -> dict:
+    def validate_latency(self, students: int = 50, seed: int | None = None, plot: Path | None = None) -> dict:
+        """Compile ``students`` random whole students, compare with the table's sums, store the calibration.
+
+        The calibration lands in the shared table (under this space's key), where every later
+        search of the space finds it; this run's latency phase is re-run to use it.
+        """
+        from . import lut
+
+        with self._latency_session():
+            backend, table, executor = self.latency_backend()
+            items = lut.table_items(self.bound)
+            table.measure_many(items, desc="latency table", progress=self.progress, executor=executor)
+            base, per_block = lut.option_latency_matrix(self.bound, table)
+            cal = lut.calibrate(self.bound, table, base, per_block, n_students=students, seed=self.space.seed if seed is None else seed,
+                                progress=self.progress, executor=executor, items=items)
+        report = {"backend": backend.name, "schedule": backend.schedule, "device": backend.device, "table": str(table.path), **cal}
+        write_json(self.run.dir("latency") / "validation.json", report)
+        if plot:
+            lut.plot_calibration(cal, Path(plot), f"{self.space.name}: {backend.name} ({backend.schedule}) on {backend.device}")
+        if self.done("latency") and not self.done("solve"):
+            self.run.invalidate("latency")  # re-run on resume, with this calibration
+        elif self.done("solve"):
+            log.info("run %s solved its budgets with its earlier calibration; 'eta latency build %s --rerun' and "
+                     "'eta solve %s --rerun' use this one", self.run.root, self.run.root, self.run.root)
+        return report
+
+    def _latency_session(self):
+        """A Ray session when a named node measures latency; nothing otherwise."""
+        from contextlib import nullcontext
+
+        return self._ray_session() if self.space.latency.node_resource else nullcontext()
+
+    def latency_backend(self):
+        """(backend, its shared table, how one entry is measured) for this space."""
+        from . import lut
+
+        backend = lut.Backend.from_space(self.bound)
+        return backend, lut.open_table(backend), backend.executor()
+
+    def measure_network_all_resolutions(self, table, arch, executor=None) -> dict:
         """End-to-end latency of the teacher (arch None) or a student at every resolution, cached in the table."""
         from .lut import _signature
         from .student import skeleton
@@ -165,7 +206,7 @@ class Search:
         model = self.bound.teacher if arch is None else skeleton(self.bound, arch)
         sig = _signature("network", model)
         items = [(sig, (lambda m=model: m), (batch, self.bound.in_chans, r, r), 32) for r in self.space.resolutions]
-        table.measure_many(items, desc="whole-network latency", progress=False)
+        table.measure_many(items, desc="whole-network latency", progress=False, executor=executor)
         return {str(r): float(table.get(sig, (batch, self.bound.in_chans, r, r), 32)) for r in self.space.resolutions}
 
     def budgets_ms(self, info: dict) -> list[float]:
@@ -226,7 +267,6 @@ class Search:
         return archs[: self.space.phase3.max_students]
 
     def phase_finetune(self, force: bool = False) -> dict:
-        from . import lut
         from .arch import arch_from_str
         from .finetune import run_phase3, student_id
         from .pareto import FRONT_COLUMNS, pareto_front, plot_front
@@ -243,13 +283,13 @@ class Search:
         with self._ray_session():
             results = run_phase3(self.run, self.bound, archs, self.teacher_path, wandb_mode=self.space.tracking.wandb,
                                  wandb_project=self.space.tracking.project, progress=self.progress)
-        backend = lut.Backend.from_space(self.bound)
-        table = lut.open_table(backend)
+        with self._latency_session():
+            _, table, executor = self.latency_backend()
+            lats = [self.measure_network_all_resolutions(table, arch_from_str(a), executor) for a in archs]
         problem = search_problem(self.bound, info)
         points = []
-        for arch_str, m in zip(archs, results):
+        for arch_str, m, lat in zip(archs, results, lats):
             arch = arch_from_str(arch_str)
-            lat = self.measure_network_all_resolutions(backend, table, arch)
             predicted = problem.latency(self.bound.choices(arch))
             for r in self.space.resolutions:
                 points.append({

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .arch import arch_to_str
+from .arch import OpSpec, arch_to_str
 from .bound import BoundSpace, bound_with_teacher, splits_for
 from .optimize import SearchProblem, sample_under_budget, solve_budgets
 from .predictor import MLPPredictor, index_encode, one_hot_encode, spearman, train_predictor
@@ -30,8 +30,12 @@ log = logging.getLogger(__name__)
 
 
 def search_problem(bound: BoundSpace, latency_info: dict, predictor: MLPPredictor | None = None) -> SearchProblem:
-    per_block = [np.asarray(r, dtype=float) for r in latency_info["option_ms"]]
+    from .latency.calibrate import Calibration
+    from .lut import effective_option_ms
+
     cal = latency_info.get("calibration", {"a": 1.0, "b": 0.0})
+    identity = [np.array([OpSpec.parse(s).family == "identity" for s in opts]) for opts in latency_info["options"]]
+    per_block = effective_option_ms(latency_info["option_ms"], identity, Calibration(float(cal["a"]), float(cal["b"]), float(cal.get("c", 0.0))))
     return SearchProblem(
         option_latency=per_block,
         layers=predictor.numpy_layers() if predictor is not None else [],

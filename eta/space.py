@@ -121,6 +121,7 @@ class LatencyConfig(_Strict):
     repeat: int = Field(7, ge=3)
     max_spread: float = Field(0.05, gt=0, description="re-measure entries whose relative spread is wider")
     tune_trials: int = Field(0, ge=0, description="MetaSchedule trials per task; 0 = untuned schedules")
+    torch_compile: bool = Field(False, description="torch backend: time torch.compile'd modules instead of eager ones")
     calibration_students: int = Field(6, ge=0, description="random whole students compiled to fit latency ≈ a·Σtable + b")
     node_resource: Optional[str] = Field(None, description="Ray custom resource of the node that measures, e.g. latency:rpi4")
 

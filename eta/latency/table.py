@@ -1,18 +1,23 @@
-"""The latency lookup table: one JSON file per (backend, target, device), shared across searches.
+"""The latency lookup table: one JSON file per (backend, target, device, schedule policy), shared across searches.
 
 Format (``eta-latency-table/1``)::
 
-    {"format": ..., "provenance": {backend, target, tvm_version, torch_version, device, created, protocol},
+    {"format": ..., "provenance": {backend, target, device, schedule, tvm_version, torch_version, created, protocol},
      "entries": {key: {signature, input_shape, bits, executable, median_ms, spread, repeats,
-                       samples_ms, number, compile_s, timing_s, protocol, measured_at}},
+                       samples_ms, number, compile_s, timing_s, protocol, measured_at, [kernel_dtype], [reason]}},
+     "calibrations": {space key: {a, b, students, before, after, ...}},
      "stale": [{"provenance": ..., "entries": ...}, ...]}
 
 A key is ``signature|input shape|bits``; the signature names the operator and hashes its
-structure. Entries measured under different provenance (another backend, target, device, or
-version of the software that runs them: TVM for ``tvm``, PyTorch for ``torch``) are never reused:
-opening such a file warns, and the next save moves its entries aside into ``stale``.
-A bit-width other than 32 is recorded as not executable (no integer kernels yet) rather than
-silently timed in float.
+structure. Entries measured under different provenance (another backend, target, device, schedule
+policy, or version of the software that runs them: TVM for ``tvm``, PyTorch for ``torch``) are never
+reused: opening such a file warns, and the next save moves its entries aside into ``stale``.
+
+The schedule policy is part of what a number means: ``untuned`` (TVM's default schedules),
+``metaschedule:N`` (N MetaSchedule trials per workload; the tuning database sits beside the table in
+``<table>-db/`` so deployed students compile with the same schedules), ``eager`` or ``torch.compile``.
+A bit-width is measured with integer kernels where the backend has them; where it has none the entry
+says so (``executable: false`` and a reason) rather than being timed in float.
 """
 from __future__ import annotations
 
@@ -30,8 +35,23 @@ log = logging.getLogger(__name__)
 
 FORMAT = "eta-latency-table/1"
 # what must match for an entry to be reused, besides the version of the backend's own software
-PROVENANCE_KEYS = ("backend", "target", "device")
+PROVENANCE_KEYS = ("backend", "target", "device", "schedule")
 BACKEND_VERSION_KEY = {"tvm": "tvm_version", "torch": "torch_version"}
+DEFAULT_SCHEDULE = {"tvm": "untuned", "torch": "eager"}
+
+
+class NotExecutable(EtaError):
+    """The backend cannot run this operator at this bit-width; the table records why."""
+
+
+def schedule_policy(backend: str, tune_trials: int = 0, torch_compile: bool = False) -> str:
+    if backend == "tvm":
+        return f"metaschedule:{int(tune_trials)}" if tune_trials else "untuned"
+    return "torch.compile" if torch_compile else "eager"
+
+
+def tune_trials_of(schedule: str) -> int:
+    return int(schedule.split(":", 1)[1]) if schedule.startswith("metaschedule:") else 0
 
 
 def _versions() -> dict:
@@ -50,49 +70,127 @@ def _slug(s: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-")[:60]
 
 
-def default_table_path(root, backend: str, target: dict, device: str) -> Path:
+def default_table_path(root, backend: str, target: dict, device: str, schedule: str | None = None) -> Path:
     tgt = "-".join(str(target.get(k)) for k in ("kind", "mcpu", "arch") if target.get(k))
-    return Path(root) / _slug(tgt) / f"{backend}-{_slug(device)}.json"
+    policy = "" if schedule in (None, DEFAULT_SCHEDULE.get(backend)) else "-" + _slug(schedule)
+    return Path(root) / _slug(tgt) / f"{backend}-{_slug(device)}{policy}.json"
 
 
 def _provenance_keys(backend: str) -> tuple:
     return PROVENANCE_KEYS + (BACKEND_VERSION_KEY.get(backend, "tvm_version"),)
 
 
+def _value(prov: dict, key: str):
+    # tables written before the schedule policy was recorded were all measured with the default one
+    if key == "schedule":
+        return prov.get(key) or DEFAULT_SCHEDULE.get(prov.get("backend"))
+    return prov.get(key)
+
+
 def _same_provenance(old: dict, new: dict) -> bool:
-    return all(old.get(k) == new.get(k) for k in _provenance_keys(new.get("backend")))
+    return all(_value(old, k) == _value(new, k) for k in _provenance_keys(new.get("backend")))
+
+
+def measure_entry(provenance: dict, module, input_shape: tuple, bits: int, database_dir: Path | None = None) -> dict:
+    """Measure one operator as the table's provenance says (backend, target, schedule, protocol).
+
+    A module-level function so that a Ray task on another node can run it (see ``lut.node_executor``).
+    Returns the entry's measured fields; an operator the backend cannot run at ``bits`` gives
+    ``{"executable": False, "reason": ...}``.
+    """
+    protocol = Protocol(**provenance["protocol"])
+    backend, target, schedule = provenance["backend"], provenance["target"], _value(provenance, "schedule")
+    try:
+        if bits != 32:
+            m, extra = _measure_integer(provenance, module, input_shape, bits, protocol)
+        elif backend == "tvm":
+            from . import tvm_backend
+
+            trials = tune_trials_of(schedule)
+            if trials:
+                tvm_backend.tune(module, input_shape, target, database_dir, trials)
+            m, extra = tvm_backend.measure(module, input_shape, target, protocol, database_dir=database_dir if trials else None), {}
+        else:
+            from . import torch_backend
+
+            m = torch_backend.measure(module, input_shape, device=target.get("kind", "cpu"), protocol=protocol,
+                                      compile=schedule == "torch.compile")
+            extra = {}
+    except NotExecutable as err:
+        return {"executable": False, "reason": str(err), **_where()}
+    return {"executable": True, "median_ms": m.median_ms, "spread": m.spread, "repeats": m.repeats, "samples_ms": m.samples_ms,
+            "number": m.number, "compile_s": m.compile_s, "timing_s": m.timing_s, "protocol": provenance["protocol"], **extra, **_where()}
+
+
+def _where() -> dict:
+    """The Ray node that measured, when a Ray task did (a table says which machine produced each entry)."""
+    try:
+        import ray
+
+        if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
+            return {"ray_node": ray.get_runtime_context().get_node_id()}
+    except Exception:  # noqa: BLE001 - provenance only; never fail a measurement over it
+        pass
+    return {}
+
+
+def _measure_integer(provenance: dict, module, input_shape, bits: int, protocol: Protocol) -> tuple[Measurement, dict]:
+    """Time ``module`` with integer kernels at ``bits``; raise NotExecutable where none exist."""
+    backend = provenance["backend"]
+    if backend != "tvm":
+        raise NotExecutable(f"{bits}-bit execution is not built for backend {backend} (integer kernels are TVM's)")
+    if tune_trials_of(_value(provenance, "schedule")):
+        raise NotExecutable(f"{bits}-bit operators are measured with untuned schedules only")
+    try:
+        from ..quant import integer
+    except ImportError:
+        raise NotExecutable(f"{bits}-bit execution is not built for backend {backend} yet") from None
+    return integer.measure_int(module, input_shape, bits, provenance["target"], protocol)
+
+
+Executor = Callable[[dict, object, tuple, int, "Path | None"], dict]
 
 
 class LatencyTable:
     """Measured milliseconds per (operator signature, input shape, bit-width) on one target."""
 
-    def __init__(self, path: Path, provenance: dict, entries: dict, stale: list):
+    def __init__(self, path: Path, provenance: dict, entries: dict, stale: list, calibrations: dict | None = None):
         self.path = Path(path)
         self.provenance = provenance
         self.entries = entries
         self.stale = stale
+        self.calibrations = calibrations or {}
 
     @classmethod
-    def open(cls, path, *, backend: str, target: dict, device: str, protocol: Protocol | None = None) -> "LatencyTable":
-        prov = {"backend": backend, "target": target, "device": device, **_versions(),
-                "created": time.strftime("%Y-%m-%d"), "protocol": (protocol or Protocol()).to_dict()}
+    def open(cls, path, *, backend: str, target: dict, device: str, protocol: Protocol | None = None,
+             schedule: str | None = None) -> "LatencyTable":
+        prov = {"backend": backend, "target": target, "device": device, "schedule": schedule or DEFAULT_SCHEDULE.get(backend),
+                **_versions(), "created": time.strftime("%Y-%m-%d"), "protocol": (protocol or Protocol()).to_dict()}
         path = Path(path)
-        entries, stale = {}, []
+        entries, stale, calibrations = {}, [], {}
         if path.exists():
             try:
                 data = json.loads(path.read_text())
             except json.JSONDecodeError as err:
                 raise EtaError(f"corrupt latency table {path}: {err.msg} at line {err.lineno}") from None
             old = data.get("provenance", {})
+            stale = data.get("stale", [])
             if _same_provenance(old, prov):
                 entries = data.get("entries", {})
+                calibrations = data.get("calibrations", {})
                 prov["created"] = old.get("created", prov["created"])
             else:
-                changed = [k for k in _provenance_keys(backend) if old.get(k) != prov[k]]
+                changed = [k for k in _provenance_keys(backend) if _value(old, k) != prov[k]]
                 log.warning("latency table %s was measured with another %s: its entries are not reused", path, "/".join(changed))
-                stale = data.get("stale", []) + [{"provenance": old, "entries": data.get("entries", {})}]
-            stale = data.get("stale", []) if not stale else stale
-        return cls(path, prov, entries, stale)
+                stale = stale + [{"provenance": old, "entries": data.get("entries", {})}]
+        return cls(path, prov, entries, stale, calibrations)
+
+    @property
+    def database_dir(self) -> Path | None:
+        """MetaSchedule's database for a tuned table (``<table>-db/`` beside it); None when untuned."""
+        if not tune_trials_of(_value(self.provenance, "schedule")):
+            return None
+        return self.path.with_name(self.path.stem + "-db")
 
     @staticmethod
     def key(signature: str, input_shape: tuple, bits: int = 32) -> str:
@@ -118,23 +216,25 @@ class LatencyTable:
         if _same_provenance(data.get("provenance", {}), self.provenance):
             for key, entry in data.get("entries", {}).items():
                 self.entries.setdefault(key, entry)
-        write_json(self.path, {"format": FORMAT, "provenance": self.provenance, "entries": self.entries, "stale": self.stale})
+            for key, cal in data.get("calibrations", {}).items():
+                self.calibrations.setdefault(key, cal)
+        write_json(self.path, {"format": FORMAT, "provenance": self.provenance, "entries": self.entries,
+                               "calibrations": self.calibrations, "stale": self.stale})
 
-    def _measure(self, module, input_shape) -> Measurement:
-        prov = self.provenance
-        protocol = Protocol(**prov["protocol"])
-        if prov["backend"] == "tvm":
-            from . import tvm_backend
+    def set_calibration(self, space_key: str, calibration: dict) -> None:
+        self.calibrations[space_key] = calibration
+        self.save()
 
-            return tvm_backend.measure(module, input_shape, prov["target"], protocol)
-        from . import torch_backend
+    def measure_many(self, items: list[tuple[str, Callable, tuple, int]], desc: str = "latency", progress: bool = True,
+                     executor: Executor | None = None) -> dict:
+        """Measure every item not yet in the table; the file is saved after each entry (resumable).
 
-        return torch_backend.measure(module, input_shape, device=prov["target"].get("kind", "cpu"), protocol=protocol)
-
-    def measure_many(self, items: list[tuple[str, Callable, tuple, int]], desc: str = "latency", progress: bool = True) -> dict:
-        """Measure every item not yet in the table; the file is saved after each entry (resumable)."""
+        ``executor`` runs one measurement (default: here, with ``measure_entry``); ``lut`` passes one
+        that runs it as a Ray task on the node that holds the target.
+        """
         from tqdm.auto import tqdm
 
+        executor = executor or measure_entry
         todo = [it for it in items if self.key(it[0], it[2], it[3]) not in self.entries]
         if todo:
             log.info("%s: measuring %d of %d entries (%d cached)", desc, len(todo), len(items), len(items) - len(todo))
@@ -143,12 +243,6 @@ class LatencyTable:
             if key in self.entries:  # the same workload listed twice
                 continue
             base = {"signature": signature, "input_shape": list(shape), "bits": bits, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            if bits != 32:
-                self.entries[key] = {**base, "executable": False, "reason": f"{bits}-bit execution is not built for backend {self.provenance['backend']} yet"}
-            else:
-                m = self._measure(factory(), shape)
-                self.entries[key] = {**base, "executable": True, "median_ms": m.median_ms, "spread": m.spread, "repeats": m.repeats,
-                                     "samples_ms": m.samples_ms, "number": m.number, "compile_s": m.compile_s, "timing_s": m.timing_s,
-                                     "protocol": self.provenance["protocol"]}
+            self.entries[key] = {**base, **executor(self.provenance, factory(), tuple(shape), bits, self.database_dir)}
             self.save()
         return {self.key(s, sh, b): self.get(s, sh, b) for s, _, sh, b in items}

@@ -1,0 +1,134 @@
+"""Calibrating the latency table against whole networks: the fit, the boundary term, storage and reuse."""
+import json
+
+import numpy as np
+import pytest
+from torch import nn
+
+from eta.latency import calibrate, tvm_backend
+from eta.latency.protocol import Measurement, Protocol
+from eta.latency.table import LatencyTable, default_table_path, schedule_policy
+from eta.lut import effective_option_ms, fit_rows
+
+
+def rows_from(table_sum, operators, measured):
+    return [{"arch": f"s{i}", "choices": [i], "table_sum_ms": float(p), "operators": int(k), "measured_ms": float(m), "spread": 0.01}
+            for i, (p, k, m) in enumerate(zip(table_sum, operators, measured))]
+
+
+def synthetic(n=40, c=0.0, noise=0.0, seed=0):
+    rng = np.random.default_rng(seed)
+    ops = rng.integers(2, 8, n)
+    table_sum = 0.5 + ops * rng.uniform(0.2, 0.8, n)
+    measured = 0.9 * table_sum + c * ops + 0.1
+    return table_sum, ops, measured * (1 + noise * rng.standard_normal(n))
+
+
+def test_boundary_term_is_recovered_and_chosen_only_when_it_helps():
+    per_block = [np.array([0.0, 0.3, 0.6])] * 8
+    identity = [np.array([True, False, False])] * 8
+    table_sum, ops, measured = synthetic(c=-0.05)
+    fit = calibrate.fit_calibration(table_sum, measured, ops)
+    assert (fit.a, fit.b, fit.c) == (pytest.approx(0.9), pytest.approx(0.1), pytest.approx(-0.05))
+    out = fit_rows(rows_from(table_sum, ops, measured), 0.5, per_block, identity)
+    assert out["kind"] == "line+boundary" and out["after"]["mape"] < 1e-9
+    assert out["cross_validated_mape"]["line+boundary"] < out["cross_validated_mape"]["line"]
+
+    table_sum, ops, measured = synthetic(c=0.0, noise=0.01)
+    out = fit_rows(rows_from(table_sum, ops, measured), 0.5, per_block, identity)
+    assert out["kind"] == "line" and out["c"] == 0.0  # no boundary effect: HAO's plain line
+
+
+def test_poor_agreement_falls_back_to_a_ratio():
+    per_block, identity = [np.array([0.0, 1.0])], [np.array([True, False])]
+    rng = np.random.default_rng(3)
+    table_sum = rng.uniform(1, 5, 12)
+    measured = rng.uniform(1, 5, 12)  # unrelated: a busy machine
+    out = fit_rows(rows_from(table_sum, [1] * 12, measured), 1.0, per_block, identity)
+    assert out["kind"] == "ratio" and out["b"] == 0.0
+
+
+def test_cross_validated_mape_counts_only_held_out_students():
+    table_sum = np.arange(1.0, 11.0)
+    measured = 2.0 * table_sum + 1.0
+    assert calibrate.cross_validated_mape(table_sum, measured) == pytest.approx(0.0, abs=1e-12)
+    measured[3] *= 1.5  # one outlier: held out, it is mispredicted; in-sample its error is spread over all
+    assert calibrate.cross_validated_mape(table_sum, measured) > calibrate.agreement(calibrate.fit_calibration(table_sum, measured)(table_sum), measured)["mape"]
+
+
+def test_folded_boundary_term_gives_the_calibrated_latency():
+    rng = np.random.default_rng(0)
+    per_block = [rng.uniform(0.1, 1.0, 4) for _ in range(5)]
+    identity = [np.array([True, False, False, False])] * 5
+    cal = calibrate.Calibration(a=1.1, b=0.2, c=-0.03)
+    eff = effective_option_ms(per_block, identity, cal)
+    for choice in ([0, 1, 2, 3, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]):
+        raw = sum(per_block[i][j] for i, j in enumerate(choice))
+        ops = sum(not identity[i][j] for i, j in enumerate(choice))
+        assert cal.a * sum(eff[i][j] for i, j in enumerate(choice)) + cal.b == pytest.approx(float(cal(raw, ops)))
+
+
+def test_schedule_policy_names_the_table_and_separates_its_entries(tmp_path, monkeypatch):
+    target = {"kind": "llvm", "mcpu": "x"}
+    assert schedule_policy("tvm") == "untuned" and schedule_policy("tvm", 64) == "metaschedule:64"
+    assert schedule_policy("torch", torch_compile=True) == "torch.compile"
+    untuned = default_table_path(tmp_path, "tvm", target, "cpu")
+    tuned = default_table_path(tmp_path, "tvm", target, "cpu", "metaschedule:64")
+    assert untuned.name == "tvm-cpu.json" and tuned.name == "tvm-cpu-metaschedule-64.json"
+
+    calls = []
+    monkeypatch.setattr(tvm_backend, "measure", lambda m, s, t, p=None, database_dir=None: calls.append(database_dir)
+                        or Measurement(1.0, 0.01, 3, [1.0] * 3))
+    monkeypatch.setattr(tvm_backend, "tune", lambda m, s, t, work, trials: calls.append(("tune", trials)))
+    path = tmp_path / "t.json"
+    t = LatencyTable.open(path, backend="tvm", target=target, device="cpu", protocol=Protocol(), schedule="metaschedule:8")
+    t.measure_many([("op", nn.Identity, (1, 2), 32)], progress=False)
+    assert calls == [("tune", 8), path.with_name("t-db")]  # tuned, then timed with the tuned database
+    # the same file opened as untuned: another schedule policy, so nothing is reused
+    t2 = LatencyTable.open(path, backend="tvm", target=target, device="cpu", protocol=Protocol(), schedule="untuned")
+    assert t2.entries == {} and t2.database_dir is None
+
+
+def test_tables_from_before_the_schedule_field_stay_valid(tmp_path):
+    """Entries written before provenance named a schedule policy were untuned; they are still reused."""
+    path = tmp_path / "t.json"
+    t = LatencyTable.open(path, backend="tvm", target={"kind": "llvm"}, device="cpu")
+    t.entries["k"] = {"executable": True, "median_ms": 1.0}
+    t.save()
+    data = json.loads(path.read_text())
+    del data["provenance"]["schedule"]
+    path.write_text(json.dumps(data))
+    assert LatencyTable.open(path, backend="tvm", target={"kind": "llvm"}, device="cpu").entries == {"k": t.entries["k"]}
+
+
+def test_calibration_is_stored_with_the_table_and_reused(tmp_path, monkeypatch):
+    """A second calibration of the same space measures nothing new and reads the stored students."""
+    from eta import lut
+    from eta.bound import bind, splits_for
+    from eta.space import parse_space
+
+    from .conftest import tiny_space_dict
+
+    times = iter(np.linspace(1.0, 3.0, 1000))
+    calls = []
+
+    def fake(module, shape, target, protocol=None, database_dir=None):
+        calls.append(shape)
+        return Measurement(float(next(times)), 0.01, 3, [1.0] * 3)
+
+    monkeypatch.setattr(tvm_backend, "measure", fake)
+    space = parse_space(tiny_space_dict(), "test")
+    bound = bind(space, splits_for(space))
+    backend = lut.Backend.from_space(bound)
+    table = lut.open_table(backend, root=tmp_path)
+    items = lut.table_items(bound)
+    table.measure_many(items, progress=False)
+    base, per_block = lut.option_latency_matrix(bound, table)
+    first = lut.calibrate(bound, table, base, per_block, n_students=6, seed=0, progress=False, items=items)
+    n_calls = len(calls)
+    stored = json.loads(table.path.read_text())["calibrations"][first["space_key"]]
+    assert len(stored["choices"]) == len(first["students"]) == 7  # the teacher and 6 students
+    again = lut.calibrate(bound, lut.open_table(backend, root=tmp_path), base, per_block, n_students=3, seed=99, progress=False, items=items)
+    assert len(calls) == n_calls  # nothing re-measured
+    assert [r["arch"] for r in again["students"]] == [r["arch"] for r in first["students"]]
+    assert again["a"] == first["a"] and again["b"] == first["b"]
