@@ -17,12 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from eta.arch import arch_to_str
-from eta.bound import bind, splits_for
 from eta.errors import EtaError
 from eta.latency import torch_backend, tvm_backend
-from eta.latency.protocol import Protocol
 from eta.pareto import format_table
-from eta.space import load_space
+
+from .common import load_bound_space
 from eta.student import skeleton
 
 log = logging.getLogger("benchmarks.latency_backends")
@@ -68,12 +67,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="runs/bench-latency-backends")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    space = load_space(args.space)
-    bound = bind(space, splits_for(space))
-    cfg = space.latency
-    protocol = Protocol(number=cfg.number, repeat=cfg.repeat, max_cv=cfg.max_spread)
-    target = tvm_backend.host_target(cfg.target)
+    space, bound, backend = load_bound_space(args.space)
+    cfg, protocol, target = space.latency, backend.protocol, backend.target
     shape = bound.input_shape(batch=cfg.batch_size)
     nets = [("teacher", "the teacher", bound.teacher)]
     nets += [(name, arch_to_str(bound.arch(c)), skeleton(bound, bound.arch(c))) for name, c in pick_students(bound, args.seed)]

@@ -15,11 +15,10 @@ import logging
 import numpy as np
 
 from eta import lut
-from eta.bound import bind, splits_for
 from eta.latency import tvm_backend
-from eta.latency.protocol import Protocol
 from eta.pareto import format_table
-from eta.space import load_space
+
+from .common import load_bound_space
 
 log = logging.getLogger("benchmarks.latency_noise")
 
@@ -31,12 +30,8 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    space = load_space(args.space)
-    bound = bind(space, splits_for(space))
-    cfg = space.latency
-    protocol = Protocol(number=cfg.number, repeat=cfg.repeat, max_cv=cfg.max_spread)
-    target = tvm_backend.host_target(cfg.target)
+    space, bound, backend = load_bound_space(args.space)
+    protocol, target = backend.protocol, backend.target
     items = [it for it in lut.table_items(bound) if it[3] == 32]
     pick = np.random.default_rng(args.seed).choice(len(items), size=min(args.entries, len(items)), replace=False)
     rows = []
