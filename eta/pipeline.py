@@ -312,7 +312,11 @@ class Search:
             cols = [k for k, _, _ in FRONT_COLUMNS]
             tr.table("pareto/front", cols, [[p.get(k) for k in cols] for p in front])
             tr.image("pareto/plot", self.run.root / "pareto.png")
-            tr.artifact(f"{self.run.root.name}-students", "model", [self.run.root / "phase3" / p["id"] for p in front])
+            for sid in dict.fromkeys(p["id"] for p in front):  # one artifact per selected student, its front points as metadata
+                pts = [p for p in front if p["id"] == sid]
+                tr.artifact(f"{self.run.root.name}-{sid}", "model", [self.run.root / "phase3" / sid],
+                            metadata={"arch": pts[0]["arch"], "bits": pts[0]["bits"], "device": info["device"],
+                                      "points": [{k: p[k] for k in ("resolution", "latency_ms", "test_acc")} for p in pts]})
         self._finish("finetune", students=len(archs), front=len(front))
         log.info("phase 3: %d students finetuned, %d points on the front", len(archs), len(front))
         return out

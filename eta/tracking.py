@@ -62,11 +62,11 @@ class PhaseTracker:
 
             self._run.log({key: wandb.Image(str(path))})
 
-    def artifact(self, name: str, kind: str, paths: list[Path]) -> None:
+    def artifact(self, name: str, kind: str, paths: list[Path], metadata: dict | None = None) -> None:
         if self._run is not None:
             import wandb
 
-            art = wandb.Artifact(name, type=kind)
+            art = wandb.Artifact(name, type=kind, metadata=metadata)
             for p in paths:
                 p = Path(p)
                 if p.is_dir():

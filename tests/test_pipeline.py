@@ -67,11 +67,27 @@ def test_front_is_pareto_and_measured(finished):
     assert all(p["params"] > 0 and p["size_mb"] > 0 and p["bops_g"] > 0 for p in front)
 
 
-def test_wandb_offline_runs_per_phase(finished):
-    search, _, _ = finished
-    runs = list((search.run.root / "wandb").glob("offline-run-*"))
-    assert len(runs) >= 5, runs  # teacher, latency, pretrain, solve, finetune (+ one per trial)
-    assert all(list(r.glob("*.wandb")) for r in runs)
+def test_wandb_offline_runs_hold_every_phase(finished):
+    """One group per search, a run per phase, the frozen space as config, the metrics, the front and the students."""
+    from .wandb_records import summarize
+
+    search, pareto, _ = finished
+    runs = [summarize(r) for r in sorted((search.run.root / "wandb").glob("offline-run-*"))]
+    by_job = {r["job_type"]: r for r in runs}
+    assert {"teacher", "latency", "pretrain", "solve", "finetune"} <= set(by_job)
+    assert {r["group"] for r in runs} == {search.run.root.name}
+    assert {"teacher", "pool", "budgets", "phase1", "phase2", "phase3"} <= by_job["solve"]["config"]
+    assert any(k.startswith("phase1/block") for k in by_job["pretrain"]["history"])  # distillation loss per block and candidate
+    assert {"phase2/predictor_spearman", "phase2/solver_s"} <= by_job["solve"]["history"]
+    trials = [r for r in runs if r["job_type"].startswith("finetune-")]
+    assert trials and all({"phase3/train_loss", "phase3/epoch"} <= r["history"] for r in trials)  # finetune curves
+    final = by_job["finetune"]
+    assert any(k.startswith("pareto/front") for k in final["history"])
+    assert any(f.startswith("files/media/images/pareto") for f in final["files"])
+    students = {p["id"] for p in pareto["front"]}
+    arts = {a["name"]: a for a in final["artifacts"] if a["type"] == "model"}
+    assert set(arts) == {f"{search.run.root.name}-{sid}" for sid in students}
+    assert all(any(f.endswith("weights.safetensors") for f in a["files"]) and '"arch"' in a["metadata"] for a in arts.values())
 
 
 def test_resume_redoes_nothing(finished):
