@@ -127,10 +127,46 @@ def _remote_pretrain_group(space_dict: dict, teacher_state: dict, blocks: list[i
     return out
 
 
-def plan_groups(pending: list[int], n_tasks: int) -> list[list[int]]:
-    """Split pending blocks into at most ``n_tasks`` contiguous groups (one teacher forward serves a group)."""
+def plan_groups(pending: list[int], n_tasks: int, costs: dict[int, float] | None = None) -> list[list[int]]:
+    """Split pending blocks into at most ``n_tasks`` groups of about equal cost (one teacher forward serves a group).
+
+    Blocks differ in cost by an order of magnitude (early, high-resolution blocks are the dearest),
+    so groups of equal *count* leave workers idle. Greedy longest-first: each block, dearest first,
+    joins the group with the least cost so far. Without costs, blocks count equally.
+    """
     n = max(1, min(n_tasks, len(pending)))
-    return [[int(b) for b in g] for g in np.array_split(np.array(pending), n) if len(g)]
+    costs = costs or {b: 1.0 for b in pending}
+    groups: list[list[int]] = [[] for _ in range(n)]
+    load = [0.0] * n
+    for b in sorted(pending, key=lambda b: (-costs.get(b, 1.0), b)):
+        i = int(np.argmin(load))
+        groups[i].append(int(b))
+        load[i] += costs.get(b, 1.0)
+    return [sorted(g) for g in sorted(groups, key=lambda g: g[0] if g else 0) if g]
+
+
+def block_costs(bound: BoundSpace, blocks: list[int], batch: int = 32, reps: int = 2) -> dict[int, float]:
+    """Seconds of one training step of each block's super-operators, timed here on one thread.
+
+    Measured rather than counted: per multiply-accumulate, early high-resolution blocks with few
+    channels cost several times what later ones do on a CPU, so MACs balance groups poorly.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = {}
+    try:
+        for b in blocks:
+            ops = block_super_ops(bound, b, bound.space.phase1.elastic).train()
+            x = torch.randn(batch, *bound.shapes[b][0])
+            best = float("inf")
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                sum(op(x).float().square().mean() for op in ops.values()).backward()
+                best = min(best, time.perf_counter() - t0)
+            out[b] = best
+    finally:
+        torch.set_num_threads(threads)
+    return out
 
 
 def run_phase1(run: Run, bound: BoundSpace, teacher_path: Path, tracker=None, progress: bool = True) -> dict:
@@ -153,7 +189,7 @@ def run_phase1(run: Run, bound: BoundSpace, teacher_path: Path, tracker=None, pr
         log.info("phase 1: all %d blocks already pretrained", bound.num_blocks)
         return metrics
     n_tasks = cfg.tasks or cpu_slots(cfg.num_cpus)
-    groups = plan_groups(pending, n_tasks)
+    groups = plan_groups(pending, n_tasks, block_costs(bound, pending))
     log.info("phase 1: %d blocks in %d Ray tasks (elastic width %s)", len(pending), len(groups), "on" if cfg.elastic else "off")
     teacher_ref = ray.put({k: v.cpu() for k, v in bound.teacher.state_dict().items()})
     task = ray.remote(_remote_pretrain_group).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_retries=3, retry_exceptions=False)
