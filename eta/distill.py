@@ -157,6 +157,9 @@ def block_costs(bound: BoundSpace, blocks: list[int], batch: int = 32, reps: int
     try:
         for b in blocks:
             ops = block_super_ops(bound, b, bound.space.phase1.elastic).train()
+            if not len(ops):  # nothing to train (identity or teacher only)
+                out[b] = 0.0
+                continue
             x = torch.randn(batch, *bound.shapes[b][0])
             best = float("inf")
             for _ in range(reps):
