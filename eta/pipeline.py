@@ -104,6 +104,11 @@ class Search:
         t0 = time.time()
         if space.teacher.checkpoint:
             self.bound.load_teacher_weights(self.teacher_path)
+        elif space.teacher.pretrained:
+            from .teachers import pretrained_state
+
+            self.bound.teacher.load_state_dict(pretrained_state(space.teacher.model, self.bound))
+            save_tensors(self.teacher_path, self.bound.teacher.state_dict(), {"model": space.teacher.model, "source": "timm pretrained"})
         else:
             tc = space.teacher.train
             log.info("training the teacher %s on %s (%d epochs)", space.teacher.model, space.data.dataset, tc.epochs)

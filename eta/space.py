@@ -38,6 +38,7 @@ class TeacherConfig(_Strict):
     model: str = Field(..., description="timm model name, or 'package.module:callable'")
     kwargs: dict = Field(default_factory=dict)
     checkpoint: Optional[str] = Field(None, description="trained weights; null = train and cache in the run")
+    pretrained: bool = Field(False, description="timm teachers: start from timm's pretrained weights (downloaded once) instead of training")
     blocks: Union[Literal["auto"], list[str]] = "auto"
     train: TeacherTraining = Field(default_factory=TeacherTraining)
 

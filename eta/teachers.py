@@ -61,6 +61,23 @@ def build_teacher(model: str, *, num_classes: int, in_chans: int, kwargs: dict |
         raise EtaError(f"teacher.model '{model}': bad teacher.kwargs ({str(err).splitlines()[0]})") from None
 
 
+def pretrained_state(model: str, bound) -> dict:
+    """timm's pretrained weights for the bound teacher (same classes, channels and kwargs), downloaded by timm once.
+
+    Loaded on the driver only: every Ray task receives the weights, so no worker downloads them.
+    """
+    if ":" in model:
+        raise EtaError(f"teacher.pretrained applies to timm models; load weights for '{model}' with teacher.checkpoint")
+    import timm
+
+    space = bound.space
+    try:
+        net = timm.create_model(model, pretrained=True, num_classes=bound.num_classes, in_chans=bound.in_chans, **space.teacher.kwargs)
+    except Exception as err:  # noqa: BLE001 - hub, network and file errors have many types
+        raise EtaError(f"teacher '{model}': cannot get timm's pretrained weights ({str(err).splitlines()[0][:200]})") from None
+    return net.state_dict()
+
+
 # ---------------------------------------------------------------------------------------------
 # pieces of a model
 
