@@ -236,9 +236,14 @@ class SearchSpace(_Strict):
         return self.section_hash(exclude=("tracking", "budgets"))
 
     def section_hash(self, *, include: tuple = (), exclude: tuple = ()) -> str:
-        d = self.to_dict()
+        """Hash of some top-level sections; settings left at their defaults do not count.
+
+        So a new setting added to eta (with a default that keeps the old behaviour) leaves the
+        hashes of existing runs unchanged, and they resume instead of starting over.
+        """
+        d = self.model_dump(mode="json", exclude_defaults=True)
         if include:
-            d = {k: d[k] for k in include}
+            d = {k: d[k] for k in include if k in d}
         for k in exclude:
             d.pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -77,3 +77,16 @@ def test_arch_strings_round_trip():
     assert arch_from_str(s) == arch
     with pytest.raises(EtaError):
         arch_from_str("ir_k3_e6-conv??")
+
+
+def test_settings_at_their_default_do_not_change_hashes(digits_space_dict):
+    """Adding a defaulted setting to eta must not make existing runs look like different searches."""
+    from eta.space import parse_space
+
+    plain = parse_space(digits_space_dict, "test")
+    explicit = dict(digits_space_dict, latency={**digits_space_dict["latency"], "torch_compile": False, "tune_trials": 0})
+    explicit = parse_space(explicit, "test")
+    assert plain.fingerprint() == explicit.fingerprint()
+    assert plain.section_hash(include=("latency",)) == explicit.section_hash(include=("latency",))
+    changed = parse_space(dict(digits_space_dict, latency={**digits_space_dict["latency"], "tune_trials": 8}), "test")
+    assert changed.section_hash(include=("latency",)) != plain.section_hash(include=("latency",))
