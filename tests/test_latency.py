@@ -143,16 +143,31 @@ def test_interrupted_build_resumes(tmp_path, target, fake_measure):
     assert all(v is not None for v in out.values()) and len(out) == 5
 
 
-def test_low_bits_recorded_not_executable(tmp_path, target, fake_measure):
+def test_bit_width_without_integer_kernels_is_reported_not_replaced(tmp_path, target, fake_measure):
+    """An operator with no integer lowering at 8 bits is recorded as not executable, with the reason; never timed in float."""
     path = tmp_path / "t.json"
     t = open_table(path, target)
-    out = t.measure_many(items(1, bits=8) + items(1), progress=False)
+    silu = lambda: nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.SiLU())  # noqa: E731
+    out = t.measure_many([("op0", silu, (1, 4, 6, 6), 8), ("op0", silu, (1, 4, 6, 6), 32)], progress=False)
     assert len(fake_measure) == 1  # only the float entry was timed
-    assert t.get("op0", (1, 4, 1, 1), 8) is None
-    assert t.get("op0", (1, 4, 1, 1), 32) == 1.0
-    assert out[t.key("op0", (1, 4, 1, 1), 8)] is None
-    entry = json.loads(path.read_text())["entries"][t.key("op0", (1, 4, 1, 1), 8)]
-    assert entry["executable"] is False and "8-bit" in entry["reason"]
+    assert t.get("op0", (1, 4, 6, 6), 8) is None and t.get("op0", (1, 4, 6, 6), 32) == 1.0
+    assert out[t.key("op0", (1, 4, 6, 6), 8)] is None
+    entry = json.loads(path.read_text())["entries"][t.key("op0", (1, 4, 6, 6), 8)]
+    assert entry["executable"] is False and entry["reason"].startswith("8-bit")
+    torch_table = LatencyTable.open(tmp_path / "torch.json", backend="torch", target={"kind": "cpu"}, device="cpu", protocol=FAST)
+    torch_table.measure_many([("ir", lambda: build_op(OpSpec("ir", 3, 2.0), (8, 8, 8), (8, 8, 8)), (1, 8, 8, 8), 8)], progress=False)
+    assert "integer kernels are TVM's" in torch_table.entry("ir", (1, 8, 8, 8), 8)["reason"]
+
+
+def test_integer_entries_are_measured_with_integer_kernels(tmp_path, target):
+    """8- and 4-bit entries of a conv operator are timed as TVM integer modules; 4 bits run on 8-bit kernels."""
+    op = lambda: build_op(OpSpec("ir", 3, 2.0), (8, 8, 8), (8, 8, 8)).eval()  # noqa: E731
+    t = open_table(tmp_path / "t.json", target)
+    t.measure_many([("ir", op, (1, 8, 8, 8), b) for b in (32, 8, 4)], progress=False)
+    for bits, kernel in ((8, "int8"), (4, "int8")):
+        e = t.entry("ir", (1, 8, 8, 8), bits)
+        assert e["executable"] and e["median_ms"] > 0 and e["kernel_dtype"] == kernel
+    assert t.get("ir", (1, 8, 8, 8), 32) > 0
 
 
 def test_fresh_measurement_agrees_with_cached_entry(tmp_path, target):

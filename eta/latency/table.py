@@ -141,11 +141,14 @@ def _measure_integer(provenance: dict, module, input_shape, bits: int, protocol:
         raise NotExecutable(f"{bits}-bit execution is not built for backend {backend} (integer kernels are TVM's)")
     if tune_trials_of(_value(provenance, "schedule")):
         raise NotExecutable(f"{bits}-bit operators are measured with untuned schedules only")
+    from ..quant import integer
+
     try:
-        from ..quant import integer
-    except ImportError:
-        raise NotExecutable(f"{bits}-bit execution is not built for backend {backend} yet") from None
-    return integer.measure_int(module, input_shape, bits, provenance["target"], protocol)
+        m = integer.measure_int(module, input_shape, provenance["target"], protocol, bits=bits)
+    except EtaError as err:  # an operator with no integer lowering (vit, SiLU, identity...) at this bit-width
+        raise NotExecutable(f"{bits}-bit: {err}") from None
+    # 4-bit values run on the 8-bit kernels (TVM's llvm int4 conv2d packs two values per byte but reads one)
+    return m, {"kernel_dtype": integer.kernel_dtype(bits)}
 
 
 Executor = Callable[[dict, object, tuple, int, "Path | None"], dict]
