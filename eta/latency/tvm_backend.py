@@ -85,7 +85,6 @@ class CompiledModule:
 
     def __init__(self, module: torch.nn.Module, input_shape: tuple, target: dict, database_dir: Path | None = None):
         import tvm
-        from tvm import relax
 
         t0 = time.perf_counter()
         mod = to_relax(module, input_shape)
@@ -95,9 +94,7 @@ class CompiledModule:
         # how many TIR functions run a tuned schedule (0: TVM's untuned defaults throughout)
         self.tuned_functions = sum(1 for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None
                                    and bool(f.attrs.get("tirx.is_scheduled", False)))
-        self.executable = tvm.compile(mod, target=tvm_target)
-        self.device = tvm.cuda() if target.get("kind") == "cuda" else tvm.cpu()
-        self.vm = relax.VirtualMachine(self.executable, self.device)
+        self.executable, self.device, self.vm = load_vm(mod, target)
         self.input_shape = tuple(input_shape)
         self.compile_s = time.perf_counter() - t0
         self._input = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(input_shape).astype("float32"), self.device)
@@ -110,15 +107,30 @@ class CompiledModule:
         return out.numpy()
 
     def time(self, protocol: Protocol | None = None) -> Measurement:
-        protocol = protocol or Protocol()
+        return time_vm(self.vm, self.device, self._input, protocol, self.compile_s)
 
-        def timer(number, repeat):
-            ev = self.vm.time_evaluator("main", self.device, number=number, repeat=repeat, min_repeat_ms=0)
-            return [r * 1e3 for r in ev(self._input).results]
 
-        m = measure_callable(timer, lambda: self.vm["main"](self._input), protocol)
-        m.compile_s = self.compile_s
-        return m
+def load_vm(mod, target: dict):
+    """(executable, device, VM) of a Relax module compiled for ``target``."""
+    import tvm
+    from tvm import relax
+
+    executable = tvm.compile(mod, target=tvm.target.Target(target))
+    device = tvm.cuda() if target.get("kind") == "cuda" else tvm.cpu()
+    return executable, device, relax.VirtualMachine(executable, device)
+
+
+def time_vm(vm, device, tensor_input, protocol: Protocol | None = None, compile_s: float = 0.0) -> Measurement:
+    """Latency of the VM's ``main`` on one input by the measurement protocol (float and integer modules alike)."""
+    protocol = protocol or Protocol()
+
+    def timer(number, repeat):
+        ev = vm.time_evaluator("main", device, number=number, repeat=repeat, min_repeat_ms=0)
+        return [r * 1e3 for r in ev(tensor_input).results]
+
+    m = measure_callable(timer, lambda: vm["main"](tensor_input), protocol)
+    m.compile_s = compile_s
+    return m
 
 
 def compile_module(module, input_shape, target: dict, database_dir=None) -> CompiledModule:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import EtaError
-from ..latency.protocol import Measurement, Protocol, measure_callable
+from ..latency.protocol import Measurement, Protocol
 from .qop import INPUT, LoweredStep, QuantOp, quantize_operator
 from .quantizers import FLOAT_BITS, INT32_MAX, INT32_MIN, check_bits, requantize_int
 
@@ -144,16 +144,12 @@ class CompiledIntModule:
 
     def __init__(self, qop: QuantOp, input_shape: tuple, target: dict | None = None):
         import tvm
-        from tvm import relax
 
-        from ..latency.tvm_backend import host_target
+        from ..latency.tvm_backend import host_target, load_vm
 
         target = target or host_target()
         t0 = time.perf_counter()
-        mod = to_relax(qop, input_shape)
-        self.executable = tvm.compile(mod, target=tvm.target.Target(target))
-        self.device = tvm.cuda() if target.get("kind") == "cuda" else tvm.cpu()
-        self.vm = relax.VirtualMachine(self.executable, self.device)
+        self.executable, self.device, self.vm = load_vm(to_relax(qop, input_shape), target)
         self.compile_s = time.perf_counter() - t0
         self.input_shape = tuple(input_shape)
         self.bits = qop.bits
@@ -171,16 +167,10 @@ class CompiledIntModule:
         return out.numpy()
 
     def time(self, protocol: Protocol | None = None) -> Measurement:
-        """Latency by the same protocol and timer as float modules (``tvm_backend.CompiledModule.time``)."""
-        protocol = protocol or Protocol()
+        """Latency by the same protocol and timer as float modules."""
+        from ..latency.tvm_backend import time_vm
 
-        def timer(number, repeat):
-            ev = self.vm.time_evaluator("main", self.device, number=number, repeat=repeat, min_repeat_ms=0)
-            return [r * 1e3 for r in ev(self._input).results]
-
-        m = measure_callable(timer, lambda: self.vm["main"](self._input), protocol)
-        m.compile_s = self.compile_s
-        return m
+        return time_vm(self.vm, self.device, self._input, protocol, self.compile_s)
 
 
 def compile_int(qop: QuantOp, input_shape: tuple, target: dict | None = None) -> CompiledIntModule:
