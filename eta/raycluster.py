@@ -25,6 +25,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpu
         ray.init(address=address, **kwargs)
     else:
         ray.init(
+            address="local",  # a new cluster of our own, even when another one runs on this machine
             num_cpus=num_cpus or os.cpu_count(),
             num_gpus=num_gpus,
             _node_ip_address="127.0.0.1",
