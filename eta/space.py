@@ -218,11 +218,16 @@ class SearchSpace(_Strict):
 
     # --- derived views -------------------------------------------------------------------
     def op_specs(self) -> list[OpSpec]:
-        """Every candidate operator of the pool (before per-block shape filtering), bits included."""
+        """Every candidate operator of the pool (before per-block shape filtering), bits included.
+
+        Only conv operators have integer kernels (``eta.quant``); identity, the teacher's own block
+        and transformer blocks are offered at 32 bits only.
+        """
         specs = []
         for entry in self.pool:
             for spec in entry.specs():
-                specs.extend(spec.with_bits(b) for b in self.bits)
+                quantizable = spec.family in ("ir", "fused", "basic", "bottleneck")
+                specs.extend(spec.with_bits(b) for b in (self.bits if quantizable else [32]))
         return sorted(set(specs), key=str)
 
     def parsed_budgets(self) -> list[Budget]:

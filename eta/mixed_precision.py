@@ -1,0 +1,133 @@
+"""Phase 2's quantization term: bit-widths chosen jointly with the operators (thesis §14.1, HAWQV3).
+
+A space with ``bits: [32, 8, 4]`` offers each conv operator at every bit-width. The accuracy
+predictor is trained on float students (proxy accuracy does not depend on a bit-width yet to be
+chosen), so the options of one operator at different bit-widths share the predictor's input; what
+separates them is the latency the table measured with integer kernels and a modelled accuracy
+drop. The drop is proportional to the quantization mismatch (after HAWQ-V2): for each block and
+operator, Ω_b = ‖Q_b(op)(x) − op(x)‖² / ‖op(x)‖² on the block's real inputs (weights and
+activations quantized together, the error propagated through the operator), and
+drop_b = λ·Ω_b, with λ fitted by least squares to the proxy-accuracy drops measured when each
+8-bit operator is swapped into the teacher. The solver then maximises predictor(S) − Σ drop.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .arch import OpSpec
+from .bound import BoundSpace
+from .errors import EtaError
+from .train import evaluate, recalibrate_bn
+
+log = logging.getLogger(__name__)
+
+
+def float_projection(bound: BoundSpace) -> tuple[list[list[OpSpec]], list[np.ndarray]]:
+    """Per block: the distinct float operators, and for every option the index of its float operator."""
+    floats, index = [], []
+    for opts in bound.options:
+        f = list(dict.fromkeys(s.with_bits(32) for s in opts))
+        floats.append(f)
+        index.append(np.array([f.index(s.with_bits(32)) for s in opts]))
+    return floats, index
+
+
+def is_mixed(bound: BoundSpace) -> bool:
+    return any(s.bits != 32 for opts in bound.options for s in opts)
+
+
+def project(choices, index: list[np.ndarray]) -> tuple[int, ...]:
+    """An architecture's choices mapped onto the float operators (what the predictor sees)."""
+    return tuple(int(index[b][j]) for b, j in enumerate(choices))
+
+
+def expand_first_layer(layers: list[tuple[np.ndarray, np.ndarray]], index: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A predictor over float one-hot inputs as a predictor over all options (bit variants share columns)."""
+    (W1, b1), rest = layers[0], layers[1:]
+    sizes = [int(i.max()) + 1 for i in index]
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
+    cols = np.concatenate([offsets[b] + idx for b, idx in enumerate(index)])
+    return [(np.asarray(W1)[:, cols], b1), *rest]
+
+
+def block_inputs(student, dataset, *, block: int, resolution: int, batches: int, batch_size: int, seed: int) -> list[torch.Tensor]:
+    """What block ``block`` of ``student`` receives on a few training batches (for calibration)."""
+    from .data import batches as iterate
+
+    out = []
+    with torch.no_grad():
+        for i, (x, _) in enumerate(iterate(dataset, batch_size, resolution=resolution, shuffle=True, seed=seed)):
+            if i >= batches:
+                break
+            h = student.stem(x)
+            for blk in student.blocks[:block]:
+                h = blk(h)
+            out.append(h)
+    return out
+
+
+def relative_output_mismatch(qop, op, inputs: list[torch.Tensor]) -> float:
+    """Ω = ‖Q(op)(x) − op(x)‖² / ‖op(x)‖² summed over the batches."""
+    num = den = 0.0
+    with torch.no_grad():
+        for x in inputs:
+            ref = op(x)
+            num += float(((qop(x).to(ref.dtype) - ref) ** 2).sum())
+            den += float((ref ** 2).sum())
+    return num / max(den, 1e-30)
+
+
+def quantization_terms(bound: BoundSpace, bank, splits, *, measure_bits: tuple = (8,), calib_batches: int = 4,
+                       progress: bool = True) -> dict:
+    """Mismatch and modelled drop of every (block, option); measured drops where ``measure_bits`` says.
+
+    Every float operator is swapped alone into the teacher (BatchNorm recalibrated, as phase 2
+    evaluates students), its proxy accuracy taken, then the same block quantized (calibrated on
+    the inputs it receives there) and evaluated again: the difference is the measured drop.
+    """
+    from .quant import mismatch, quantize_operator
+
+    space = bound.space
+    tc = bound.teacher_choices()
+    if tc is None:
+        raise EtaError("mixed precision measures each quantized operator inside the teacher: add {family: teacher} to the pool")
+    res, cfg, seed = space.data.resolution, space.phase2, space.seed
+    rows = [[{} for _ in opts] for opts in bound.options]
+    jobs = [(b, j, s) for b, opts in enumerate(bound.options) for j, s in enumerate(opts) if s.bits != 32]
+    float_acc: dict = {}
+    t0 = time.time()
+    for b, j, spec in tqdm(jobs, desc="quantization sensitivity", disable=not progress, leave=False):
+        f = spec.with_bits(32)
+        choices = list(tc)
+        choices[b] = bound.options[b].index(f)
+        student = bank.stitch(bound.arch(choices))
+        recalibrate_bn(student, splits.train, resolution=res, num_batches_=cfg.bn_batches, batch_size=space.data.batch_size, seed=seed)
+        student.eval()
+        if (b, f) not in float_acc:
+            float_acc[(b, f)] = evaluate(student, splits.proxy, resolution=res)
+        inputs = block_inputs(student, splits.train, block=b, resolution=res, batches=calib_batches, batch_size=space.data.batch_size, seed=seed)
+        op = student.blocks[b]
+        qop = quantize_operator(op, spec.bits, inputs)
+        row = {"op": str(spec), "bits": spec.bits, "omega": relative_output_mismatch(qop, op, inputs),
+               "weight_mismatch": float(sum(mismatch(c.weight, spec.bits, "weight") for c in qop.convs.values())),
+               "activation_mismatch": float(np.mean([mismatch(x, spec.bits, "activation") / max(float((x ** 2).sum()), 1e-30) for x in inputs])),
+               "float_proxy_acc": float_acc[(b, f)]}
+        if spec.bits in measure_bits:
+            student.blocks[b] = qop
+            row["measured_drop"] = float_acc[(b, f)] - evaluate(student, splits.proxy, resolution=res)
+        rows[b][j] = row
+    pairs = [(r["omega"], r["measured_drop"]) for opts in rows for r in opts if r.get("bits") == 8 and "measured_drop" in r]
+    om, dr = (np.array(v, float) for v in zip(*pairs)) if pairs else (np.zeros(0), np.zeros(0))
+    lam = float(max(0.0, (om @ dr) / (om @ om))) if len(om) and om @ om > 0 else 0.0
+    penalty = [np.array([lam * r["omega"] if r else 0.0 for r in opts]) for opts in rows]
+    for b, opts in enumerate(rows):
+        for j, r in enumerate(opts):
+            if r:
+                r["modelled_drop"] = float(penalty[b][j])
+    log.info("quantization: %d (block, operator, bits) measured in %.0f s; drop = %.3g x mismatch", len(jobs), time.time() - t0, lam)
+    return {"lambda": lam, "rows": rows, "penalty": [p.tolist() for p in penalty], "seconds": time.time() - t0}
