@@ -131,3 +131,52 @@ def quantization_terms(bound: BoundSpace, bank, splits, *, measure_bits: tuple =
                 r["modelled_drop"] = float(penalty[b][j])
     log.info("quantization: %d (block, operator, bits) measured in %.0f s; drop = %.3g x mismatch", len(jobs), time.time() - t0, lam)
     return {"lambda": lam, "rows": rows, "penalty": [p.tolist() for p in penalty], "seconds": time.time() - t0}
+
+
+def resource_limits(bound: BoundSpace) -> list[tuple[list[np.ndarray], float]]:
+    """The space's size (MB) and BOPs limits as additive per-option constraints for the solver.
+
+    Size counts weights at each block's bit-width (4-bit weights packed two per byte, as stored);
+    BOPs are multiply-accumulates × weight bits × activation bits at the base resolution. Stem and
+    head are float and fixed, so they are taken off the limit.
+    """
+    from .student import _standalone, count_macs
+
+    cfg = bound.space.phase2
+    if cfg.max_size_mb is None and cfg.max_gbops is None:
+        return []
+    res = bound.space.data.resolution
+    stem_head = [bound.split.stem, bound.split.head]
+    fixed_params = sum(p.numel() for m in stem_head for p in m.parameters())
+    stem_macs = sum(count_macs(_Wrap(bound.split.stem), bound.input_shape(res)).values())
+    head_macs = sum(count_macs(_Wrap(bound.split.head), (1, *bound.shapes[-1][1])).values())
+    size, bops = [], []
+    for b, opts in enumerate(bound.options):
+        s_row, o_row = [], []
+        for spec in opts:
+            if spec.family == "identity":
+                s_row.append(0.0), o_row.append(0.0)
+                continue
+            op = _standalone(bound, b, spec)
+            params = sum(p.numel() for p in op.parameters())
+            macs = sum(count_macs(_Wrap(op), (1, *bound.shapes[b][0])).values())
+            s_row.append(params * spec.bits / 8 / 1e6)
+            o_row.append(macs * spec.bits * spec.bits / 1e9)
+        size.append(np.array(s_row)), bops.append(np.array(o_row))
+    limits = []
+    if cfg.max_size_mb is not None:
+        limits.append((size, cfg.max_size_mb - fixed_params * 32 / 8 / 1e6))
+    if cfg.max_gbops is not None:
+        limits.append((bops, cfg.max_gbops - (stem_macs + head_macs) * 32 * 32 / 1e9))
+    return limits
+
+
+class _Wrap(torch.nn.Module):
+    """Puts a module under one top-level name so ``count_macs`` sums all of it."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.part = module
+
+    def forward(self, x):
+        return self.part(x)

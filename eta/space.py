@@ -156,6 +156,8 @@ class Phase2Config(_Strict):
     bn_batches: int = Field(4, ge=1, description="training batches used to recalibrate BatchNorm statistics")
     eval_tasks: Optional[int] = Field(None, ge=1)
     solutions_per_budget: int = Field(2, ge=1)
+    max_size_mb: Optional[float] = Field(None, gt=0, description="model size limit (weights at their bit-widths), as HAWQV3 eq. 11.9")
+    max_gbops: Optional[float] = Field(None, gt=0, description="bit-operations limit at the base resolution (GBOPs), as HAWQV3 eq. 11.10")
     predictor: PredictorConfig = Field(default_factory=PredictorConfig)
 
 

@@ -55,3 +55,30 @@ def test_a_slower_and_less_accurate_bit_width_is_never_chosen(seed):
     for frac in np.linspace(0.05, 1.0, 8):
         sol = solve_inlp(problem, lo + frac * (hi - lo), seed=seed)
         assert not {(b, j) for b, j in enumerate(sol.choices)} & dominated
+
+
+def test_size_and_bops_limits_hold_for_the_chosen_student():
+    """HAWQV3's model-size and BOPs constraints: additive per option, and the solution's real size obeys them."""
+    from eta.bound import bind, splits_for
+    from eta.mixed_precision import resource_limits
+    from eta.space import parse_space
+    from eta.student import size_mb, skeleton
+
+    from .conftest import tiny_space_dict
+
+    d = tiny_space_dict(bits=[32, 8, 4])
+    loose = parse_space(d, "test")
+    bound = bind(loose, splits_for(loose))
+    arch = bound.arch([len(o) - 1 for o in bound.options])
+    d["phase2"] = {**d["phase2"], "max_size_mb": 0.9 * size_mb(skeleton(bound, arch), arch)}
+    bound = bind(parse_space(d, "test"), splits_for(loose))
+    (sizes, limit), = resource_limits(bound)
+    for choices in ([0] * bound.num_blocks, [len(o) - 1 for o in bound.options], [1] * bound.num_blocks):
+        a = bound.arch(choices)
+        fixed = size_mb(skeleton(bound, a), a) - sum(sizes[b][j] for b, j in enumerate(choices))
+        assert fixed == pytest.approx(0.9 * size_mb(skeleton(bound, arch), arch) - limit, rel=1e-6)  # stem + head, constant
+    problem = SearchProblem(option_latency=[np.ones(len(o)) for o in bound.options], limits=[(sizes, limit)],
+                            layers=[(np.ones((1, sum(len(o) for o in bound.options))), np.zeros(1))], activation="relu")
+    sol = exhaustive(problem, problem.max_latency())
+    a = bound.arch(sol.choices)
+    assert size_mb(skeleton(bound, a), a) <= d["phase2"]["max_size_mb"] + 1e-9
