@@ -8,6 +8,16 @@ latency a search sees for a bit-width is the latency of real integer code. ``vit
 float.
 """
 from .integer import CONTAINER_DTYPE, CompiledIntModule, compile_int, integer_reference, kernel_dtype, measure_int, to_relax
+from .network import (
+    CompiledNetworkInt,
+    QuantStudent,
+    agreement,
+    compile_network_int,
+    measure_network_int,
+    quant_skeleton,
+    quantize_student,
+    to_relax_network,
+)
 from .qop import QuantOp, describe, quantize_operator
 from .quantizers import (
     SUPPORTED_BITS,
@@ -23,7 +33,9 @@ from .quantizers import (
 )
 
 __all__ = [
-    "CONTAINER_DTYPE", "CompiledIntModule", "QuantOp", "RangeObserver", "SUPPORTED_BITS", "compile_int", "describe",
+    "CONTAINER_DTYPE", "CompiledIntModule", "CompiledNetworkInt", "QuantOp", "QuantStudent", "RangeObserver", "SUPPORTED_BITS",
+    "agreement", "compile_int", "compile_network_int", "describe", "measure_network_int", "quant_skeleton", "quantize_student",
+    "to_relax_network",
     "fake_quantize", "fake_quantize_activation", "fake_quantize_weight", "fold_batchnorm", "fold_conv_bn",
     "integer_reference", "kernel_dtype", "measure_int", "mismatch", "quantize_operator", "round_half_away", "ste_round",
     "to_relax",
