@@ -57,7 +57,11 @@ class BoundSpace:
     # --- construction ----------------------------------------------------------------------
     @classmethod
     def build(cls, space: SearchSpace, *, in_chans: int, num_classes: int) -> "BoundSpace":
-        teacher = build_teacher(space.teacher.model, num_classes=num_classes, in_chans=in_chans, kwargs=space.teacher.kwargs)
+        # seeded initialisation: a teacher eta trains itself is the same network in every run of a seed
+        # (torch's global seed differs per process here), without disturbing the caller's random state
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(space.seed)
+            teacher = build_teacher(space.teacher.model, num_classes=num_classes, in_chans=in_chans, kwargs=space.teacher.kwargs)
         teacher.eval()
         split = split_teacher(teacher, space.teacher.blocks)
         res = space.data.resolution

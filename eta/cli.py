@@ -173,9 +173,15 @@ def cmd_pareto(args) -> int:
 def cmd_export(args) -> int:
     from .export import export_student
 
-    meta = export_student(Path(args.run), Path(args.output), args.max_latency_ms, args.resolution, force=args.force)
+    meta = export_student(Path(args.run), Path(args.output), args.max_latency_ms, args.resolution, force=args.force, integer=args.int)
     print(f"exported {meta['arch']} at {meta['resolution']}px: {meta['latency_ms']:.3f} ms, test acc {meta['test_acc']:.4f} -> {args.output}")
-    print(f"load with: torch.export.load('{Path(args.output) / 'student.pt2'}').module()")
+    if not args.int:
+        print(f"load with: torch.export.load('{Path(args.output) / 'student.pt2'}').module()")
+    else:
+        i = meta["integer"]
+        print(f"integer TVM module {Path(args.output) / i['module']} (bits {i['bits']}): top-1 agreement with the fake-quant model "
+              f"{100 * i['top1_agreement']:.2f}% on {i['test_images']} test images (max logit difference {i['max_abs_logit_diff']:.2e}); "
+              f"{i['latency_ms']:.3f} ms measured now, {i['front_latency_ms']:.3f} ms on the front")
     return 0
 
 
@@ -259,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, help="only students at this input size")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
+    p.add_argument("--int", action="store_true", help="also compile a quantized student as one integer TVM module, checked and timed")
     p.set_defaults(func=cmd_export)
     return parser
 

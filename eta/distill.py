@@ -37,8 +37,12 @@ def block_path(phase1_dir: Path, block: int) -> Path:
 def pretrain_group(bound: BoundSpace, splits, blocks: list[int], *, seed: int = 0, device="cpu", progress: bool = False) -> dict:
     """Distil every candidate of ``blocks``; returns {block: (state_dict, metrics)}."""
     cfg = bound.space.phase1
-    gen = set_seed(seed + 7919 * blocks[0])
-    ops = {b: block_super_ops(bound, b, cfg.elastic).to(device, memory_format=torch.channels_last) for b in blocks}
+    # each block has its own seed and generator, so its weights do not depend on which blocks share its
+    # task (groups follow timed costs, the cluster's size, and what a resumed run still has to do)
+    gens, ops = {}, {}
+    for b in blocks:
+        gens[b] = set_seed(seed + 7919 * b)
+        ops[b] = block_super_ops(bound, b, cfg.elastic).to(device, memory_format=torch.channels_last)
     trainable = [b for b in blocks if len(ops[b])]
     params = [p for b in trainable for p in ops[b].parameters()]
     if not params:
@@ -67,7 +71,7 @@ def pretrain_group(bound: BoundSpace, splits, blocks: list[int], *, seed: int = 
                 block_loss = 0.0
                 for op in ops[b].values():
                     op.train()
-                    e = op.sample_expansion(gen) if cfg.elastic else None
+                    e = op.sample_expansion(gens[b]) if cfg.elastic else None
                     block_loss = block_loss + F.mse_loss(op(t_in, e), t_out)
                 history[b].append(block_loss.item() / len(ops[b]))
                 loss = loss + block_loss
@@ -113,8 +117,12 @@ def evaluate_block(bound: BoundSpace, block: int, ops, splits, *, device="cpu", 
     return {k: float(np.mean(v)) for k, v in errs.items()}
 
 
-def _remote_pretrain_group(space_dict: dict, teacher_state: dict, blocks: list[int], seed: int, use_gpu: bool):
-    """Ray task body: rebuild everything from plain data so it runs on any node."""
+def _remote_pretrain_group(space_dict: dict, teacher_state: dict, blocks: list[int], seed: int, use_gpu: bool, fault: str | None = None):
+    """Ray task body: rebuild everything from plain data so it runs on any node (and again, when retried)."""
+    import ray
+
+    from .faults import maybe_die
+
     torch.set_num_threads(1 if not use_gpu else torch.get_num_threads())
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
     space = parse_space(space_dict)
@@ -122,8 +130,11 @@ def _remote_pretrain_group(space_dict: dict, teacher_state: dict, blocks: list[i
     bound = bound_with_teacher(space, splits, teacher_state)
     t0 = time.time()
     out = pretrain_group(bound, splits, blocks, seed=seed, device=device)
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     for b in out:
         out[b][1]["wall_s"] = time.time() - t0
+        out[b][1]["node"] = node  # which Ray node trained it (provenance; node failures move blocks)
+    maybe_die("pretrain", f"blocks {blocks}", fault)
     return out
 
 
@@ -176,6 +187,7 @@ def run_phase1(run: Run, bound: BoundSpace, teacher_path: Path, tracker=None, pr
     """Pretrain all blocks not yet on disk, as Ray tasks; returns per-block metrics."""
     import ray
 
+    from . import faults
     from .raycluster import cpu_slots
 
     space = bound.space
@@ -193,10 +205,12 @@ def run_phase1(run: Run, bound: BoundSpace, teacher_path: Path, tracker=None, pr
         return metrics
     n_tasks = cfg.tasks or cpu_slots(cfg.num_cpus)
     groups = plan_groups(pending, n_tasks, block_costs(bound, pending))
-    log.info("phase 1: %d blocks in %d Ray tasks (elastic width %s)", len(pending), len(groups), "on" if cfg.elastic else "off")
+    log.info("phase 1: %d blocks in %d Ray tasks (elastic width %s); %d already on disk", len(pending), len(groups),
+             "on" if cfg.elastic else "off", bound.num_blocks - len(pending))
     teacher_ref = ray.put({k: v.cpu() for k, v in bound.teacher.state_dict().items()})
     task = ray.remote(_remote_pretrain_group).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_retries=3, retry_exceptions=False)
-    refs = {task.remote(space.to_dict(), teacher_ref, g, space.seed, cfg.num_gpus > 0): g for g in groups}
+    fault = faults.spec()
+    refs = {task.remote(space.to_dict(), teacher_ref, g, space.seed, cfg.num_gpus > 0, fault): g for g in groups}
     bar = tqdm(total=len(pending), desc="phase 1 (blocks)", disable=not progress, dynamic_ncols=True)
     remaining = list(refs)
     while remaining:

@@ -2,7 +2,11 @@
 
 An export folder holds ``architecture.json`` (what the student is, and what the front promised),
 ``weights.safetensors`` (its state dict) and ``student.pt2`` (a ``torch.export`` program that loads
-with ``torch.export.load(path).module()`` and needs neither eta nor the teacher's code).
+with ``torch.export.load(path).module()`` and needs neither eta nor the teacher's code). With
+``integer=True`` (``eta export --int``) a quantized student is also compiled as one integer TVM
+module, ``student_int.so`` (load with ``tvm.runtime.load_module`` and ``relax.VirtualMachine``),
+checked against the fake-quantized PyTorch model on the test split and timed end to end; the
+figures land in ``architecture.json`` beside what the front promised.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from .arch import arch_from_str
 from .bound import BoundSpace
 from .errors import EtaError
 from .runs import Run, atomic_path, load_tensors, read_json, save_tensors, write_json
-from .student import skeleton
+from .student import arch_bits, is_quantized, weights_skeleton
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +45,7 @@ def build_student(run: Run, entry: dict) -> torch.nn.Module:
     shape = read_json(run.root / "latency" / "latency.json").get("io", {})
     bound = BoundSpace.build(space, in_chans=shape.get("in_chans", 1), num_classes=shape.get("num_classes", 10))
     arch = arch_from_str(entry["arch"])
-    model = skeleton(bound, arch)
+    model = weights_skeleton(bound, arch)
     state = load_tensors(run.root / entry["weights"])
     try:
         model.load_state_dict(state)
@@ -57,30 +61,68 @@ def load_student(run, max_latency_ms: float | None = None, resolution: int | Non
     return build_student(run, pick(run, max_latency_ms, resolution))
 
 
-def export_student(run_dir: Path, out_dir: Path, max_latency_ms: float | None = None, resolution: int | None = None, force: bool = False) -> dict:
+def export_student(run_dir: Path, out_dir: Path, max_latency_ms: float | None = None, resolution: int | None = None, force: bool = False,
+                   integer: bool = False) -> dict:
     run = Run.open(Path(run_dir))
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise EtaError(f"{out_dir} exists and is not empty; pass --force to overwrite")
     entry = pick(run, max_latency_ms, resolution)
+    quantized = is_quantized(arch_from_str(entry["arch"]))
+    if integer and not quantized:
+        raise EtaError(f"--int: {entry['arch']} has no quantized block (search a space with bits: [32, 8] to get integer students)")
+    if quantized and not integer:
+        raise EtaError(f"{entry['arch']} is quantized: export it with --int (its deployable form is the integer TVM module)")
     model = build_student(run, entry)
     info = model.eta_info
     x = torch.randn(2, info["in_chans"], entry["resolution"], entry["resolution"])
-    program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},))
     out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / "student.pt2") as tmp:
-        torch.export.save(program, str(tmp))
+    if not quantized:  # a fake-quantized model is not what deploys; its integer module is
+        program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},))
+        with atomic_path(out_dir / "student.pt2") as tmp:
+            torch.export.save(program, str(tmp))
     save_tensors(out_dir / "weights.safetensors", model.state_dict(), {"arch": entry["arch"]})
     meta = {
         "format": "eta-student/1",
         "run": run.root.name,
         "teacher": run.space().teacher.model,
         "input_shape": ["batch", *x.shape[1:]],
-        "load_with": "torch.export.load('student.pt2').module()",
+        "load_with": ("tvm.runtime.load_module('student_int.so') with tvm.relax.VirtualMachine" if quantized
+                      else "torch.export.load('student.pt2').module()"),
         **{k: v for k, v in info.items() if k != "weights"},
     }
+    if integer:
+        meta["integer"] = export_integer(run, model, entry, out_dir)
     write_json(out_dir / "architecture.json", meta)
     return meta
+
+
+def export_integer(run: Run, model, entry: dict, out_dir: Path) -> dict:
+    """Compile the quantized student as one integer TVM module, check it against PyTorch, time it."""
+    from .bound import splits_for
+    from .data import batches
+    from .latency.protocol import Protocol
+    from .latency.tvm_backend import host_target
+    from .quant.network import agreement, compile_network_int
+
+    space = run.space()
+    info = read_json(run.root / "latency" / "latency.json")
+    target = info.get("target") or host_target(space.latency.target)
+    r = entry["resolution"]
+    compiled = compile_network_int(model, (space.latency.batch_size, model.eta_info["in_chans"], r, r), target)
+    with atomic_path(out_dir / "student_int.so") as tmp:
+        compiled.executable.export_library(str(tmp))
+    test = splits_for(space).test
+    agree = agreement(model, compiled, [x for x, _ in batches(test, 256, resolution=r)])
+    cfg = space.latency
+    latency = compiled.time(Protocol(number=cfg.number, repeat=cfg.repeat, max_cv=cfg.max_spread))
+    out = {"module": "student_int.so", "bits": arch_bits(arch_from_str(entry["arch"])), "target": target,
+           "test_images": agree["n"], "top1_agreement": agree["top1_agreement"], "max_abs_logit_diff": agree["max_abs_diff"],
+           "latency_ms": latency.median_ms, "latency_spread": latency.spread, "front_latency_ms": entry["latency_ms"],
+           "table_latency_ms": entry.get("predicted_latency_ms")}
+    log.info("integer module: top-1 agreement %.4f on %d test images, %.3f ms (front: %.3f ms)", out["top1_agreement"],
+             out["test_images"], out["latency_ms"], out["front_latency_ms"])
+    return out
 
 
 def load_exported(out_dir: Path) -> torch.nn.Module:

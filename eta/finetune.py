@@ -18,7 +18,7 @@ from .arch import arch_from_str
 from .bound import BoundSpace, bound_with_teacher, splits_for
 from .runs import Run, load_tensors, read_json, save_tensors, write_json
 from .space import parse_space
-from .student import OperatorBank, bops, count_params, size_mb
+from .student import OperatorBank, arch_bits, bops, count_params, is_quantized, size_mb, skeleton
 from .train import evaluate, fit
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,8 @@ def finetune_student(bound: BoundSpace, bank: OperatorBank, splits, arch, *, dev
     space = bound.space
     cfg = space.phase3
     student = bank.stitch(arch).to(device)
+    if is_quantized(arch):  # quantization-aware training: the fake-quant student computes what the integer module will
+        student = quantize_for_training(bound, student, arch, splits, device=device)
     history = fit(
         student,
         splits.train,
@@ -52,6 +54,20 @@ def finetune_student(bound: BoundSpace, bank: OperatorBank, splits, arch, *, dev
     )
     accs = {int(r): evaluate(student, splits.test, resolution=r, device=device) for r in space.resolutions}
     return student, history, accs
+
+
+def quantize_for_training(bound: BoundSpace, student, arch, splits, *, device="cpu"):
+    """BatchNorm re-estimated for the stitched student, then folded and quantized, calibrated on training batches."""
+    from .data import batches
+    from .quant.network import quantize_student
+    from .train import recalibrate_bn
+
+    space = bound.space
+    res, n = space.data.resolution, space.phase2.bn_batches
+    recalibrate_bn(student, splits.train, resolution=res, num_batches_=n, batch_size=space.data.batch_size, seed=space.seed, device=device)
+    calib = [x for _, (x, _) in zip(range(n), batches(splits.train, space.data.batch_size, resolution=res, shuffle=True,
+                                                         seed=space.seed + 1, device=device))]
+    return quantize_student(student.eval(), arch_bits(arch), calib)
 
 
 def _finetune_trial(config: dict) -> None:
@@ -78,6 +94,10 @@ def _finetune_trial(config: dict) -> None:
     def on_epoch(epoch, m):
         tracker.log({f"phase3/{k}": v for k, v in m.items()})
         tune.report({**m, "sid": sid})
+        if epoch == 0:
+            from .faults import maybe_die
+
+            maybe_die("finetune", sid, config.get("fault"))
 
     student, history, accs = finetune_student(bound, bank, splits, arch, device=device, on_epoch=on_epoch)
     out = run.dir(f"phase3/{sid}")
@@ -91,7 +111,7 @@ def _finetune_trial(config: dict) -> None:
         "history": history,
         "params": count_params(student),
         "size_mb": size_mb(student, arch),
-        "bops": bops(student, arch, bound.input_shape(res)),
+        "bops": bops(skeleton(bound, arch), arch, bound.input_shape(res)),  # MACs of the float tree (quantized convs are folded)
         "finetune_s": time.time() - t0,
     }
     write_json(out / "metrics.json", metrics)
@@ -104,8 +124,12 @@ def run_phase3(run: Run, bound: BoundSpace, archs: list[str], teacher_path: Path
     """Finetune every architecture without a finished ``phase3/<id>/metrics.json`` as Tune trials."""
     from ray import tune
 
+    from . import faults
+
     cfg = bound.space.phase3
     todo = [a for a in archs if not (run.root / "phase3" / student_id(a) / "metrics.json").exists()]
+    if len(todo) < len(archs):
+        log.info("phase 3: %d of %d students already finetuned, %d to finetune", len(archs) - len(todo), len(archs), len(todo))
     if todo:
         from tqdm.auto import tqdm
 
@@ -127,6 +151,7 @@ def run_phase3(run: Run, bound: BoundSpace, archs: list[str], teacher_path: Path
                 "num_gpus": cfg.num_gpus,
                 "wandb": wandb_mode,
                 "wandb_project": wandb_project,
+                "fault": faults.spec(),
             },
             tune_config=tune.TuneConfig(max_concurrent_trials=None, reuse_actors=False),
             run_config=tune.RunConfig(

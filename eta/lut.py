@@ -21,7 +21,7 @@ from .errors import EtaError
 from .latency import calibrate as calib
 from .latency.protocol import Protocol
 from .latency.table import LatencyTable, default_table_path, measure_entry, schedule_policy
-from .student import _standalone, skeleton
+from .student import _standalone, latency_network
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ def calibrate(bound: BoundSpace, table: LatencyTable, base: float, per_block: li
     stored = table.calibrations.get(key)
     archs = calibration_archs(bound, n_students, seed, stored)
     shape = bound.input_shape(batch=bound.space.latency.batch_size)
-    models = [skeleton(bound, bound.arch(c)) for c in archs]
+    models = [latency_network(bound, bound.arch(c)) for c in archs]
     net_items = [(_signature("network", m), (lambda m=m: m), shape, 32) for m in models]
     table.measure_many(net_items, desc="latency calibration (whole networks)", progress=progress, executor=executor)
     identity = [np.array([s.family == "identity" for s in opts]) for opts in bound.options]

@@ -205,10 +205,10 @@ class Search:
     def measure_network_all_resolutions(self, table, arch, executor=None) -> dict:
         """End-to-end latency of the teacher (arch None) or a student at every resolution, cached in the table."""
         from .lut import _signature
-        from .student import skeleton
+        from .student import latency_network
 
         batch = self.space.latency.batch_size
-        model = self.bound.teacher if arch is None else skeleton(self.bound, arch)
+        model = self.bound.teacher if arch is None else latency_network(self.bound, arch)
         sig = _signature("network", model)
         items = [(sig, (lambda m=model: m), (batch, self.bound.in_chans, r, r), 32) for r in self.space.resolutions]
         table.measure_many(items, desc="whole-network latency", progress=False, executor=executor)
@@ -254,6 +254,8 @@ class Search:
         path = self.run.root / "phase2" / "solutions.json"
         if self.done("solve") and not force:
             return {"solutions": read_json(path), "predictor": read_json(self.run.root / "phase2" / "predictor.json")}
+        if force and (self.run.root / "phase2").exists():  # a rerun evaluates and solves afresh
+            shutil.rmtree(self.run.root / "phase2")
         self._ensure_teacher()
         info = self.phase_latency()
         states = load_block_states(self.run, self.bound)

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .arch import OpSpec, arch_to_str
 from .bound import BoundSpace, bound_with_teacher, splits_for
+from .mixed_precision import expand_first_layer, float_projection, is_mixed, project, quantization_terms, resource_limits
 from .optimize import SearchProblem, sample_under_budget, solve_budgets
 from .predictor import MLPPredictor, index_encode, one_hot_encode, spearman, train_predictor
 from .runs import Run, read_json, write_json
@@ -29,7 +31,9 @@ from .train import evaluate, recalibrate_bn
 log = logging.getLogger(__name__)
 
 
-def search_problem(bound: BoundSpace, latency_info: dict, predictor: MLPPredictor | None = None) -> SearchProblem:
+def search_problem(bound: BoundSpace, latency_info: dict, predictor: MLPPredictor | None = None,
+                   option_penalty: list | None = None) -> SearchProblem:
+    """The solver's problem: calibrated option latencies, the predictor, and (mixed precision) the modelled drops."""
     from .latency.calibrate import Calibration
     from .lut import effective_option_ms
 
@@ -38,11 +42,37 @@ def search_problem(bound: BoundSpace, latency_info: dict, predictor: MLPPredicto
     per_block = effective_option_ms(latency_info["option_ms"], identity, Calibration(float(cal["a"]), float(cal["b"]), float(cal.get("c", 0.0))))
     return SearchProblem(
         option_latency=per_block,
-        layers=predictor.numpy_layers() if predictor is not None else [],
+        layers=_solver_layers(bound, predictor) if predictor is not None else [],
+        option_penalty=[np.asarray(r, float) for r in option_penalty] if option_penalty is not None else None,
+        limits=resource_limits(bound),
         activation=bound.space.phase2.predictor.activation,
         base_latency=float(latency_info["base_ms"]),
         calibration=(float(cal["a"]), float(cal["b"])),
     )
+
+
+def solve_key(problem: SearchProblem, k_per_budget: int, seed: int) -> str:
+    """A digest of everything a budget's solutions depend on, so a resumed phase 2 reuses only what still holds."""
+    h = hashlib.sha1(repr((k_per_budget, seed, problem.activation, problem.base_latency, tuple(problem.calibration))).encode())
+    arrays = [*problem.option_latency, *(a for layer in problem.layers for a in layer), *(problem.option_penalty or [])]
+    for values, limit in problem.limits:
+        arrays += [*values, np.array([limit])]
+    for a in arrays:
+        h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _solver_layers(bound: BoundSpace, predictor: MLPPredictor) -> list:
+    """The predictor's weights over every option; bit variants of an operator share its float input."""
+    layers = predictor.numpy_layers()
+    if not is_mixed(bound):
+        return layers
+    return expand_first_layer(layers, float_projection(bound)[1])
+
+
+def float_choices(bound: BoundSpace, choices) -> tuple[int, ...]:
+    """The same architecture with every operator at 32 bits (what phase 1 trained and proxy accuracy measures)."""
+    return tuple(bound.options[b].index(bound.options[b][j].with_bits(32)) for b, j in enumerate(choices))
 
 
 def proxy_accuracy(bank: OperatorBank, splits, choices_list, *, seed: int = 0, device="cpu") -> list[float]:
@@ -57,13 +87,17 @@ def proxy_accuracy(bank: OperatorBank, splits, choices_list, *, seed: int = 0, d
     return accs
 
 
-def _remote_proxy_accuracy(space_dict, teacher_state, block_states, choices_list, seed):
+def _remote_proxy_accuracy(space_dict, teacher_state, block_states, choices_list, seed, fault=None):
+    from .faults import maybe_die
+
     torch.set_num_threads(1)
     space = parse_space(space_dict)
     splits = splits_for(space)
     bound = bound_with_teacher(space, splits, teacher_state)
     bank = OperatorBank.from_states(bound, block_states)
-    return proxy_accuracy(bank, splits, choices_list, seed=seed)
+    accs = proxy_accuracy(bank, splits, choices_list, seed=seed)
+    maybe_die("solve", f"{len(choices_list)} students from {arch_to_str(bound.arch(choices_list[0]))}", fault)
+    return accs
 
 
 def sample_architectures(bound: BoundSpace, problem: SearchProblem, n: int, levels: int, seed: int) -> list[tuple]:
@@ -93,14 +127,19 @@ def evaluate_samples(run: Run, bound: BoundSpace, block_states: list[dict], choi
     path = run.dir("phase2") / "samples.json"
     done = {tuple(s["choices"]): s for s in (read_json(path) if path.exists() else [])}
     todo = [c for c in choices_list if c not in done]
+    if done:
+        log.info("phase 2: %d of %d sampled students already evaluated, %d to evaluate", len(choices_list) - len(todo), len(choices_list), len(todo))
     if todo:
+        from . import faults
+
         n_tasks = bound.space.phase2.eval_tasks or cpu_slots(1)
         chunk = max(1, min(25, int(np.ceil(len(todo) / n_tasks))))
         chunks = [todo[i : i + chunk] for i in range(0, len(todo), chunk)]
         teacher_ref = ray.put({k: v.cpu() for k, v in bound.teacher.state_dict().items()})
         states_ref = ray.put(block_states)
         task = ray.remote(_remote_proxy_accuracy).options(num_cpus=1, max_retries=3)
-        refs = {task.remote(bound.space.to_dict(), teacher_ref, states_ref, ch, bound.space.seed): ch for ch in chunks}
+        fault = faults.spec()
+        refs = {task.remote(bound.space.to_dict(), teacher_ref, states_ref, ch, bound.space.seed, fault): ch for ch in chunks}
         bar = tqdm(total=len(todo), desc="phase 2 (proxy accuracy)", disable=not progress, dynamic_ncols=True)
         remaining = list(refs)
         while remaining:
@@ -115,9 +154,13 @@ def evaluate_samples(run: Run, bound: BoundSpace, block_states: list[dict], choi
 
 
 def encode(bound: BoundSpace, choices_list, encoding: str | None = None) -> np.ndarray:
+    """Predictor inputs: the architecture over float operators (bit-widths enter through the penalty)."""
+    floats, index = float_projection(bound)
+    choices_list = [project(c, index) for c in choices_list]
+    sizes = [len(f) for f in floats]
     if (encoding or bound.space.phase2.predictor.encoding) == "index":
-        return index_encode(choices_list, bound.options_per_block)
-    return one_hot_encode(choices_list, bound.options_per_block)
+        return index_encode(choices_list, sizes)
+    return one_hot_encode(choices_list, sizes)
 
 
 def fit_predictor(bound: BoundSpace, samples: list[dict], seed: int, encoding: str | None = None) -> tuple[MLPPredictor, dict]:
@@ -149,6 +192,9 @@ def run_phase2(run: Run, bound: BoundSpace, block_states: list[dict], latency_in
     out = run.dir("phase2")
     problem = search_problem(bound, latency_info)
     choices_list = sample_architectures(bound, problem, cfg.samples, cfg.sample_levels, seed)
+    mixed = is_mixed(bound)
+    if mixed:  # the predictor learns float students; bit-widths are priced by the quantization term
+        choices_list = list(dict.fromkeys(float_choices(bound, c) for c in choices_list))
     t0 = time.time()
     samples = evaluate_samples(run, bound, block_states, choices_list, progress=progress)
     eval_s = time.time() - t0
@@ -160,14 +206,30 @@ def run_phase2(run: Run, bound: BoundSpace, block_states: list[dict], latency_in
     if cfg.predictor.encoding != "one_hot":
         log.info("the solver needs a one-hot predictor; fitting one on the same samples for solving")
         predictor, _ = fit_predictor(bound, samples, seed, encoding="one_hot")
-    problem = search_problem(bound, latency_info, predictor)
-    solutions = solve_budgets(problem, budgets_ms, k_per_budget=cfg.solutions_per_budget, seed=seed)
     bank = OperatorBank.from_states(bound, block_states)
+    penalty = None
+    if mixed:
+        qpath = out / "quantization.json"
+        qterms = read_json(qpath) if qpath.exists() else None
+        if qterms is None:
+            qterms = quantization_terms(bound, bank, splits, progress=progress)
+            write_json(qpath, qterms)
+        penalty = qterms["penalty"]
+    problem = search_problem(bound, latency_info, predictor, penalty)
+    solved_path, key = out / "solved.json", solve_key(problem, cfg.solutions_per_budget, seed)
+    solved = read_json(solved_path) if solved_path.exists() else {}
+    if solved.get("key") != key:  # solved with another predictor, latency table or settings
+        solved = {"key": key, "budgets": {}}
     rows = []
-    for budget, sols in solutions.items():
-        for rank, sol in enumerate(sols):
+    for budget in dict.fromkeys(float(b) for b in budgets_ms):
+        if repr(budget) in solved["budgets"]:
+            log.info("phase 2: budget %.4f ms already solved, keeping its solutions", budget)
+            rows.extend(solved["budgets"][repr(budget)])
+            continue
+        budget_rows = []
+        for rank, sol in enumerate(solve_budgets(problem, [budget], k_per_budget=cfg.solutions_per_budget, seed=seed)[budget]):
             acc = proxy_accuracy(bank, splits, [sol.choices], seed=seed)[0]
-            rows.append({
+            budget_rows.append({
                 "budget_ms": float(budget),
                 "rank": rank,
                 "arch": arch_to_str(bound.arch(sol.choices)),
@@ -178,6 +240,9 @@ def run_phase2(run: Run, bound: BoundSpace, block_states: list[dict], latency_in
                 "solver_s": float(sol.wall_s),
                 "method": sol.method,
             })
+        solved["budgets"][repr(budget)] = budget_rows  # a solved budget survives a crash of the driver
+        write_json(solved_path, solved)
+        rows.extend(budget_rows)
     write_json(out / "solutions.json", rows)
     if tracker is not None:
         tracker.summary(predictor_spearman=pmetrics["spearman_holdout"], samples=len(samples))

@@ -94,6 +94,38 @@ def skeleton(bound: BoundSpace, arch) -> Student:
     return Student(copy.deepcopy(split.stem), ops, copy.deepcopy(split.head))
 
 
+def arch_bits(arch) -> list[int]:
+    return [int(spec.bits) for spec in arch]
+
+
+def is_quantized(arch) -> bool:
+    return any(b != 32 for b in arch_bits(arch))
+
+
+def weights_skeleton(bound: BoundSpace, arch) -> nn.Module:
+    """The module tree a finetuned student's saved weights load into (a QuantStudent when quantized)."""
+    model = skeleton(bound, arch)
+    if not is_quantized(arch):
+        return model
+    from .quant.network import quant_skeleton
+
+    return quant_skeleton(model, arch_bits(arch))
+
+
+def latency_network(bound: BoundSpace, arch, resolution: int | None = None) -> nn.Module:
+    """The network whose latency stands for ``arch``: float, or its integer version calibrated on random data.
+
+    Latency depends on shapes, not on weights or scales, so any calibration times the same module.
+    """
+    model = skeleton(bound, arch)
+    if not is_quantized(arch):
+        return model
+    from .quant.network import quantize_student
+
+    x = torch.randn(*bound.input_shape(resolution), generator=torch.Generator().manual_seed(0))
+    return quantize_student(model, arch_bits(arch), [x])
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
