@@ -103,6 +103,7 @@ def export_integer(run: Run, model, entry: dict, out_dir: Path) -> dict:
     from .data import batches
     from .latency.protocol import Protocol
     from .latency.tvm_backend import host_target
+    from .quant import one_thread
     from .quant.network import agreement, compile_network_int
 
     space = run.space()
@@ -113,7 +114,8 @@ def export_integer(run: Run, model, entry: dict, out_dir: Path) -> dict:
     with atomic_path(out_dir / "student_int.so") as tmp:
         compiled.executable.export_library(str(tmp))
     test = splits_for(space).test
-    agree = agreement(model, compiled, [x for x, _ in batches(test, 256, resolution=r)])
+    with one_thread():
+        agree = agreement(model, compiled, [x for x, _ in batches(test, 256, resolution=r)])
     cfg = space.latency
     latency = compiled.time(Protocol(number=cfg.number, repeat=cfg.repeat, max_cv=cfg.max_spread))
     out = {"module": "student_int.so", "bits": arch_bits(arch_from_str(entry["arch"])), "target": target,

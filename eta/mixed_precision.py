@@ -90,6 +90,13 @@ def quantization_terms(bound: BoundSpace, bank, splits, *, measure_bits: tuple =
     evaluates students), its proxy accuracy taken, then the same block quantized (calibrated on
     the inputs it receives there) and evaluated again: the difference is the measured drop.
     """
+    from .quant import one_thread
+
+    with one_thread():
+        return _quantization_terms(bound, bank, splits, measure_bits, calib_batches, progress)
+
+
+def _quantization_terms(bound: BoundSpace, bank, splits, measure_bits: tuple, calib_batches: int, progress: bool) -> dict:
     from .quant import mismatch, quantize_operator
 
     space = bound.space

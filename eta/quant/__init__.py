@@ -28,6 +28,7 @@ from .quantizers import (
     fold_batchnorm,
     fold_conv_bn,
     mismatch,
+    one_thread,
     round_half_away,
     ste_round,
 )
@@ -37,6 +38,6 @@ __all__ = [
     "agreement", "compile_int", "compile_network_int", "describe", "measure_network_int", "quant_skeleton", "quantize_student",
     "to_relax_network",
     "fake_quantize", "fake_quantize_activation", "fake_quantize_weight", "fold_batchnorm", "fold_conv_bn",
-    "integer_reference", "kernel_dtype", "measure_int", "mismatch", "quantize_operator", "round_half_away", "ste_round",
+    "integer_reference", "kernel_dtype", "measure_int", "mismatch", "one_thread", "quantize_operator", "round_half_away", "ste_round",
     "to_relax",
 ]
