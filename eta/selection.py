@@ -186,6 +186,24 @@ def fit_predictor(bound: BoundSpace, samples: list[dict], seed: int, encoding: s
     return model, metrics
 
 
+def solve_in_parallel(problem: SearchProblem, budgets: list[float], k_per_budget: int, seed: int):
+    """Yield (budget, solutions) as each budget is solved: one Ray task per budget when Ray runs, else in turn."""
+    import ray
+
+    if len(budgets) <= 1 or not ray.is_initialized():
+        for b in budgets:
+            yield b, solve_budgets(problem, [b], k_per_budget=k_per_budget, seed=seed)[b]
+        return
+    task = ray.remote(solve_budgets).options(num_cpus=1, max_retries=2)
+    shared = ray.put(problem)
+    refs = {task.remote(shared, [b], k_per_budget, seed): b for b in budgets}
+    remaining = list(refs)
+    while remaining:
+        done, remaining = ray.wait(remaining, num_returns=1)
+        b = refs[done[0]]
+        yield b, ray.get(done[0])[b]
+
+
 def run_phase2(run: Run, bound: BoundSpace, block_states: list[dict], latency_info: dict, budgets_ms: list[float], splits, tracker=None, progress=True) -> dict:
     cfg = bound.space.phase2
     seed = bound.space.seed
@@ -220,14 +238,14 @@ def run_phase2(run: Run, bound: BoundSpace, block_states: list[dict], latency_in
     solved = read_json(solved_path) if solved_path.exists() else {}
     if solved.get("key") != key:  # solved with another predictor, latency table or settings
         solved = {"key": key, "budgets": {}}
-    rows = []
-    for budget in dict.fromkeys(float(b) for b in budgets_ms):
+    budgets = list(dict.fromkeys(float(b) for b in budgets_ms))
+    for budget in budgets:
         if repr(budget) in solved["budgets"]:
             log.info("phase 2: budget %.4f ms already solved, keeping its solutions", budget)
-            rows.extend(solved["budgets"][repr(budget)])
-            continue
+    todo = [b for b in budgets if repr(b) not in solved["budgets"]]
+    for budget, sols in solve_in_parallel(problem, todo, cfg.solutions_per_budget, seed):
         budget_rows = []
-        for rank, sol in enumerate(solve_budgets(problem, [budget], k_per_budget=cfg.solutions_per_budget, seed=seed)[budget]):
+        for rank, sol in enumerate(sols):
             acc = proxy_accuracy(bank, splits, [sol.choices], seed=seed)[0]
             budget_rows.append({
                 "budget_ms": float(budget),
@@ -242,7 +260,7 @@ def run_phase2(run: Run, bound: BoundSpace, block_states: list[dict], latency_in
             })
         solved["budgets"][repr(budget)] = budget_rows  # a solved budget survives a crash of the driver
         write_json(solved_path, solved)
-        rows.extend(budget_rows)
+    rows = [r for b in budgets for r in solved["budgets"][repr(b)]]
     write_json(out / "solutions.json", rows)
     if tracker is not None:
         tracker.summary(predictor_spearman=pmetrics["spearman_holdout"], samples=len(samples))
