@@ -18,6 +18,8 @@ from eta.arch import arch_from_str
 from eta.pareto import format_table
 from eta.train import evaluate, fit
 
+from .common import load_solved_run, setup_logging
+
 log = logging.getLogger("benchmarks.elastic_resolution")
 
 
@@ -26,8 +28,7 @@ def main(argv=None) -> int:
     ap.add_argument("run", type=Path)
     ap.add_argument("--arch", help="student to use (default: the run's most accurate front student)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from benchmarks.search_methods import load_solved_run
+    setup_logging()
     from eta.runs import read_json
 
     search, info, bank, _ = load_solved_run(args.run)

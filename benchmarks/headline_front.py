@@ -21,6 +21,8 @@ from eta.lut import _signature
 from eta.pareto import format_table
 from eta.train import evaluate, fit
 
+from .common import load_solved_run, setup_logging
+
 log = logging.getLogger("benchmarks.headline_front")
 
 
@@ -36,8 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("run", type=Path)
     ap.add_argument("--widths", type=float, nargs="+", default=[0.5, 0.75])
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from benchmarks.search_methods import load_solved_run
+    setup_logging()
     from eta.runs import read_json
     from eta.teachers import build_teacher
 

@@ -24,6 +24,8 @@ from eta.pareto import format_table
 from eta.predictor import index_encode, one_hot_encode, spearman, train_predictor
 from eta.runs import read_json, write_json
 
+from .common import load_solved_run, setup_logging
+
 log = logging.getLogger("benchmarks.predictor_ablation")
 
 
@@ -77,8 +79,7 @@ def main(argv=None) -> int:
     ap.add_argument("--levels", type=int, default=10)
     ap.add_argument("--seeds", type=int, default=3, help="predictor seeds averaged per row")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from benchmarks.search_methods import load_solved_run
+    setup_logging()
     from eta.optimize import sample_under_budget
     from eta.selection import sample_architectures
 

@@ -24,6 +24,8 @@ from eta.pareto import format_table
 from eta.space import parse_space
 from eta.student import OperatorBank
 
+from .common import load_solved_run, setup_logging
+
 log = logging.getLogger("benchmarks.quant_sensitivity")
 
 
@@ -32,8 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("run", type=Path)
     ap.add_argument("--bits", type=int, nargs="+", default=[8, 4])
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from benchmarks.search_methods import load_solved_run
+    setup_logging()
 
     search, _, _, _ = load_solved_run(args.run)
     d = search.space.to_dict()

@@ -24,25 +24,9 @@ from eta.errors import EtaError
 from eta.optimize import additive_ilp, evolutionary, exhaustive, random_search, solve_inlp
 from eta.pareto import format_table
 
+from .common import load_solved_run, setup_logging
+
 log = logging.getLogger("benchmarks.search_methods")
-
-
-def load_solved_run(run_dir: Path):
-    """(search, latency info, operator bank, search problem with the run's predictor) of a run past phase 2."""
-    from eta.pipeline import Search
-    from eta.predictor import MLPPredictor
-    from eta.selection import search_problem
-    from eta.student import OperatorBank
-
-    search = Search.from_run(run_dir, progress=False)
-    for phase in ("latency", "pretrain", "solve"):
-        if not search.done(phase):
-            raise EtaError(f"{run_dir}: phase {phase} has not finished; run 'eta search' (or 'eta solve') first")
-    search._ensure_teacher()
-    info = search.phase_latency()
-    bank = OperatorBank(search.bound, search.run.root / "phase1")
-    predictor = MLPPredictor.load(search.run.root / "phase2" / "predictor.pt")
-    return search, info, bank, search_problem(search.bound, info, predictor)
 
 
 def hant_drops(search, bank) -> tuple[list[np.ndarray], float]:
@@ -82,7 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("--finetune-budget", type=int, default=1, help="index of the budget whose solutions are finetuned")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     from eta.selection import proxy_accuracy
 
     search, info, bank, problem = load_solved_run(args.run)

@@ -34,7 +34,7 @@ import contextlib
 import copy
 import logging
 import time
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ from ..errors import EtaError
 from ..latency.protocol import Measurement, Protocol
 from ..zoo import StemBlocksHead
 from .integer import to_relax as int_block_to_relax
-from .qop import INPUT, OUTPUT, QuantOp, describe, quantize_operator
+from .qop import INPUT, OUTPUT, QuantOp, describe, input_tensors, quantize_operator
 from .quantizers import FLOAT_BITS, check_bits, dyadic_multipliers, requantize_int
 
 log = logging.getLogger(__name__)
@@ -53,15 +53,6 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # helpers
-
-
-def _tensors(batches) -> Iterable[torch.Tensor]:
-    """Calibration / evaluation inputs: one tensor, or an iterable of tensors or (input, ...) tuples."""
-    if isinstance(batches, torch.Tensor):
-        yield batches
-        return
-    for b in batches:
-        yield b[0] if isinstance(b, (tuple, list)) else b
 
 
 @contextlib.contextmanager
@@ -184,7 +175,7 @@ def quantize_student(student: nn.Module, bits: Sequence[int], calib_batches, per
     stem, head = copy.deepcopy(student.stem).eval(), copy.deepcopy(student.head)
     new_blocks: list[nn.Module] = []
     with torch.no_grad(), _eval_mode(student):
-        inputs = list(_tensors(calib_batches))
+        inputs = list(input_tensors(calib_batches))
         if not inputs:
             raise EtaError("quantizing a student needs at least one calibration batch")
         states = [(stem(x), None, None) for x in inputs]
@@ -431,7 +422,7 @@ def agreement(qstudent: QuantStudent, compiled: CompiledNetworkInt, batches) -> 
     max_diff, sum_diff, count, same, n, max_logit = 0.0, 0.0, 0, 0, 0, 0.0
     device = next(qstudent.parameters()).device
     with torch.no_grad(), _eval_mode(qstudent):
-        for x in _tensors(batches):
+        for x in input_tensors(batches):
             ref = qstudent(x.to(device)).float().cpu().numpy()
             out = compiled.run(x)
             diff = np.abs(out.astype(np.float64) - ref.astype(np.float64))

@@ -290,7 +290,7 @@ class QuantOp(nn.Module):
         if self.is_float:
             return self
         observers = {name: RangeObserver(percentile) for name in self.quant}
-        for x in _tensors(batches):
+        for x in input_tensors(batches):
             self._float_forward(x, observers)
         if not observers[INPUT].calibrated:
             raise EtaError("quantization needs at least one calibration batch")
@@ -439,8 +439,8 @@ def _requantize_ste(values: list, scales: list, out_q: ActQuant) -> torch.Tensor
     return approx + (exact - approx).detach()
 
 
-def _tensors(batches) -> Iterable[torch.Tensor]:
-    """Calibration inputs: one tensor, or an iterable of tensors or (input, ...) tuples."""
+def input_tensors(batches) -> Iterable[torch.Tensor]:
+    """Calibration / evaluation inputs: one tensor, or an iterable of tensors or (input, ...) tuples."""
     if isinstance(batches, torch.Tensor):
         yield batches
         return
