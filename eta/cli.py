@@ -18,8 +18,8 @@ DEMO_SPACE = REPO_SPACES / "digits.yaml"
 
 def _latency_overrides(args) -> dict:
     """The latency settings given on the command line (``eta latency build/validate``)."""
-    names = {"backend": "backend", "target": "target", "tune_trials": "tune_trials", "node_resource": "node_resource"}
-    return {key: getattr(args, attr) for attr, key in names.items() if getattr(args, attr, None) is not None}
+    keys = ("backend", "target", "tune_trials", "node_resource")  # flags named after the space's latency fields
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
 def _space_or_run(arg: str, args, budgets=None):

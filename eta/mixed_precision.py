@@ -106,27 +106,30 @@ def _quantization_terms(bound: BoundSpace, bank, splits, measure_bits: tuple, ca
     res, cfg, seed = space.data.resolution, space.phase2, space.seed
     rows = [[{} for _ in opts] for opts in bound.options]
     jobs = [(b, j, s) for b, opts in enumerate(bound.options) for j, s in enumerate(opts) if s.bits != 32]
-    float_acc: dict = {}
+    prepared: dict = {}  # (block, float op) -> (student with it in the teacher, its proxy accuracy, the block's inputs)
     t0 = time.time()
     for b, j, spec in tqdm(jobs, desc="quantization sensitivity", disable=not progress, leave=False):
         f = spec.with_bits(32)
-        choices = list(tc)
-        choices[b] = bound.options[b].index(f)
-        student = bank.stitch(bound.arch(choices))
-        recalibrate_bn(student, splits.train, resolution=res, num_batches_=cfg.bn_batches, batch_size=space.data.batch_size, seed=seed)
-        student.eval()
-        if (b, f) not in float_acc:
-            float_acc[(b, f)] = evaluate(student, splits.proxy, resolution=res)
-        inputs = block_inputs(student, splits.train, block=b, resolution=res, batches=calib_batches, batch_size=space.data.batch_size, seed=seed)
+        if (b, f) not in prepared:  # shared by every bit-width of this operator
+            choices = list(tc)
+            choices[b] = bound.options[b].index(f)
+            student = bank.stitch(bound.arch(choices))
+            recalibrate_bn(student, splits.train, resolution=res, num_batches_=cfg.bn_batches, batch_size=space.data.batch_size, seed=seed)
+            student.eval()
+            prepared[(b, f)] = (student, evaluate(student, splits.proxy, resolution=res),
+                                block_inputs(student, splits.train, block=b, resolution=res, batches=calib_batches,
+                                             batch_size=space.data.batch_size, seed=seed))
+        student, float_acc, inputs = prepared[(b, f)]
         op = student.blocks[b]
         qop = quantize_operator(op, spec.bits, inputs)
         row = {"op": str(spec), "bits": spec.bits, "omega": relative_output_mismatch(qop, op, inputs),
                "weight_mismatch": float(sum(mismatch(c.weight, spec.bits, "weight") for c in qop.convs.values())),
                "activation_mismatch": float(np.mean([mismatch(x, spec.bits, "activation") / max(float((x ** 2).sum()), 1e-30) for x in inputs])),
-               "float_proxy_acc": float_acc[(b, f)]}
+               "float_proxy_acc": float_acc}
         if spec.bits in measure_bits:
             student.blocks[b] = qop
-            row["measured_drop"] = float_acc[(b, f)] - evaluate(student, splits.proxy, resolution=res)
+            row["measured_drop"] = float_acc - evaluate(student, splits.proxy, resolution=res)
+            student.blocks[b] = op
         rows[b][j] = row
     pairs = [(r["omega"], r["measured_drop"]) for opts in rows for r in opts if r.get("bits") == 8 and "measured_drop" in r]
     om, dr = (np.array(v, float) for v in zip(*pairs)) if pairs else (np.zeros(0), np.zeros(0))

@@ -125,21 +125,14 @@ class Search:
         return info
 
     def phase_latency(self, force: bool = False) -> dict:
-        from . import lut
-
         path = self.run.dir("latency") / "latency.json"
         if self.done("latency") and not force:
             info = read_json(path)
             self.check_budgets(info)
             return info
         with self._latency_session():
-            backend, table, executor = self.latency_backend()
-            items = lut.table_items(self.bound)
-            log.info("latency table: %d entries on %s (%s, %s), cached in %s", len(items), backend.device, backend.name, backend.schedule, table.path)
-            table.measure_many(items, desc="latency table", progress=self.progress, executor=executor)
-            base, per_block = lut.option_latency_matrix(self.bound, table)
-            calib = lut.calibrate(self.bound, table, base, per_block, n_students=self.space.latency.calibration_students,
-                                  seed=self.space.seed, progress=self.progress, executor=executor, items=items)
+            backend, table, executor, items, base, per_block, calib = self._table_and_calibration(
+                self.space.latency.calibration_students, self.space.seed)
             teacher = self.measure_network_all_resolutions(table, None, executor)
         info = {
             "backend": backend.name,
@@ -172,12 +165,7 @@ class Search:
         from . import lut
 
         with self._latency_session():
-            backend, table, executor = self.latency_backend()
-            items = lut.table_items(self.bound)
-            table.measure_many(items, desc="latency table", progress=self.progress, executor=executor)
-            base, per_block = lut.option_latency_matrix(self.bound, table)
-            cal = lut.calibrate(self.bound, table, base, per_block, n_students=students, seed=self.space.seed if seed is None else seed,
-                                progress=self.progress, executor=executor, items=items)
+            backend, table, _, _, _, _, cal = self._table_and_calibration(students, self.space.seed if seed is None else seed)
         report = {"backend": backend.name, "schedule": backend.schedule, "device": backend.device, "table": str(table.path), **cal}
         write_json(self.run.dir("latency") / "validation.json", report)
         if plot:
@@ -188,6 +176,19 @@ class Search:
             log.info("run %s solved its budgets with its earlier calibration; 'eta latency build %s --rerun' and "
                      "'eta solve %s --rerun' use this one", self.run.root, self.run.root, self.run.root)
         return report
+
+    def _table_and_calibration(self, students: int, seed: int):
+        """Measure the space's table entries not cached yet, read the option latencies, calibrate on whole networks."""
+        from . import lut
+
+        backend, table, executor = self.latency_backend()
+        items = lut.table_items(self.bound)
+        log.info("latency table: %d entries on %s (%s, %s), cached in %s", len(items), backend.device, backend.name, backend.schedule, table.path)
+        table.measure_many(items, desc="latency table", progress=self.progress, executor=executor)
+        base, per_block = lut.option_latency_matrix(self.bound, table)
+        calib = lut.calibrate(self.bound, table, base, per_block, n_students=students, seed=seed, progress=self.progress,
+                              executor=executor, items=items)
+        return backend, table, executor, items, base, per_block, calib
 
     def _latency_session(self):
         """A Ray session when a named node measures latency; nothing otherwise."""
