@@ -7,7 +7,7 @@ import yaml
 
 from .conftest import REPO, tiny_space_dict
 
-VERBS = [["search"], ["demo"], ["teacher", "train"], ["pretrain"], ["latency", "build"], ["solve"], ["finetune"], ["pareto"], ["export"]]
+VERBS = [["search"], ["demo"], ["teacher", "train"], ["pretrain"], ["latency", "build"], ["latency", "validate"], ["solve"], ["finetune"], ["pareto"], ["export"]]
 
 
 def eta(*args, cwd=REPO):
@@ -68,3 +68,27 @@ def test_unknown_teacher(tmp_path):
 def test_pareto_of_missing_run(tmp_path):
     line = _one_line_error(eta("pareto", str(tmp_path)))
     assert "not an eta run" in line
+
+
+def test_latency_validate_reports_and_stores_the_calibration(tmp_path):
+    """eta latency validate on a space: whole students compiled, r and MAPE printed, the fit stored in the table."""
+    import json
+    import os
+
+    space = tmp_path / "tiny.yaml"
+    space.write_text(yaml.safe_dump(tiny_space_dict()))
+    r = subprocess.run([sys.executable, "-m", "eta.cli", "latency", "validate", str(space), "--runs-dir", str(tmp_path / "runs"),
+                        "--students", "5", "--no-progress", "--plot", str(tmp_path / "cal.png")],
+                       capture_output=True, text=True, cwd=REPO, timeout=600, env={**os.environ, "ETA_PREDICTORS_DIR": str(tmp_path / "pred")})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Pearson r" in r.stdout and "MAPE" in r.stdout and (tmp_path / "cal.png").stat().st_size > 5000
+    (table,) = (tmp_path / "pred").rglob("*.json")
+    (cal,) = json.loads(table.read_text())["calibrations"].values()
+    assert len(cal["choices"]) == 6  # the teacher and 5 students
+    report = json.loads((tmp_path / "runs" / "tiny" / "latency" / "validation.json").read_text())
+    import numpy as np
+
+    pred = np.array([x["table_sum_ms"] for x in report["students"]])
+    meas = np.array([x["measured_ms"] for x in report["students"]])
+    assert report["before"]["pearson_r"] == pytest.approx(np.corrcoef(pred, meas)[0, 1])
+    assert report["before"]["mape"] == pytest.approx(np.mean(np.abs(pred - meas) / meas))
