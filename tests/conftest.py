@@ -66,3 +66,24 @@ def tiny_space_file(tmp_path):
         return p
 
     return make
+
+
+def with_batchnorm_statistics(module, in_shape, *, seed: int = 0, batch: int = 16):
+    """Random batch-norm affine parameters and running statistics from a few training batches, in eval mode.
+
+    Quantization tests need BN that is not the identity, or a dropped or misfolded BN would go unseen.
+    """
+    import torch
+    from torch import nn
+
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.copy_(0.5 + torch.rand(m.num_features, generator=g))
+                m.bias.copy_(0.2 * torch.randn(m.num_features, generator=g))
+    module.train()
+    with torch.no_grad():
+        for _ in range(4):
+            module(torch.randn(batch, *in_shape, generator=g))
+    return module.eval()

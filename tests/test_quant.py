@@ -23,22 +23,13 @@ from eta.quant import (
 )
 from eta.quant.quantizers import dyadic_multipliers, rounding_right_shift, weight_scale
 
+from .conftest import with_batchnorm_statistics
+
 SHAPE = (8, 8, 8)
 
 
 def _trained(op: nn.Module, in_shape, seed: int = 0) -> nn.Module:
-    """Random weights with realistic batch-norm statistics and affine parameters, in eval mode."""
-    g = torch.Generator().manual_seed(seed)
-    for m in op.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.weight.copy_(0.5 + torch.rand(m.num_features, generator=g))
-                m.bias.copy_(0.2 * torch.randn(m.num_features, generator=g))
-    op.train()
-    with torch.no_grad():
-        for _ in range(4):
-            op(torch.randn(16, *in_shape, generator=g))
-    return op.eval()
+    return with_batchnorm_statistics(op, in_shape, seed=seed, batch=16)
 
 
 def _op(spec: OpSpec, out_shape=SHAPE, act_layer=None, seed: int = 0) -> nn.Module:

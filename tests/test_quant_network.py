@@ -14,6 +14,8 @@ from eta.quant import QuantOp, QuantStudent, agreement, compile_network_int, mea
 from eta.quant.network import to_relax_network
 from eta.student import Student
 
+from .conftest import with_batchnorm_statistics
+
 RES = 16
 SHAPE = (1, RES, RES)
 # float stem -> int8 IR (skip) -> float IR (stride 2) -> 4-bit basic (downsample) -> int8 IR (skip, integer
@@ -31,19 +33,9 @@ def _student(seed: int = 0) -> Student:
               build_op(OpSpec("ir", 3, 2), (24, 4, 4), (24, 4, 4)),
               build_op(OpSpec("identity"), (24, 4, 4), (24, 4, 4))]
     student = Student(ConvNormAct(1, 8, 3), blocks, ClassifierHead(24, 10, pool_type="avg"))
-    g = torch.Generator().manual_seed(seed)
-    for m in student.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.weight.copy_(0.5 + torch.rand(m.num_features, generator=g))
-                m.bias.copy_(0.2 * torch.randn(m.num_features, generator=g))
     with torch.no_grad():
         student.head.fc.weight.mul_(8.0)  # logits of a few units, so top-1 is not decided by float noise
-    student.train()
-    with torch.no_grad():
-        for _ in range(4):
-            student(torch.randn(32, *SHAPE, generator=g))
-    return student.eval()
+    return with_batchnorm_statistics(student, SHAPE, seed=seed, batch=32)
 
 
 @pytest.fixture(autouse=True, scope="module")
