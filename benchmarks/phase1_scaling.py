@@ -10,6 +10,7 @@ measures what recomputing costs per epoch, how many bytes the shared features wo
 moving that many bytes through the object store costs here; the cheaper one is the right design.
 
     python -m benchmarks.phase1_scaling --space search_spaces/fashion_mnist_quick.yaml
+    python -m benchmarks.phase1_scaling --gpu      # on a GPU machine: the workers share one GPU (fractional num_gpus)
 """
 from __future__ import annotations
 
@@ -30,16 +31,17 @@ from .common import load_bound_space
 log = logging.getLogger("benchmarks.phase1_scaling")
 
 
-def phase1_wall(space, teacher_state, groups, workers: int) -> float:
+def phase1_wall(space, teacher_state, groups, workers: int, gpu: bool = False) -> float:
+    """Wall time of phase 1's tasks on a local cluster of ``workers`` CPUs (and, with ``gpu``, one GPU they share)."""
     import ray
 
-    ray.init(num_cpus=workers, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(num_cpus=workers, num_gpus=1 if gpu else 0, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
-        task = ray.remote(_remote_pretrain_group).options(num_cpus=1)
+        task = ray.remote(_remote_pretrain_group).options(num_cpus=1, num_gpus=1 / workers if gpu else 0)
         ref = ray.put(teacher_state)
         ray.get(ray.remote(lambda: None).remote())  # workers started before the clock
         t0 = time.perf_counter()
-        ray.get([task.remote(space.to_dict(), ref, g, space.seed, False) for g in groups])
+        ray.get([task.remote(space.to_dict(), ref, g, space.seed, gpu) for g in groups])
         return time.perf_counter() - t0
     finally:
         ray.shutdown()
@@ -83,6 +85,7 @@ def main(argv=None) -> int:
     ap.add_argument("--space", default="search_spaces/fashion_mnist_quick.yaml")
     ap.add_argument("--tasks", type=int, default=2, help="block groups (Ray tasks), the same for every cluster size")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--gpu", action="store_true", help="tasks train on one GPU shared by the workers (num_gpus = 1/workers)")
     args = ap.parse_args(argv)
     space, bound, _ = load_bound_space(args.space)
     from eta.bound import splits_for
@@ -94,10 +97,11 @@ def main(argv=None) -> int:
     rows = []
     for w in args.workers:
         log.info("phase 1 on %d worker(s), groups %s", w, groups)
-        rows.append({"workers": w, "wall": phase1_wall(space, state, groups, w)})
+        rows.append({"workers": w, "wall": phase1_wall(space, state, groups, w, gpu=args.gpu)})
     for r in rows:
         r["speedup"] = rows[0]["wall"] / r["wall"]
-    print(f"\n{space.name}: phase 1, {len(trainable)} blocks in {len(groups)} Ray tasks of 1 CPU, {space.phase1.epochs} epoch(s)\n")
+    per_task = "1 CPU" + (" and 1/workers of the GPU" if args.gpu else "")
+    print(f"\n{space.name}: phase 1, {len(trainable)} blocks in {len(groups)} Ray tasks of {per_task}, {space.phase1.epochs} epoch(s)\n")
     print(format_table(rows, [("workers", "workers (CPUs)", "d"), ("wall", "phase 1 wall s", ".1f"), ("speedup", "speed-up", ".2f")]))
 
     fwd_s, nbytes = teacher_feature_cost(bound, splits, trainable)

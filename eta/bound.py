@@ -39,6 +39,18 @@ def fits(spec: OpSpec, in_shape: tuple, out_shape: tuple) -> bool:
     return False
 
 
+def _lowerable(block: nn.Module) -> bool:
+    """Whether a teacher block has integer kernels (so the space may offer it at 8 or 4 bits)."""
+    from .quant.qop import describe
+
+    try:
+        describe(block)
+    except EtaError as err:
+        log.info("teacher block %s stays float: %s", type(block).__name__, err)
+        return False
+    return True
+
+
 def module_digest(module: nn.Module) -> str:
     """A short hash of a module's structure (not its weights): latency depends on structure only."""
     return hashlib.sha1(repr(module).encode()).hexdigest()[:12]
@@ -69,7 +81,7 @@ class BoundSpace:
         specs = space.op_specs()
         options = []
         for b, (ins, outs) in enumerate(shapes):
-            opts = [s for s in specs if fits(s, ins, outs)]
+            opts = [s for s in specs if fits(s, ins, outs) and (s.bits == 32 or s.family != "teacher" or _lowerable(split.blocks[b]))]
             if not opts:
                 raise EtaError(f"block {b} ({split.block_names[b]}, {ins}->{outs}): no operator of the pool fits; add 'teacher' or a matching family")
             options.append(opts)

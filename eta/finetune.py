@@ -18,7 +18,7 @@ from .arch import arch_from_str
 from .bound import BoundSpace, bound_with_teacher, splits_for
 from .runs import Run, load_tensors, read_json, save_tensors, write_json
 from .space import parse_space
-from .student import OperatorBank, arch_bits, bops, count_params, is_quantized, size_mb, skeleton
+from .student import OperatorBank, bops, count_params, is_quantized, size_mb, skeleton
 from .train import evaluate, fit
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,9 @@ def finetune_student(bound: BoundSpace, bank: OperatorBank, splits, arch, *, dev
     cfg = space.phase3
     student = bank.stitch(arch).to(device)
     if is_quantized(arch):  # quantization-aware training: the fake-quant student computes what the integer module will
-        student = quantize_for_training(bound, student, arch, splits, device=device)
+        from .mixed_precision import quantize_stitched
+
+        student = quantize_stitched(bound, student, arch, splits, device=device)
     history = fit(
         student,
         splits.train,
@@ -54,20 +56,6 @@ def finetune_student(bound: BoundSpace, bank: OperatorBank, splits, arch, *, dev
     )
     accs = {int(r): evaluate(student, splits.test, resolution=r, device=device) for r in space.resolutions}
     return student, history, accs
-
-
-def quantize_for_training(bound: BoundSpace, student, arch, splits, *, device="cpu"):
-    """BatchNorm re-estimated for the stitched student, then folded and quantized, calibrated on training batches."""
-    from .data import batches
-    from .quant.network import quantize_student
-    from .train import recalibrate_bn
-
-    space = bound.space
-    res, n = space.data.resolution, space.phase2.bn_batches
-    recalibrate_bn(student, splits.train, resolution=res, num_batches_=n, batch_size=space.data.batch_size, seed=space.seed, device=device)
-    calib = [x for _, (x, _) in zip(range(n), batches(splits.train, space.data.batch_size, resolution=res, shuffle=True,
-                                                         seed=space.seed + 1, device=device))]
-    return quantize_student(student.eval(), arch_bits(arch), calib)
 
 
 def _finetune_trial(config: dict) -> None:

@@ -8,7 +8,10 @@ drop. The drop is proportional to the quantization mismatch (after HAWQ-V2): for
 operator, Ω_b = ‖Q_b(op)(x) − op(x)‖² / ‖op(x)‖² on the block's real inputs (weights and
 activations quantized together, the error propagated through the operator), and
 drop_b = λ·Ω_b, with λ fitted by least squares to the proxy-accuracy drops measured when each
-8-bit operator is swapped into the teacher. The solver then maximises predictor(S) − Σ drop.
+quantized operator is swapped into the teacher. 8-bit drops alone are mostly below the proxy
+split's resolution (one image), so every bit-width of the space takes part in the fit; the model
+still ranks and smooths what one proxy split measures. The solver then maximises
+predictor(S) − Σ drop.
 """
 from __future__ import annotations
 
@@ -82,9 +85,9 @@ def relative_output_mismatch(qop, op, inputs: list[torch.Tensor]) -> float:
     return num / max(den, 1e-30)
 
 
-def quantization_terms(bound: BoundSpace, bank, splits, *, measure_bits: tuple = (8,), calib_batches: int = 4,
+def quantization_terms(bound: BoundSpace, bank, splits, *, measure_bits: tuple | None = None, calib_batches: int = 4,
                        progress: bool = True) -> dict:
-    """Mismatch and modelled drop of every (block, option); measured drops where ``measure_bits`` says.
+    """Mismatch and modelled drop of every (block, option); measured drops at ``measure_bits`` (default: all).
 
     Every float operator is swapped alone into the teacher (BatchNorm recalibrated, as phase 2
     evaluates students), its proxy accuracy taken, then the same block quantized (calibrated on
@@ -92,6 +95,8 @@ def quantization_terms(bound: BoundSpace, bank, splits, *, measure_bits: tuple =
     """
     from .quant import one_thread
 
+    if measure_bits is None:
+        measure_bits = tuple(sorted({s.bits for opts in bound.options for s in opts} - {32}))
     with one_thread():
         return _quantization_terms(bound, bank, splits, measure_bits, calib_batches, progress)
 
@@ -131,7 +136,7 @@ def _quantization_terms(bound: BoundSpace, bank, splits, measure_bits: tuple, ca
             row["measured_drop"] = float_acc - evaluate(student, splits.proxy, resolution=res)
             student.blocks[b] = op
         rows[b][j] = row
-    pairs = [(r["omega"], r["measured_drop"]) for opts in rows for r in opts if r.get("bits") == 8 and "measured_drop" in r]
+    pairs = [(r["omega"], r["measured_drop"]) for opts in rows for r in opts if "measured_drop" in r]
     om, dr = (np.array(v, float) for v in zip(*pairs)) if pairs else (np.zeros(0), np.zeros(0))
     lam = float(max(0.0, (om @ dr) / (om @ om))) if len(om) and om @ om > 0 else 0.0
     penalty = [np.array([lam * r["omega"] if r else 0.0 for r in opts]) for opts in rows]
@@ -140,7 +145,23 @@ def _quantization_terms(bound: BoundSpace, bank, splits, measure_bits: tuple, ca
             if r:
                 r["modelled_drop"] = float(penalty[b][j])
     log.info("quantization: %d (block, operator, bits) measured in %.0f s; drop = %.3g x mismatch", len(jobs), time.time() - t0, lam)
-    return {"lambda": lam, "rows": rows, "penalty": [p.tolist() for p in penalty], "seconds": time.time() - t0}
+    return {"lambda": lam, "fitted_on_bits": list(measure_bits), "rows": rows, "penalty": [p.tolist() for p in penalty],
+            "seconds": time.time() - t0}
+
+
+def quantize_stitched(bound: BoundSpace, student, arch, splits, *, device="cpu"):
+    """A stitched student as it will be deployed at ``arch``'s bit-widths: BatchNorm re-estimated, then
+    folded and quantized, calibrated on training batches (phase 2's proxy evaluation and phase 3's QAT)."""
+    from .data import batches
+    from .quant.network import quantize_student
+    from .student import arch_bits
+
+    space = bound.space
+    res, n = space.data.resolution, space.phase2.bn_batches
+    recalibrate_bn(student, splits.train, resolution=res, num_batches_=n, batch_size=space.data.batch_size, seed=space.seed, device=device)
+    calib = [x for _, (x, _) in zip(range(n), batches(splits.train, space.data.batch_size, resolution=res, shuffle=True,
+                                                         seed=space.seed + 1, device=device))]
+    return quantize_student(student.eval(), arch_bits(arch), calib)
 
 
 def resource_limits(bound: BoundSpace) -> list[tuple[list[np.ndarray], float]]:

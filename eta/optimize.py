@@ -101,6 +101,21 @@ class SearchProblem:
         a, b = self.calibration
         return a * (self.base_latency + sum(r.max() for r in self.option_latency)) + b
 
+    def restricted(self, keep: Sequence[Sequence[int]]) -> tuple["SearchProblem", list[np.ndarray]]:
+        """The same problem over a subset of each block's options (e.g. the teacher's block at every
+        bit-width, or float operators only); returns it with, per block, the kept original indices."""
+        keep = [np.asarray(k, dtype=int) for k in keep]
+        if len(keep) != self.num_blocks or any(len(k) == 0 for k in keep):
+            raise EtaError("a restricted problem keeps at least one option in every block")
+        cols = np.concatenate([self.offsets[i] + k for i, k in enumerate(keep)])
+        layers = [(self.layers[0][0][:, cols], self.layers[0][1]), *self.layers[1:]] if self.layers else []
+        sub = SearchProblem(
+            option_latency=[r[k] for r, k in zip(self.option_latency, keep)], layers=layers, activation=self.activation,
+            base_latency=self.base_latency, calibration=self.calibration,
+            option_penalty=[p[k] for p, k in zip(self.option_penalty, keep)] if self.option_penalty is not None else None,
+            limits=[([np.asarray(v, float)[k] for v, k in zip(values, keep)], limit) for values, limit in self.limits])
+        return sub, keep
+
     def check_budget(self, budget_ms: float) -> None:
         """Fail in one line when no architecture can meet the budget."""
         fastest = self.min_latency()

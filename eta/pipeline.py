@@ -201,7 +201,9 @@ class Search:
         from . import lut
 
         backend = lut.Backend.from_space(self.bound)
-        return backend, lut.open_table(backend), backend.executor()
+        table, executor = lut.open_table(backend), backend.executor()
+        table.check_drift(lut.table_items(self.bound), executor)  # entries from another machine are measured again
+        return backend, table, executor
 
     def measure_network_all_resolutions(self, table, arch, executor=None) -> dict:
         """End-to-end latency of the teacher (arch None) or a student at every resolution, cached in the table."""

@@ -20,12 +20,12 @@ from tqdm.auto import tqdm
 
 from .arch import OpSpec, arch_to_str
 from .bound import BoundSpace, bound_with_teacher, splits_for
-from .mixed_precision import expand_first_layer, float_projection, is_mixed, project, quantization_terms, resource_limits
+from .mixed_precision import expand_first_layer, float_projection, is_mixed, project, quantization_terms, quantize_stitched, resource_limits
 from .optimize import SearchProblem, sample_under_budget, solve_budgets
 from .predictor import MLPPredictor, index_encode, one_hot_encode, spearman, train_predictor
 from .runs import Run, read_json, write_json
 from .space import parse_space
-from .student import OperatorBank
+from .student import OperatorBank, is_quantized
 from .train import evaluate, recalibrate_bn
 
 log = logging.getLogger(__name__)
@@ -76,12 +76,23 @@ def float_choices(bound: BoundSpace, choices) -> tuple[int, ...]:
 
 
 def proxy_accuracy(bank: OperatorBank, splits, choices_list, *, seed: int = 0, device="cpu") -> list[float]:
-    """Stitch, recalibrate BatchNorm on training batches, evaluate on the proxy split."""
+    """Stitch, recalibrate BatchNorm on training batches, evaluate on the proxy split.
+
+    An architecture with bits below 32 is evaluated as it will run: quantized (``quantize_stitched``).
+    """
     bound = bank.bound
     cfg = bound.space
     accs = []
     for choices in choices_list:
-        student = bank.stitch(bound.arch(choices)).to(device)
+        arch = bound.arch(choices)
+        student = bank.stitch(arch).to(device)
+        if is_quantized(arch):
+            from .quant import one_thread
+
+            with one_thread():
+                student = quantize_stitched(bound, student, arch, splits, device=device)
+                accs.append(evaluate(student, splits.proxy, resolution=cfg.data.resolution, device=device))
+            continue
         recalibrate_bn(student, splits.train, resolution=cfg.data.resolution, num_batches_=cfg.phase2.bn_batches, batch_size=cfg.data.batch_size, seed=seed, device=device)
         accs.append(evaluate(student, splits.proxy, resolution=cfg.data.resolution, device=device))
     return accs
@@ -101,21 +112,39 @@ def _remote_proxy_accuracy(space_dict, teacher_state, block_states, choices_list
 
 
 def sample_architectures(bound: BoundSpace, problem: SearchProblem, n: int, levels: int, seed: int) -> list[tuple]:
-    """``n`` distinct architectures spread evenly over ``levels`` latency bands."""
+    """``n`` distinct architectures spread evenly over ``levels`` latency bands.
+
+    A band no architecture reaches (the slow end of a mixed-precision space under a size limit,
+    say) hands its share to the bands that filled theirs, so the predictor still sees ``n`` samples.
+    """
     rng = np.random.default_rng(seed)
     lo, hi = problem.min_latency(), problem.max_latency()
     edges = np.linspace(lo, hi, levels + 1)
     out, seen = [], set()
     tc = bound.teacher_choices()
-    for i in range(levels):
-        want = n // levels + (1 if i < n % levels else 0)
-        got = sample_under_budget(problem, float(edges[i + 1]) + 1e-9, want, rng, lower_ms=float(edges[i]))
-        for c in got:
-            c = tuple(int(v) for v in c)
-            if c not in seen and c != tc:
-                seen.add(c)
-                out.append(c)
-    return out
+    want = [n // levels + (1 if i < n % levels else 0) for i in range(levels)]
+    bands = list(range(levels))
+    while bands:
+        filled = []
+        for i in bands:
+            got = sample_under_budget(problem, float(edges[i + 1]) + 1e-9, want[i], rng, lower_ms=float(edges[i]))
+            for c in got:
+                c = tuple(int(v) for v in c)
+                if c not in seen and c != tc:
+                    seen.add(c)
+                    out.append(c)
+                    want[i] -= 1
+            if want[i] <= 0:
+                filled.append(i)
+        short = n - len(out)
+        if short <= 0 or not filled:
+            break
+        bands = filled
+        for k, i in enumerate(filled):
+            want[i] = short // len(filled) + (1 if k < short % len(filled) else 0)
+    if len(out) < n:
+        log.info("phase 2: %d distinct architectures sampled of the %d asked (the space or its limits allow no more)", len(out), n)
+    return out[:n]
 
 
 def evaluate_samples(run: Run, bound: BoundSpace, block_states: list[dict], choices_list: list[tuple], progress=True) -> list[dict]:
@@ -246,7 +275,7 @@ def run_phase2(run: Run, bound: BoundSpace, block_states: list[dict], latency_in
     for budget, sols in solve_in_parallel(problem, todo, cfg.solutions_per_budget, seed):
         budget_rows = []
         for rank, sol in enumerate(sols):
-            acc = proxy_accuracy(bank, splits, [sol.choices], seed=seed)[0]
+            acc = proxy_accuracy(bank, splits, [sol.choices], seed=seed)[0]  # quantized when its bits say so
             budget_rows.append({
                 "budget_ms": float(budget),
                 "rank": rank,

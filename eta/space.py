@@ -222,13 +222,14 @@ class SearchSpace(_Strict):
     def op_specs(self) -> list[OpSpec]:
         """Every candidate operator of the pool (before per-block shape filtering), bits included.
 
-        Only conv operators have integer kernels (``eta.quant``); identity, the teacher's own block
-        and transformer blocks are offered at 32 bits only.
+        Only conv operators have integer kernels (``eta.quant``): identity and transformer blocks
+        are offered at 32 bits only, and the teacher's own block at every bit-width here but only
+        where binding finds its structure lowerable (``bound.bind``).
         """
         specs = []
         for entry in self.pool:
             for spec in entry.specs():
-                quantizable = spec.family in ("ir", "fused", "basic", "bottleneck")
+                quantizable = spec.family in ("ir", "fused", "basic", "bottleneck", "teacher")
                 specs.extend(spec.with_bits(b) for b in (self.bits if quantizable else [32]))
         return sorted(set(specs), key=str)
 

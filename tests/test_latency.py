@@ -95,6 +95,52 @@ def test_cache_hit_does_not_remeasure(tmp_path, target, fake_measure):
     assert open_table(path, target).get("op1", (1, 4, 2, 2)) == 2.0
 
 
+def test_a_machine_that_disagrees_with_the_cached_entries_measures_the_table_again(tmp_path, target, monkeypatch):
+    """Same target name, another machine: within the tolerance the entries stay; beyond it they all go to stale."""
+    speed = {"factor": 1.0}
+    calls = []
+
+    def measure(module, input_shape, target, protocol=None, database_dir=None):
+        calls.append(tuple(input_shape))
+        ms = speed["factor"] * input_shape[-1]
+        return Measurement(median_ms=ms, spread=0.01, repeats=3, samples_ms=[ms] * 3)
+
+    monkeypatch.setattr(tvm_backend, "measure", measure)
+    path = tmp_path / "t.json"
+    open_table(path, target).measure_many(items(6), progress=False)
+    speed["factor"] = 1.05  # run-to-run noise: keep
+    t = open_table(path, target)
+    assert t.check_drift(items(6)) == pytest.approx(1.05)
+    assert len(t.entries) == 6 and len(calls) == 6 + 3
+    speed["factor"] = 1.3  # another instance of the same CPU
+    t = open_table(path, target)
+    assert t.check_drift(items(6)) == pytest.approx(1.3)
+    assert t.entries == {} and len(t.stale[-1]["entries"]) == 6
+    out = t.measure_many(items(6), progress=False)
+    assert sorted(out.values()) == pytest.approx([1.3 * (i + 1) for i in range(6)])
+    assert open_table(path, target).get("op5", (1, 4, 6, 6)) == pytest.approx(7.8)  # the file holds the new entries
+
+
+def test_measuring_again_keeps_the_faster_of_two_measurements(tmp_path, target, monkeypatch):
+    """A measurement slowed by interference is replaced by a faster one; a fast one is not replaced by a slow one."""
+    speed = {"factor": 2.0}
+
+    def measure(module, input_shape, target, protocol=None, database_dir=None):
+        ms = speed["factor"] * input_shape[-1]
+        return Measurement(median_ms=ms, spread=0.01, repeats=3, samples_ms=[ms] * 3)
+
+    monkeypatch.setattr(tvm_backend, "measure", measure)
+    t = open_table(tmp_path / "t.json", target)
+    t.measure_many(items(2), progress=False)
+    speed["factor"] = 1.0
+    t.measure_again(items(1))  # op0: 2.0 -> 1.0
+    speed["factor"] = 3.0
+    t.measure_again(items(2)[1:])  # op1: 4.0 stays
+    again = open_table(tmp_path / "t.json", target)
+    assert again.get("op0", (1, 4, 1, 1)) == 1.0 and again.entry("op0", (1, 4, 1, 1))["slower_measurement_ms"] == 2.0
+    assert again.get("op1", (1, 4, 2, 2)) == 4.0 and again.entry("op1", (1, 4, 2, 2))["slower_measurement_ms"] == 6.0
+
+
 @pytest.mark.parametrize("change", ["target", "tvm_version", "device"])
 def test_changed_provenance_remeasures_and_keeps_old_entries_visible(tmp_path, target, fake_measure, monkeypatch, change):
     path = tmp_path / "t.json"

@@ -82,3 +82,86 @@ def test_size_and_bops_limits_hold_for_the_chosen_student():
     sol = exhaustive(problem, problem.max_latency())
     a = bound.arch(sol.choices)
     assert size_mb(skeleton(bound, a), a) <= d["phase2"]["max_size_mb"] + 1e-9
+
+
+def test_a_restricted_problem_scores_its_options_as_the_full_problem_does():
+    """Sub-spaces (the teacher's block at every bit-width, float operators only) keep each option's terms."""
+    problem, _, _ = mixed_problem(seed=4)
+    problem.limits = [([np.arange(6, dtype=float)] * 3, 9.0)]
+    sub, kept = problem.restricted([[1, 3, 5], [0, 2], [4]])
+    for c in itertools.product(range(3), range(2), range(1)):
+        full = tuple(int(kept[b][j]) for b, j in enumerate(c))
+        assert sub.objective(c) == pytest.approx(problem.objective(full))
+        assert sub.latency(c) == pytest.approx(problem.latency(full))
+        assert sub.within_limits_many([c])[0] == problem.within_limits_many([full])[0]
+    with pytest.raises(Exception, match="at least one option"):
+        problem.restricted([[0], [], [1]])
+
+
+def test_teacher_blocks_are_offered_at_every_bit_width_and_quantize_like_pool_operators():
+    """tiny_mbnet's blocks are timm InvertedResiduals: the space offers them at 8/4 bits, described as 'ir'."""
+    from eta.bound import bind, splits_for
+    from eta.quant.qop import describe
+    from eta.space import parse_space
+
+    from .conftest import tiny_space_dict
+
+    space = parse_space(tiny_space_dict(bits=[32, 8, 4]), "test")
+    bound = bind(space, splits_for(space))
+    for b, opts in enumerate(bound.options):
+        assert {s.bits for s in opts if s.family == "teacher"} == {32, 8, 4}
+        family, convs, _ = describe(bound.split.blocks[b])
+        assert family == "ir" and set(convs) == {"conv_pw", "conv_dw", "conv_pwl"}
+
+
+@pytest.mark.slow
+def test_a_quantized_solution_is_evaluated_as_the_integer_module_runs():
+    """Phase 2 scores a 4-bit solution by its quantized network: the TVM integer module's proxy accuracy."""
+    import torch
+
+    from eta.bound import bind, splits_for
+    from eta.data import batches
+    from eta.mixed_precision import quantize_stitched
+    from eta.quant import compile_network_int, one_thread
+    from eta.selection import proxy_accuracy
+    from eta.space import parse_space
+    from eta.student import OperatorBank, block_super_ops
+    from eta.train import fit
+
+    from .conftest import tiny_space_dict
+
+    space = parse_space(tiny_space_dict(bits=[32, 4]), "test")
+    splits = splits_for(space)
+    bound = bind(space, splits)
+    fit(bound.teacher, splits.train, epochs=4, lr=0.004, weight_decay=0.05, batch_size=64, resolutions=[16], seed=0, progress=False)
+    bank = OperatorBank.from_states(bound, [block_super_ops(bound, b, True).state_dict() for b in range(bound.num_blocks)])
+    tc = bound.teacher_choices()
+    w4 = tuple(bound.options[b].index(bound.options[b][j].with_bits(4)) for b, j in enumerate(tc))
+    float_acc, w4_acc = proxy_accuracy(bank, splits, [tc, w4], seed=space.seed)
+    with one_thread():
+        q = quantize_stitched(bound, bank.stitch(bound.arch(w4)), bound.arch(w4), splits)
+    compiled = compile_network_int(q, (32, 1, 16, 16))
+    right = n = 0
+    for x, y in batches(splits.proxy, 32, resolution=16):
+        right += int((torch.from_numpy(compiled.run(x)).argmax(1) == y).sum())
+        n += len(y)
+    assert w4_acc == pytest.approx(right / n, abs=1.5 / n)  # the integer module's accuracy (a tie may flip one image)
+    assert w4_acc != float_acc  # and not the float network's
+
+
+def test_unreachable_latency_bands_hand_their_samples_to_the_others():
+    """Under a size limit the slow end of the space is empty; phase 2 still gets the samples it asked for."""
+    from types import SimpleNamespace
+
+    from eta.selection import sample_architectures
+
+    problem, _, _ = mixed_problem(seed=5, blocks=5, floats=3)
+    size = [r.copy() for r in problem.option_latency]  # size grows with latency: the slow end cannot fit
+    problem.limits = [(size, 0.6 * sum(r.max() for r in size))]
+    bound = SimpleNamespace(teacher_choices=lambda: None)
+    got = sample_architectures(bound, problem, 60, 10, seed=0)
+    assert len(got) == 60 and len(set(got)) == 60
+    assert problem.within_limits_many(got).all()
+    lat = problem.latency_many(got)
+    edges = np.linspace(problem.min_latency(), problem.max_latency(), 11)
+    assert (np.histogram(lat, bins=edges)[0] == 0).any()  # some bands are empty: their share went elsewhere

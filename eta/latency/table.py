@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import statistics
 import time
 from pathlib import Path
 from typing import Callable
@@ -236,6 +237,68 @@ class LatencyTable:
 
     def set_calibration(self, space_key: str, calibration: dict) -> None:
         self.calibrations[space_key] = calibration
+        self.save()
+
+    def check_drift(self, items: list[tuple[str, Callable, tuple, int]], executor: Executor | None = None, *,
+                    sample: int = 3, tolerance: float = 0.10) -> float | None:
+        """Re-measure a few cached entries; if this machine disagrees with them, start the table afresh.
+
+        A target name (``AMD EPYC``, ``llvm -mcpu=znver5``) does not pin down a machine's speed:
+        another cloud instance of the same CPU measured the same operators 15-25 % slower here.
+        Mixing its entries with new ones would make sums of the table wrong in ways calibration
+        cannot undo, so when the median ratio of ``sample`` re-measured entries (the oldest among the
+        slower half, whose timing is steadiest) is off by more than ``tolerance``, every entry moves
+        to ``stale`` and is measured again on this machine. Returns the ratio (None when nothing was cached).
+        """
+        cached = [it for it in items if self.get(it[0], it[2], it[3]) is not None]
+        if not cached:
+            return None
+        # the oldest of the slower half: timing is steadiest on longer entries, and old ones are where another machine shows
+        ms = {id(it): self.get(it[0], it[2], it[3]) for it in cached}
+        cut = statistics.median(ms.values())
+        cached = sorted((it for it in cached if ms[id(it)] >= cut), key=lambda it: self.entry(it[0], it[2], it[3]).get("measured_at", ""))
+        executor = executor or measure_entry
+        ratios = []
+        for signature, factory, shape, bits in cached[:sample]:
+            again = executor(self.provenance, factory(), tuple(shape), bits, self.database_dir)
+            if again.get("executable", False):
+                ratios.append(again["median_ms"] / self.get(signature, shape, bits))
+        if not ratios:
+            return None
+        ratio = float(statistics.median(ratios))
+        if abs(ratio - 1.0) > tolerance:
+            log.warning("latency table %s: this machine measures its entries %.0f %% %s than when they were measured "
+                        "(another instance, clock or load); its %d entries move to 'stale' and are measured again here",
+                        self.path, 100 * abs(ratio - 1), "slower" if ratio > 1 else "faster", len(self.entries))
+            self.stale = self.stale + [{"provenance": {**self.provenance, "drift_ratio": ratio, "retired_at": time.strftime("%Y-%m-%dT%H:%M:%S")},
+                                        "entries": self.entries, "calibrations": self.calibrations}]
+            self.entries, self.calibrations = {}, {}
+            from ..runs import write_json
+
+            write_json(self.path, {"format": FORMAT, "provenance": self.provenance, "entries": {}, "calibrations": {}, "stale": self.stale})
+        else:
+            log.info("latency table %s: %d cached entries re-measured within %.1f %% (ratio %.3f)", self.path, len(ratios),
+                     100 * abs(ratio - 1), ratio)
+        return ratio
+
+    def measure_again(self, items: list[tuple[str, Callable, tuple, int]], executor: Executor | None = None) -> None:
+        """Time cached entries once more and keep the faster measurement of each.
+
+        Interference from other processes only ever adds time, so of two honest measurements the
+        faster is the closer to the machine's own latency; the slower is kept in the entry's record.
+        """
+        executor = executor or measure_entry
+        for signature, factory, shape, bits in items:
+            key, old = self.key(signature, shape, bits), self.entry(signature, shape, bits)
+            again = executor(self.provenance, factory(), tuple(shape), bits, self.database_dir)
+            if not (old and again.get("executable") and old.get("executable", True)):
+                continue
+            slower = max(old["median_ms"], again["median_ms"])
+            if again["median_ms"] < old["median_ms"]:
+                self.entries[key] = {**old, **again, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            self.entries[key]["slower_measurement_ms"] = slower
+            log.info("%s %s: measured again, %.3f ms and %.3f ms; keeping %.3f ms", signature, tuple(shape), old["median_ms"],
+                     again["median_ms"], self.entries[key]["median_ms"])
         self.save()
 
     def measure_many(self, items: list[tuple[str, Callable, tuple, int]], desc: str = "latency", progress: bool = True,

@@ -40,7 +40,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import ops
 from ..errors import EtaError
 from ..latency.protocol import Measurement, Protocol
 from ..zoo import StemBlocksHead
@@ -70,27 +69,6 @@ def _eval_mode(module: nn.Module):
 def is_integer_block(block: nn.Module) -> bool:
     """Whether a block runs with integer kernels (a QuantOp below 32 bits)."""
     return isinstance(block, QuantOp) and not block.is_float
-
-
-def _lowerable(block: nn.Module) -> nn.Module:
-    """``block`` in a form :func:`eta.quant.qop.describe` reads.
-
-    timm's own ``InvertedResidual`` (tiny_mbnet, timm EfficientNet/MobileNet teachers kept as
-    ``teacher`` blocks) has eta.ops' layer names but is not its class, so ``describe`` rejects it;
-    it is viewed here as an ``eta.ops.InvertedResidual`` sharing the same layers.
-    """
-    from timm.models._efficientnet_blocks import InvertedResidual as TimmIR
-
-    if isinstance(block, TimmIR) and not isinstance(block, ops.InvertedResidual):
-        if getattr(block, "conv_s2d", None) is not None:
-            raise EtaError("InvertedResidual with space-to-depth has no integer lowering")
-        view = ops.InvertedResidual.__new__(ops.InvertedResidual)
-        nn.Module.__init__(view)
-        for name in ("conv_pw", "bn1", "conv_dw", "bn2", "aa", "se", "conv_pwl", "bn3", "drop_path"):
-            setattr(view, name, getattr(block, name))
-        view.has_skip = bool(block.has_skip)
-        return view
-    return block
 
 
 def boundary_multiplier(scale_from: float, scale_to: float) -> tuple[int, int]:
@@ -185,7 +163,7 @@ def quantize_student(student: nn.Module, bits: Sequence[int], calib_batches, per
             else:
                 received = [_as_float(s, x.dtype) for s, x in zip(states, inputs)]
                 try:
-                    new = quantize_operator(_lowerable(block), b, received, percentile)
+                    new = quantize_operator(block, b, received, percentile)
                 except EtaError as err:
                     raise EtaError(f"block {i}: {err}") from None
             new.eval()
@@ -205,7 +183,7 @@ def quant_skeleton(student: nn.Module, bits: Sequence[int]) -> QuantStudent:
         if b == FLOAT_BITS or isinstance(block, nn.Identity):
             blocks.append(copy.deepcopy(block))
         else:
-            blocks.append(QuantOp(*describe(_lowerable(block)), b))
+            blocks.append(QuantOp(*describe(block), b))
     return QuantStudent(copy.deepcopy(student.stem), blocks, copy.deepcopy(student.head), bits)
 
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import BatchNormAct2d
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv
+from timm.models._efficientnet_blocks import InvertedResidual as TimmInvertedResidual
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -126,8 +127,10 @@ def _shortcut(module: nn.Module, convs: dict) -> Term:
 def describe(module: nn.Module) -> tuple[str, dict, tuple[Step, ...]]:
     """(family, {conv name: (conv, norm)}, steps) of a supported block operator."""
     skip = (Term(INPUT),) if getattr(module, "has_skip", False) else ()
-    if isinstance(module, ops.InvertedResidual):
-        _require_absent_or_identity(module, "se", "aa", "drop_path")
+    # timm's InvertedResidual (tiny_mbnet, EfficientNet/MobileNet teachers kept as ``teacher`` blocks)
+    # has eta.ops' layer names without being its class
+    if isinstance(module, (ops.InvertedResidual, TimmInvertedResidual)):
+        _require_absent_or_identity(module, "conv_s2d", "se", "aa", "drop_path")
         convs = {"conv_pw": (module.conv_pw, module.bn1), "conv_dw": (module.conv_dw, module.bn2),
                  "conv_pwl": (module.conv_pwl, module.bn3)}
         steps = (Step("h1", (Term(INPUT, "conv_pw"),), _norm_activation(module.bn1)),

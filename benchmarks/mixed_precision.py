@@ -1,0 +1,127 @@
+"""eta's joint (operator, bit-width) selection against quantizing the teacher, at the same budgets.
+
+From a finished mixed-precision run (a space with ``bits: [32, 8, 4]``, e.g.
+``search_spaces/digits_mixed.yaml``), at every budget of the run and under the run's size/BOPs
+limits, side by side:
+
+- the teacher quantized uniformly to 8 and to 4 bits (what a post-training quantizer does);
+- HAWQV3-style bits-only selection: an exact ILP over the teacher's own blocks at 32/8/4 bits,
+  minimising the summed modelled quantization drop (λ·mismatch, HAWQV3's sensitivity objective)
+  under the same latency table, calibration and limits;
+- eta's joint selection restricted to float operators (what bits add);
+- eta's joint selection (the run's phase-2 solution).
+
+Every quantized student is finetuned with the same phase-3 recipe (fake-quantized QAT as Ray Tune
+trials of the same run), its test accuracy measured on the held-out split, and its latency
+measured end to end as one integer TVM network with the run's backend.
+
+    python -m benchmarks.mixed_precision runs/digits_mixed
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from eta.arch import arch_from_str, arch_to_str
+from eta.errors import EtaError
+from eta.optimize import InfeasibleBudget, additive_ilp, solve_inlp
+from eta.pareto import format_table
+from eta.runs import read_json
+from eta.selection import search_problem
+
+from .common import load_solved_run, setup_logging
+
+log = logging.getLogger("benchmarks.mixed_precision")
+
+
+def keep_options(bound, which) -> list[list[int]]:
+    """Per block, the option indices whose operator passes ``which`` (at least one per block, or an error)."""
+    keep = [[j for j, s in enumerate(opts) if which(s)] for opts in bound.options]
+    if any(not k for k in keep):
+        raise EtaError("this space offers no such option in some block")
+    return keep
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", type=Path)
+    args = ap.parse_args(argv)
+    setup_logging()
+    from eta.finetune import run_phase3, student_id
+
+    search, info, _, _ = load_solved_run(args.run)
+    bound, space = search.bound, search.space
+    qpath = search.run.root / "phase2" / "quantization.json"
+    if not qpath.exists():
+        raise EtaError(f"{args.run}: no phase2/quantization.json; this benchmark needs a run whose space has bits below 32")
+    penalty = read_json(qpath)["penalty"]
+    from eta.predictor import MLPPredictor
+
+    predictor = MLPPredictor.load(search.run.root / "phase2" / "predictor.pt")
+    problem = search_problem(bound, info, predictor, penalty)
+    budgets = search.budgets_ms(info)
+    res = space.data.resolution
+    teacher_ms = info["teacher_ms"][str(res)]
+    limits = {"max_size_mb": space.phase2.max_size_mb, "max_gbops": space.phase2.max_gbops}
+
+    # what each method returns at each budget: choices, or None where it has no feasible answer
+    tc = bound.teacher_choices()
+    picks: dict[tuple[str, float], tuple | None] = {}
+    for bits in (8, 4):
+        uniform = tuple(bound.options[b].index(bound.options[b][j].with_bits(bits)) for b, j in enumerate(tc))
+        for budget in budgets:
+            picks[(f"teacher uniform {bits}-bit", budget)] = uniform
+    teacher_only, kept_t = problem.restricted(keep_options(bound, lambda s: s.family == "teacher"))
+    float_only, kept_f = problem.restricted(keep_options(bound, lambda s: s.bits == 32))
+    solved = read_json(search.run.root / "phase2" / "solved.json")["budgets"]
+    for budget in budgets:
+        for name, sub, kept, solve in (
+            ("bits-only ILP (HAWQV3)", teacher_only, kept_t, lambda p, b: additive_ilp(p.option_penalty, p, b)),
+            ("eta, float operators only", float_only, kept_f, lambda p, b: solve_inlp(p, b, seed=space.seed)),
+        ):
+            try:
+                sol = solve(sub, budget)
+                picks[(name, budget)] = tuple(int(kept[b][c]) for b, c in enumerate(sol.choices))
+            except InfeasibleBudget as err:
+                log.info("%s at %.3f ms: %s", name, budget, err)
+                picks[(name, budget)] = None
+        picks[("eta joint (operators x bits)", budget)] = tuple(solved[repr(float(budget))][0]["choices"])
+
+    archs = list(dict.fromkeys(arch_to_str(bound.arch(c)) for c in picks.values() if c is not None))
+    log.info("%d distinct students to finetune (phase-3 trials; finished ones are reused)", len(archs))
+    with search._ray_session():
+        metrics = {m["arch"]: m for m in run_phase3(search.run, bound, archs, search.teacher_path, wandb_mode="disabled",
+                                                      wandb_project=space.tracking.project, progress=True)}
+    with search._latency_session():
+        _, table, executor = search.latency_backend()
+        measured = {a: search.measure_network_all_resolutions(table, arch_from_str(a), executor)[str(res)] for a in archs}
+
+    rows = []
+    for (method, budget), choices in picks.items():
+        row = {"budget": budget, "method": method}
+        if choices is None:
+            rows.append({**row, "arch": "infeasible"})
+            continue
+        a = arch_to_str(bound.arch(choices))
+        m = metrics[a]
+        within = problem.latency(choices) <= budget + 1e-9 and bool(problem.within_limits_many([choices])[0])
+        rows.append({**row, "arch": a, "bits": "/".join(str(s.bits) for s in bound.arch(choices)), "size_mb": m["size_mb"],
+                     "table_ms": problem.latency(choices), "measured_ms": measured[a], "test_acc": m["test_acc"][str(res)],
+                     "meets": "yes" if within else "no", "id": student_id(a)})
+    rows.sort(key=lambda r: (r["budget"], r["method"]))
+    t_acc = search.run.phase_info("teacher")["test_acc"][str(res)]
+    print(f"\n{search.run.root.name}: float teacher {teacher_ms:.3f} ms (measured), test accuracy {t_acc:.4f}; limits {limits}; "
+          f"latency backend {info['backend']} on {info['device']}\n")
+    print(format_table(rows, [("budget", "budget ms", ".3f"), ("method", "method", "s"), ("bits", "bits per block", "s"),
+                              ("size_mb", "MB", ".3f"), ("table_ms", "table ms", ".3f"), ("measured_ms", "measured ms", ".3f"),
+                              ("test_acc", "test acc", ".4f"), ("meets", "meets limits", "s")]))
+    print()
+    for r in rows:
+        if r.get("id"):
+            print(f"{r['budget']:.3f} ms  {r['method']:<32} {r['arch']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
