@@ -105,17 +105,19 @@ def main(argv=None) -> int:
             continue
         a = arch_to_str(bound.arch(choices))
         m = metrics[a]
-        within = problem.latency(choices) <= budget + 1e-9 and bool(problem.within_limits_many([choices])[0])
+        fits = bool(problem.within_limits_many([choices])[0])
         rows.append({**row, "arch": a, "bits": "/".join(str(s.bits) for s in bound.arch(choices)), "size_mb": m["size_mb"],
                      "table_ms": problem.latency(choices), "measured_ms": measured[a], "test_acc": m["test_acc"][str(res)],
-                     "meets": "yes" if within else "no", "id": student_id(a)})
+                     "meets_table": "yes" if fits and problem.latency(choices) <= budget + 1e-9 else "no",
+                     "meets": "yes" if fits and measured[a] <= budget else "no", "id": student_id(a)})
     rows.sort(key=lambda r: (r["budget"], r["method"]))
     t_acc = search.run.phase_info("teacher")["test_acc"][str(res)]
     print(f"\n{search.run.root.name}: float teacher {teacher_ms:.3f} ms (measured), test accuracy {t_acc:.4f}; limits {limits}; "
           f"latency backend {info['backend']} on {info['device']}\n")
     print(format_table(rows, [("budget", "budget ms", ".3f"), ("method", "method", "s"), ("bits", "bits per block", "s"),
                               ("size_mb", "MB", ".3f"), ("table_ms", "table ms", ".3f"), ("measured_ms", "measured ms", ".3f"),
-                              ("test_acc", "test acc", ".4f"), ("meets", "meets limits", "s")]))
+                              ("test_acc", "test acc", ".4f"), ("meets_table", "fits (table)", "s"),
+                              ("meets", "fits (measured)", "s")]))
     print()
     for r in rows:
         if r.get("id"):

@@ -3,9 +3,9 @@
 From a run whose phase 1 is done, the space is re-bound with ``--bits`` (8 and 4 by default; the
 phase-1 weights are float and serve every bit-width). For every (block, operator) the benchmark
 measures the proxy-accuracy drop of the operator quantized inside the teacher at 8 and at 4 bits,
-fits the model drop = λ·mismatch on the 8-bit drops only (as phase 2 does), and reports the
-Spearman correlation between modelled and measured 4-bit drops, and between the mismatch and the
-measured drops at each bit-width.
+fits the model drop = λ·mismatch on all measured drops (as phase 2 does), and reports, per
+bit-width, the Spearman correlation between the mismatch and the measured drops (λ > 0 leaves the
+ranking unchanged) and the model's mean error in points.
 
     python -m benchmarks.quant_sensitivity runs/digits
 """
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
                     "rho_omega": stats.spearmanr(omega, measured)[0], "rho_model": stats.spearmanr(modelled, measured)[0],
                     "mae": 100 * np.abs(modelled - measured).mean()})
     print(f"\n{search.run.root.name}: {len(rows) // len(args.bits)} (block, operator) pairs quantized inside the teacher; "
-          f"model drop = {terms['lambda']:.3g} x mismatch, fitted on the 8-bit drops\n")
+          f"model drop = {terms['lambda']:.3g} x mismatch, fitted on the drops at bits {terms['fitted_on_bits']}\n")
     print(format_table(out, [("bits", "bits", "d"), ("n", "operators", "d"), ("mean_drop", "mean drop (points)", ".2f"),
                              ("max_drop", "max drop", ".2f"), ("rho_omega", "Spearman(mismatch, drop)", ".3f"),
                              ("rho_model", "Spearman(model, drop)", ".3f"), ("mae", "model error (points)", ".2f")]))

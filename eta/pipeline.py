@@ -206,7 +206,12 @@ class Search:
         return backend, table, executor
 
     def measure_network_all_resolutions(self, table, arch, executor=None) -> dict:
-        """End-to-end latency of the teacher (arch None) or a student at every resolution, cached in the table."""
+        """End-to-end latency of the teacher (arch None) or a student at every resolution, cached in the table.
+
+        Each network is compiled and timed twice and the faster kept (both are in its table entry):
+        a burst of load from another process during one measurement (seen here: 6.1 ms for a network
+        that times 3.1–3.3 ms) must not become the front's figure.
+        """
         from .lut import _signature
         from .student import latency_network
 
@@ -215,6 +220,9 @@ class Search:
         sig = _signature("network", model)
         items = [(sig, (lambda m=model: m), (batch, self.bound.in_chans, r, r), 32) for r in self.space.resolutions]
         table.measure_many(items, desc="whole-network latency", progress=False, executor=executor)
+        once = [it for it in items if "slower_measurement_ms" not in (table.entry(it[0], it[2], it[3]) or {"slower_measurement_ms": 0})]
+        if once:
+            table.measure_again(once, executor)
         return {str(r): float(table.get(sig, (batch, self.bound.in_chans, r, r), 32)) for r in self.space.resolutions}
 
     def budgets_ms(self, info: dict) -> list[float]:
