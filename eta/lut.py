@@ -26,7 +26,6 @@ from .student import _standalone, latency_network
 log = logging.getLogger(__name__)
 
 REPO_PREDICTORS = Path(__file__).resolve().parent.parent / "predictors"
-OUTLIER_RATIO = 1.15  # a whole network this much slower, relative to its table sum, than the median network is timed again
 
 
 def predictors_dir() -> Path:
@@ -115,7 +114,7 @@ def table_path(backend: Backend, root: Path | None = None) -> Path:
 
 def open_table(backend: Backend, root: Path | None = None) -> LatencyTable:
     return LatencyTable.open(table_path(backend, root), backend=backend.name, target=backend.target, device=backend.device,
-                             protocol=backend.protocol, schedule=backend.schedule)
+                             protocol=backend.protocol, schedule=backend.schedule, passes=2)
 
 
 def _signature(kind: str, module: torch.nn.Module) -> str:
@@ -216,14 +215,7 @@ def calibrate(bound: BoundSpace, table: LatencyTable, base: float, per_block: li
     net_items = [(_signature("network", m), (lambda m=m: m), shape, 32) for m in models]
     table.measure_many(net_items, desc="latency calibration (whole networks)", progress=progress, executor=executor)
     identity = [np.array([s.family == "identity" for s in opts]) for opts in bound.options]
-    sums = np.array([base + sum(per_block[b][j] for b, j in enumerate(c)) for c in archs])
-    ratio = np.array([table.get(sig, shape, 32) for sig, _, _, _ in net_items]) / sums
-    suspect = [it for it, r in zip(net_items, ratio) if r > OUTLIER_RATIO * np.median(ratio)
-               and "slower_measurement_ms" not in table.entry(it[0], shape, 32)]
-    if suspect:  # far slower than the others say: timed again, the faster kept (interference only adds time)
-        log.info("latency calibration: %d whole network(s) measured over %.0f %% above the others' ratio to the table; "
-                 "timing them again", len(suspect), 100 * (OUTLIER_RATIO - 1))
-        table.measure_again(suspect, executor)
+    sums = [base + sum(per_block[b][j] for b, j in enumerate(c)) for c in archs]
     rows = []
     for c, total, (sig, _, _, _) in zip(archs, sums, net_items):
         e = table.entry(sig, shape, 32)

@@ -148,7 +148,13 @@ class Search:
             "io": {"in_chans": self.bound.in_chans, "num_classes": self.bound.num_classes},
         }
         shutil.copyfile(table.path, self.run.root / "latency" / "table.json")
+        previous = read_json(path) if path.exists() else None
         write_json(path, info)
+        changed = previous is not None and any(previous.get(k) != info[k] for k in ("option_ms", "calibration", "teacher_ms", "base_ms"))
+        later = [p for p in ("solve", "finetune") if self.run.is_done(p)]
+        if changed and later:  # same settings, new measurements: what was solved and measured from the old ones is redone
+            log.info("latency phase: the table's figures changed; %s will run again", " and ".join(later))
+            self.run.invalidate(*later)
         with self.tracker("latency") as tr:
             tr.summary(teacher_ms=teacher[str(self.space.data.resolution)], calibration_a=calib["a"], calibration_b=calib["b"], entries=len(items))
             tr.table("latency/calibration", ["arch", "table_sum_ms", "measured_ms"], [[r["arch"], r["table_sum_ms"], r["measured_ms"]] for r in calib["students"]])
@@ -208,8 +214,8 @@ class Search:
     def measure_network_all_resolutions(self, table, arch, executor=None) -> dict:
         """End-to-end latency of the teacher (arch None) or a student at every resolution, cached in the table.
 
-        Each network is compiled and timed twice and the faster kept (both are in its table entry):
-        a burst of load from another process during one measurement (seen here: 6.1 ms for a network
+        Like every table entry, each network is compiled and timed twice and the faster kept (both
+        are in its entry): a burst of load during one measurement (seen here: 6.1 ms for a network
         that times 3.1–3.3 ms) must not become the front's figure.
         """
         from .lut import _signature
@@ -220,9 +226,6 @@ class Search:
         sig = _signature("network", model)
         items = [(sig, (lambda m=model: m), (batch, self.bound.in_chans, r, r), 32) for r in self.space.resolutions]
         table.measure_many(items, desc="whole-network latency", progress=False, executor=executor)
-        once = [it for it in items if "slower_measurement_ms" not in (table.entry(it[0], it[2], it[3]) or {"slower_measurement_ms": 0})]
-        if once:
-            table.measure_again(once, executor)
         return {str(r): float(table.get(sig, (batch, self.bound.in_chans, r, r), 32)) for r in self.space.resolutions}
 
     def budgets_ms(self, info: dict) -> list[float]:

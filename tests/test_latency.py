@@ -141,6 +141,25 @@ def test_measuring_again_keeps_the_faster_of_two_measurements(tmp_path, target, 
     assert again.get("op1", (1, 4, 2, 2)) == 4.0 and again.entry("op1", (1, 4, 2, 2))["slower_measurement_ms"] == 6.0
 
 
+def test_a_two_pass_table_times_every_entry_twice_in_separate_passes(tmp_path, target, monkeypatch):
+    """passes=2 (what searches use): first every entry, then every entry again; a burst in one pass is not kept."""
+    order = []
+
+    def measure(module, input_shape, target, protocol=None, database_dir=None):
+        order.append(input_shape[-1])
+        burst = 3.0 if len(order) == 2 else 1.0  # the second measurement of the run is slowed by load
+        ms = burst * input_shape[-1]
+        return Measurement(median_ms=ms, spread=0.01, repeats=3, samples_ms=[ms] * 3)
+
+    monkeypatch.setattr(tvm_backend, "measure", measure)
+    t = LatencyTable.open(tmp_path / "t.json", backend="tvm", target=target, device="test-cpu", protocol=FAST, passes=2)
+    out = t.measure_many(items(3), progress=False)
+    assert order == [1, 2, 3, 1, 2, 3]
+    assert sorted(out.values()) == [1.0, 2.0, 3.0] and t.entry("op1", (1, 4, 2, 2))["slower_measurement_ms"] == 6.0
+    t.measure_many(items(3), progress=False)
+    assert len(order) == 6  # both timings are recorded: nothing is measured a third time
+
+
 @pytest.mark.parametrize("change", ["target", "tvm_version", "device"])
 def test_changed_provenance_remeasures_and_keeps_old_entries_visible(tmp_path, target, fake_measure, monkeypatch, change):
     path = tmp_path / "t.json"

@@ -16,19 +16,19 @@ def test_size_limited_search_returns_an_integer_student_that_matches_its_front(t
     from eta.bound import bind, splits_for
     from eta.mixed_precision import resource_limits
 
-    d = tiny_space_dict(bits=[32, 8], budgets=[1.5])
+    d = tiny_space_dict(bits=[32, 8, 4], budgets=[1.5])
     d["pool"] = [{"family": "ir", "kernel": [3], "expansion": [2, 4]}, {"family": "teacher"}]
     d["phase2"]["max_size_mb"] = 1000.0
     bound = bind(parse_space(d, "probe"), splits_for(parse_space(d, "probe")))
     (sizes, limit), = resource_limits(bound)
     fixed = 1000.0 - limit
     smallest_float = sum(min(v for v, s in zip(row, opts) if s.bits == 32) for row, opts in zip(sizes, bound.options))
-    d["phase2"]["max_size_mb"] = fixed + 0.5 * smallest_float  # no float student fits: 8-bit blocks are required
+    d["phase2"]["max_size_mb"] = fixed + 0.2 * smallest_float  # 8-bit weights are 0.25 of float: 4-bit blocks are required
     search = Search(parse_space(d, "mixed"), runs_dir=tmp_path, progress=False)
     pareto = search.run_all()
     q = json.loads((search.run.root / "phase2" / "quantization.json").read_text())
     assert q["lambda"] >= 0 and any(r for rows in q["rows"] for r in rows)
-    assert pareto["front"] and all(any(b == 8 for b in p["bits"]) for p in pareto["all"])
+    assert pareto["front"] and all(any(b == 4 for b in p["bits"]) for p in pareto["all"])
     assert all(p["size_mb"] <= d["phase2"]["max_size_mb"] + 1e-6 for p in pareto["all"])
     meta = export_student(search.run.root, tmp_path / "out", integer=True)
     i = meta["integer"]
