@@ -208,7 +208,9 @@ class Search:
 
         backend = lut.Backend.from_space(self.bound)
         table, executor = lut.open_table(backend), backend.executor()
-        table.check_drift(lut.table_items(self.bound), executor)  # entries from another machine are measured again
+        tolerance = self.space.latency.drift_tolerance
+        if tolerance is not None:  # entries from another machine are measured again
+            table.check_drift(lut.table_items(self.bound), executor, tolerance=tolerance)
         return backend, table, executor
 
     def measure_network_all_resolutions(self, table, arch, executor=None) -> dict:

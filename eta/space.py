@@ -125,6 +125,8 @@ class LatencyConfig(_Strict):
     torch_compile: bool = Field(False, description="torch backend: time torch.compile'd modules instead of eager ones")
     calibration_students: int = Field(6, ge=0, description="random whole students compiled to fit latency ≈ a·Σtable + b")
     node_resource: Optional[str] = Field(None, description="Ray custom resource of the node that measures, e.g. latency:rpi4")
+    drift_tolerance: Optional[float] = Field(0.10, gt=0, description="re-measure the whole table when cached entries time "
+                                             "this much off here (another machine); null: trust the table")
 
 
 class Phase1Config(_Strict):

@@ -272,6 +272,9 @@ def kill_space() -> dict:
     d["phase1"].update(tasks=6)  # one block per task
     d["phase2"].update(eval_tasks=6)  # 24 samples in chunks of 4
     d["phase3"].update(num_cpus=2)  # one trial at a time on 2 CPUs
+    # every run here must read the reference's table as it is: a drift check under the load the
+    # killed drivers leave behind once found the machine "43 % slower" and measured the table again
+    d["latency"]["drift_tolerance"] = None
     return d
 
 

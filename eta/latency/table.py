@@ -242,15 +242,17 @@ class LatencyTable:
         self.save()
 
     def check_drift(self, items: list[tuple[str, Callable, tuple, int]], executor: Executor | None = None, *,
-                    sample: int = 3, tolerance: float = 0.10) -> float | None:
+                    sample: int = 3, tolerance: float = 0.10, confirmations: int = 3, pause_s: float = 3.0) -> float | None:
         """Re-measure a few cached entries; if this machine disagrees with them, start the table afresh.
 
         A target name (``AMD EPYC``, ``llvm -mcpu=znver5``) does not pin down a machine's speed:
         another cloud instance of the same CPU measured the same operators 15-25 % slower here.
         Mixing its entries with new ones would make sums of the table wrong in ways calibration
         cannot undo, so when the median ratio of ``sample`` re-measured entries (the oldest among the
-        slower half, whose timing is steadiest) is off by more than ``tolerance``, every entry moves
-        to ``stale`` and is measured again on this machine. Returns the ratio (None when nothing was cached).
+        slower half, whose timing is steadiest) stays off by more than ``tolerance`` through
+        ``confirmations`` more rounds ``pause_s`` apart (each entry's fastest timing counts: load only
+        adds time), every entry moves to ``stale`` and is measured again on this machine. Returns
+        the ratio (None when nothing was cached).
         """
         cached = [it for it in items if self.get(it[0], it[2], it[3]) is not None]
         if not cached:
@@ -273,8 +275,11 @@ class LatencyTable:
         ratios = ratio_now()
         if not ratios:
             return None
-        if abs(statistics.median(ratios) - 1.0) > tolerance and len(ratios) == min(sample, len(cached)):
-            ratios = ratio_now(ratios)  # confirm before discarding the table: a burst of load must not do it
+        for _ in range(confirmations):  # confirm, spaced in time, before discarding the table: a burst of load must not do it
+            if abs(statistics.median(ratios) - 1.0) <= tolerance or len(ratios) != min(sample, len(cached)):
+                break
+            time.sleep(pause_s)
+            ratios = ratio_now(ratios)
         ratio = float(statistics.median(ratios))
         if abs(ratio - 1.0) > tolerance:
             log.warning("latency table %s: this machine measures its entries %.0f %% %s than when they were measured "
