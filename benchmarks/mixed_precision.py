@@ -23,7 +23,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from eta.arch import arch_from_str, arch_to_str
+from eta.arch import OpSpec, arch_from_str, arch_to_str
 from eta.errors import EtaError
 from eta.optimize import InfeasibleBudget, additive_ilp, solve_inlp
 from eta.pareto import format_table
@@ -68,7 +68,10 @@ def main(argv=None) -> int:
     # what each method returns at each budget: choices, or None where it has no feasible answer
     tc = bound.teacher_choices()
     picks: dict[tuple[str, float], tuple | None] = {}
-    for bits in (8, 4):
+    teacher_bits = sorted({s.bits for opts in bound.options for s in opts if s.family == "teacher"} - {32}, reverse=True)
+    if tc is None or not teacher_bits or any(OpSpec("teacher", bits=b) not in opts for b in teacher_bits for opts in bound.options):
+        raise EtaError("this benchmark quantizes the teacher: the pool needs {family: teacher} with integer-lowerable blocks")
+    for bits in teacher_bits:
         uniform = tuple(bound.options[b].index(bound.options[b][j].with_bits(bits)) for b, j in enumerate(tc))
         for budget in budgets:
             picks[(f"teacher uniform {bits}-bit", budget)] = uniform
