@@ -250,16 +250,22 @@ def test_integer_entries_are_measured_with_integer_kernels(tmp_path, target):
 
 
 def test_fresh_measurement_agrees_with_cached_entry(tmp_path, target):
-    """A recompiled, re-timed operator lands within a tolerance set by the spread its entry recorded."""
+    """A recompiled, re-timed operator lands within a tolerance set by the spread its entry recorded.
+
+    Both sides are the faster of two separate timings, as the pipeline's tables are (``passes=2``): one
+    burst of load on a shared CI machine made a single cached timing 60 % slower than the fresh one.
+    """
     op = build_op(OpSpec("ir", 3, 4.0), (16, 16, 16), (16, 16, 16)).eval()
     shape = (1, 16, 16, 16)
+    protocol = Protocol(repeat=5, min_repeat_ms=5.0)
     t = LatencyTable.open(tmp_path / "t.json", backend="tvm", target=target, device="test-cpu",
-                          protocol=Protocol(repeat=5, min_repeat_ms=5.0))
+                          protocol=protocol, passes=2)
     t.measure_many([("ir_k3_e4", lambda: op, shape, 32)], progress=False)
     entry = t.entry("ir_k3_e4", shape)
     assert entry["executable"] and entry["compile_s"] > 0 and entry["number"] >= 1
     assert entry["number"] * entry["median_ms"] >= 2.5  # one repeat lasted about min_repeat_ms
-    fresh = tvm_backend.measure(op, shape, target, Protocol(repeat=5, min_repeat_ms=5.0))
+    assert entry["slower_measurement_ms"] >= entry["median_ms"]
+    fresh = min((tvm_backend.measure(op, shape, target, protocol) for _ in range(2)), key=lambda m: m.median_ms)
     tolerance = max(3 * entry["spread"], 0.3)
     assert abs(fresh.median_ms - entry["median_ms"]) / entry["median_ms"] <= tolerance
 
