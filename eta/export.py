@@ -117,10 +117,13 @@ def export_integer(run: Run, model, entry: dict, out_dir: Path) -> dict:
     with one_thread():
         agree = agreement(model, compiled, [x for x, _ in batches(test, 256, resolution=r)])
     cfg = space.latency
-    latency = compiled.time(Protocol(number=cfg.number, repeat=cfg.repeat, max_cv=cfg.max_spread))
+    protocol = Protocol(number=cfg.number, repeat=cfg.repeat, max_cv=cfg.max_spread)
+    # timed twice and the faster kept, as the front's figure was: one burst of load must not be the report
+    slower, latency = sorted((compiled.time(protocol) for _ in range(2)), key=lambda m: m.median_ms, reverse=True)
     out = {"module": "student_int.so", "bits": arch_bits(arch_from_str(entry["arch"])), "target": target,
            "test_images": agree["n"], "top1_agreement": agree["top1_agreement"], "max_abs_logit_diff": agree["max_abs_diff"],
-           "latency_ms": latency.median_ms, "latency_spread": latency.spread, "front_latency_ms": entry["latency_ms"],
+           "latency_ms": latency.median_ms, "latency_spread": latency.spread,
+           "slower_measurement_ms": slower.median_ms, "front_latency_ms": entry["latency_ms"],
            "table_latency_ms": entry.get("predicted_latency_ms")}
     log.info("integer module: top-1 agreement %.4f on %d test images, %.3f ms (front: %.3f ms)", out["top1_agreement"],
              out["test_images"], out["latency_ms"], out["front_latency_ms"])
