@@ -112,7 +112,8 @@ def _phase_cmd(phase: str):
             print(f"latency table: {out['table']}  ({out['backend']}, {out.get('schedule', 'untuned')}, {out['device']})")
             print("teacher: " + ", ".join(f"{r}px {ms:.3f} ms" for r, ms in out["teacher_ms"].items()))
             print(f"calibration ({cal.get('kind', 'line')}, {len(cal['students'])} whole networks): a={cal['a']:.3f} "
-                  f"b={cal['b']:.3f} ms c={cal.get('c', 0.0):.3f} ms/operator")
+                  f"b={cal['b']:.3f} ms c={cal.get('c', 0.0):.3f} ms/operator"
+                  + (f" a_int={cal['a_int']:.3f} (integer entries)" if cal.get("a_int") is not None else ""))
         print(f"run: {search.run.root}")
         return 0
 
@@ -136,7 +137,8 @@ def cmd_latency_validate(args) -> int:
              "worst": 100 * rep["after"]["max_abs_rel_error"], "cv": 100 * cv.get(rep["kind"], float("nan"))}]
     print(format_table(rows, [("model", "prediction", "s"), ("r", "Pearson r", ".4f"), ("mape", "MAPE %", ".2f"),
                               ("worst", "worst %", ".1f"), ("cv", "5-fold MAPE %", ".2f")]))
-    print(f"\ncalibration: measured ≈ {rep['a']:.4f}·Σtable {rep.get('c', 0.0):+.4f}·operators {rep['b']:+.4f} ms "
+    int_term = f" {rep['a_int'] - rep['a']:+.4f}·Σinteger entries" if rep.get("a_int") is not None else ""
+    print(f"\ncalibration: measured ≈ {rep['a']:.4f}·Σtable{int_term} {rep.get('c', 0.0):+.4f}·operators {rep['b']:+.4f} ms "
           f"(alternatives, 5-fold MAPE: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in cv.items()) + ")")
     worst = [{"arch": rep["students"][w["index"]]["arch"], "pred": w["predicted"], "meas": w["measured"], "err": 100 * w["rel_error"]}
              for w in rep["after"]["worst"]]

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .arch import arch_to_str
+from .arch import OpSpec, arch_to_str
 from .bound import BoundSpace, module_digest
 from .errors import EtaError
 from .latency import calibrate as calib
@@ -214,15 +214,16 @@ def calibrate(bound: BoundSpace, table: LatencyTable, base: float, per_block: li
     models = [latency_network(bound, bound.arch(c)) for c in archs]
     net_items = [(_signature("network", m), (lambda m=m: m), shape, 32) for m in models]
     table.measure_many(net_items, desc="latency calibration (whole networks)", progress=progress, executor=executor)
-    identity = [np.array([s.family == "identity" for s in opts]) for opts in bound.options]
-    sums = [base + sum(per_block[b][j] for b, j in enumerate(c)) for c in archs]
+    identity, integer = option_masks(bound.options)
     rows = []
-    for c, total, (sig, _, _, _) in zip(archs, sums, net_items):
+    for c, (sig, _, _, _) in zip(archs, net_items):
         e = table.entry(sig, shape, 32)
-        rows.append({"arch": arch_to_str(bound.arch(c)), "choices": list(c), "table_sum_ms": float(total),
+        rows.append({"arch": arch_to_str(bound.arch(c)), "choices": list(c),
+                     "table_sum_ms": float(base + sum(per_block[b][j] for b, j in enumerate(c))),
+                     "int_table_ms": float(sum(per_block[b][j] for b, j in enumerate(c) if integer[b][j])),
                      "operators": int(sum(not identity[b][j] for b, j in enumerate(c))),
                      "measured_ms": float(e["median_ms"]), "spread": float(e["spread"])})
-    out = fit_rows(rows, base, per_block, identity)
+    out = fit_rows(rows, base, per_block, identity, integer)
     out["space_key"] = key
     if len(rows) > len((stored or {}).get("choices", [])):
         table.set_calibration(key, {k: v for k, v in out.items() if k != "students"} | {"choices": [r["choices"] for r in rows],
@@ -230,55 +231,89 @@ def calibrate(bound: BoundSpace, table: LatencyTable, base: float, per_block: li
     return out
 
 
-def fit_rows(rows: list[dict], base: float, per_block: list[np.ndarray], identity: list[np.ndarray]) -> dict:
-    """Choose and fit the calibration: HAO's line, the line with a boundary term, or a plain ratio.
+def option_masks(options) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per block, which options are identity and which run as integer kernels (bits < 32).
 
-    The boundary term is kept only when it lowers the cross-validated error by a tenth; a line is
-    kept only when the table agrees with whole networks (r >= 0.9) and it predicts a positive
-    latency for the fastest student of the space.
+    ``options`` holds OpSpecs or their strings (as ``latency.json`` stores them).
+    """
+    specs = [[OpSpec.parse(o) if isinstance(o, str) else o for o in opts] for opts in options]
+    return ([np.array([s.family == "identity" for s in opts]) for opts in specs],
+            [np.array([s.bits < 32 for s in opts]) for opts in specs])
+
+
+def fit_rows(rows: list[dict], base: float, per_block: list[np.ndarray], identity: list[np.ndarray],
+             integer: list[np.ndarray] | None = None) -> dict:
+    """Choose and fit the calibration: HAO's line, the line with a boundary term and/or a separate
+    scale for integer entries, or a plain ratio.
+
+    An extra term is kept only when it lowers the cross-validated error by a tenth against the
+    line (the lowest such error wins); a line is kept only when the table agrees with whole
+    networks (r >= 0.9) and it predicts a positive latency for the fastest student of the space.
     """
     pred = np.array([r["table_sum_ms"] for r in rows])
     meas = np.array([r["measured_ms"] for r in rows])
     n_ops = np.array([r["operators"] for r in rows])
+    int_sum = np.array([r.get("int_table_ms", 0.0) for r in rows])
     cal = calib.Calibration(float(np.median(meas / np.maximum(pred, 1e-9))), 0.0)  # a ratio when too few points for a line
     kind, cv = "ratio", {}
     if len(rows) >= 5 and np.ptp(pred) > 0:
         cv["line"] = calib.cross_validated_mape(pred, meas)
-        line = calib.fit_calibration(pred, meas)
-        candidates = [("line", line)]
+        terms = {"line": {}}
         if len(rows) >= 8 and np.ptp(n_ops) > 0:
-            cv["line+boundary"] = calib.cross_validated_mape(pred, meas, n_ops)
-            if cv["line+boundary"] < 0.9 * cv["line"]:
-                candidates.insert(0, ("line+boundary", calib.fit_calibration(pred, meas, n_ops)))
+            terms["line+boundary"] = {"n_ops": n_ops}
+        if len(rows) >= 8 and np.ptp(int_sum) > 0:
+            terms["line+precision"] = {"int_sum": int_sum}
+            if "line+boundary" in terms:
+                terms["line+precision+boundary"] = {"n_ops": n_ops, "int_sum": int_sum}
+        for name, kw in terms.items():
+            if name != "line":
+                cv[name] = calib.cross_validated_mape(pred, meas, **kw)
+        better = sorted((n for n in terms if n != "line" and cv[n] < 0.9 * cv["line"]), key=cv.get)
+        candidates = [(n, calib.fit_calibration(pred, meas, **terms[n])) for n in better + ["line"]]
         r = calib.agreement(pred, meas)["pearson_r"]
         if r < 0.9:
             log.warning("latency table agrees poorly with whole networks (Pearson r %.2f); using a ratio, not a line. "
                         "Was the machine busy while measuring? Re-measure on a quiet machine.", r)
         else:
             for name, fit in candidates:
-                eff = effective_option_ms(per_block, identity, fit)
+                eff = effective_option_ms(per_block, identity, fit, integer)
                 fastest = fit.a * (base + sum(float(np.min(row)) for row in eff)) + fit.b
-                if fit.a > 0 and fastest > 0:
+                if fit.a > 0 and (fit.a_int is None or fit.a_int > 0) and fastest > 0:
                     kind, cal = name, fit
                     break
                 log.warning("the calibration %s (a=%.3f, b=%.3f ms, c=%.3f ms) would predict a non-positive latency "
                             "for the fastest student; trying a simpler one", name, fit.a, fit.b, fit.c)
     before = calib.agreement(pred, meas) if len(rows) >= 3 else {}
-    after = calib.agreement(cal(pred, n_ops), meas) if len(rows) >= 3 else {}
-    return {"kind": kind, "a": cal.a, "b": cal.b, "c": cal.c, "students": rows, "before": _jsonable(before),
+    after = calib.agreement(cal(pred, n_ops, int_sum), meas) if len(rows) >= 3 else {}
+    return {"kind": kind, "a": cal.a, "b": cal.b, "c": cal.c, "a_int": cal.a_int, "students": rows, "before": _jsonable(before),
             "after": _jsonable(after), "cross_validated_mape": cv}
 
 
-def effective_option_ms(per_block: list[np.ndarray], identity: list[np.ndarray], cal) -> list[np.ndarray]:
-    """Per-option latencies with the boundary term folded in (c/a ms per non-identity option).
+def calibration_from(stored: dict) -> "calib.Calibration":
+    """The Calibration a stored fit (``latency.json``'s or the table's) describes."""
+    a_int = stored.get("a_int")
+    return calib.Calibration(float(stored["a"]), float(stored["b"]), float(stored.get("c", 0.0)),
+                             None if a_int is None else float(a_int))
 
-    a·Σ(option + c/a·[not identity]) + b = a·Σtable + c·operators + b, so the optimiser keeps its
-    additive latency model and the line (a, b).
+
+def effective_option_ms(per_block: list[np.ndarray], identity: list[np.ndarray], cal,
+                        integer: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """Per-option latencies with the boundary term and the integer scale folded in.
+
+    a·Σ(option·s + c/a·[not identity]) + b, with s = a_int/a for integer options and 1 otherwise,
+    equals the calibrated latency, so the optimiser keeps its additive latency model and the line (a, b).
     """
     c, a = float(getattr(cal, "c", 0.0)), float(cal.a)
-    if not c:
-        return [np.asarray(r, float) for r in per_block]
-    return [np.asarray(r, float) + (c / a) * (~np.asarray(ident, bool)) for r, ident in zip(per_block, identity)]
+    a_int = getattr(cal, "a_int", None)
+    out = []
+    for b, row in enumerate(per_block):
+        row = np.asarray(row, float)
+        if a_int is not None and integer is not None:
+            row = np.where(np.asarray(integer[b], bool), row * (float(a_int) / a), row)
+        if c:
+            row = row + (c / a) * (~np.asarray(identity[b], bool))
+        out.append(row)
+    return out
 
 
 def plot_calibration(cal: dict, path: Path, title: str) -> None:
@@ -291,7 +326,7 @@ def plot_calibration(cal: dict, path: Path, title: str) -> None:
     rows = cal["students"]
     pred = np.array([r["table_sum_ms"] for r in rows])
     meas = np.array([r["measured_ms"] for r in rows])
-    after = calib.Calibration(cal["a"], cal["b"], cal.get("c", 0.0))(pred, [r["operators"] for r in rows])
+    after = calibration_from(cal)(pred, [r["operators"] for r in rows], [r.get("int_table_ms", 0.0) for r in rows])
     fig, ax = plt.subplots(figsize=(5.5, 5))
     ax.scatter(pred, meas, s=14, alpha=0.6, label=f"Σ table (r={cal['before']['pearson_r']:.4f}, MAPE {100 * cal['before']['mape']:.1f}%)")
     ax.scatter(after, meas, s=14, alpha=0.6, label=f"calibrated {cal['kind']} (r={cal['after']['pearson_r']:.4f}, MAPE {100 * cal['after']['mape']:.1f}%)")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
+from scipy import special
 
 from .errors import EtaError
 
@@ -31,11 +32,13 @@ class SearchProblem:
     """One block-wise choice problem: per-option latency tables and the predictor's weights.
 
     ``layers`` may be empty (before a predictor exists): latency bounds and sampling still work.
+    ``output="sigmoid"``: the last layer gives the logit of accuracy (see ``predictor``).
     """
 
     option_latency: list[np.ndarray]
     layers: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     activation: str = "tanh"
+    output: str = "linear"
     base_latency: float = 0.0
     calibration: tuple[float, float] = (1.0, 0.0)
     option_penalty: list[np.ndarray] | None = None
@@ -44,6 +47,8 @@ class SearchProblem:
     def __post_init__(self):
         if self.activation not in ("tanh", "relu"):
             raise EtaError(f"unknown predictor activation {self.activation!r} (tanh or relu)")
+        if self.output not in ("linear", "sigmoid"):
+            raise EtaError(f"unknown predictor output {self.output!r} (linear or sigmoid)")
         self.option_latency = [np.asarray(r, dtype=float) for r in self.option_latency]
         self.sizes = [len(r) for r in self.option_latency]
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(int)
@@ -75,7 +80,7 @@ class SearchProblem:
         for W, b in self.layers[1:]:
             h = np.tanh(h) if self.activation == "tanh" else np.maximum(h, 0)
             h = h @ W.T + b
-        out = h[:, 0]
+        out = h[:, 0] if self.output == "linear" else special.expit(h[:, 0])
         if self.option_penalty is not None:
             out = out - sum(self.option_penalty[i][C[:, i]] for i in range(self.num_blocks))
         return out
@@ -110,7 +115,7 @@ class SearchProblem:
         cols = np.concatenate([self.offsets[i] + k for i, k in enumerate(keep)])
         layers = [(self.layers[0][0][:, cols], self.layers[0][1]), *self.layers[1:]] if self.layers else []
         sub = SearchProblem(
-            option_latency=[r[k] for r, k in zip(self.option_latency, keep)], layers=layers, activation=self.activation,
+            option_latency=[r[k] for r, k in zip(self.option_latency, keep)], layers=layers, activation=self.activation, output=self.output,
             base_latency=self.base_latency, calibration=self.calibration,
             option_penalty=[p[k] for p, k in zip(self.option_penalty, keep)] if self.option_penalty is not None else None,
             limits=[([np.asarray(v, float)[k] for v, k in zip(values, keep)], limit) for values, limit in self.limits])
@@ -368,7 +373,7 @@ def _gekko_solve(problem, budget_ms, exclude, warm, time_limit_s, apopt_options=
             if li < len(problem.layers) - 1:
                 pre = [m.Intermediate(m.tanh(v) if problem.activation == "tanh" else m.max2(v, 0)) for v in pre]
             h = pre
-        obj = h[0]
+        obj = h[0] if problem.output == "linear" else m.Intermediate(1 / (1 + m.exp(-h[0])))
         if problem.option_penalty is not None:
             obj = obj - _affine(m, np.concatenate(problem.option_penalty), xs, 0.0)
         m.Maximize(obj)

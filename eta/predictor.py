@@ -3,6 +3,11 @@
 The thesis' best setting is the default: one-hot encoding, two linear layers with tanh between,
 Adam, MSE. Targets are standardised for training and the scaling is folded back into the last
 layer, so ``numpy_layers()`` computes accuracy directly (what the solver maximises).
+
+``output="sigmoid"`` fits the logit of accuracy instead and returns its sigmoid: a linear output
+extrapolates past 1.0 for students unlike its training set (1.0955 was seen on a mixed-precision
+run), and then outranks the quantization term it is traded against. With it, the last layer
+gives the logit and the solver applies the sigmoid.
 """
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from scipy import stats
+from scipy import special, stats
 from torch import nn
 
 
@@ -29,18 +34,22 @@ def index_encode(choices: Sequence[Sequence[int]], options_per_block: Sequence[i
 
 
 _ACTS = {"tanh": nn.Tanh, "relu": nn.ReLU}
+OUTPUTS = ("linear", "sigmoid")
 
 
 class MLPPredictor(nn.Module):
-    """``layers`` Linear maps with ``activation`` between; outputs proxy accuracy itself."""
+    """``layers`` Linear maps with ``activation`` between; outputs proxy accuracy itself
+    (``output="sigmoid"``: the sigmoid of the last layer, which then gives the logit)."""
 
-    def __init__(self, in_dim: int, hidden: int = 64, layers: int = 2, activation: str = "tanh"):
+    def __init__(self, in_dim: int, hidden: int = 64, layers: int = 2, activation: str = "tanh", output: str = "linear"):
         super().__init__()
         if activation not in _ACTS:
             raise ValueError(f"unknown predictor activation {activation!r} (one of {sorted(_ACTS)})")
+        if output not in OUTPUTS:
+            raise ValueError(f"unknown predictor output {output!r} (one of {list(OUTPUTS)})")
         if layers < 1:
             raise ValueError("the predictor needs at least one layer")
-        self.config = {"in_dim": in_dim, "hidden": hidden, "layers": layers, "activation": activation}
+        self.config = {"in_dim": in_dim, "hidden": hidden, "layers": layers, "activation": activation, "output": output}
         dims = [in_dim] + [hidden] * (layers - 1) + [1]
         mods = []
         for i in range(layers):
@@ -50,7 +59,8 @@ class MLPPredictor(nn.Module):
         self.net = nn.Sequential(*mods)
 
     def forward(self, x):
-        return self.net(x).squeeze(-1)
+        z = self.net(x).squeeze(-1)
+        return torch.sigmoid(z) if self.config["output"] == "sigmoid" else z
 
     @torch.no_grad()
     def predict(self, X: np.ndarray) -> np.ndarray:
@@ -58,7 +68,7 @@ class MLPPredictor(nn.Module):
         return self(torch.as_tensor(np.asarray(X), dtype=torch.float32)).numpy().astype(np.float64)
 
     def numpy_layers(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(W (out, in), b) per Linear, in float64: what the solver rebuilds in Gekko."""
+        """(W (out, in), b) per Linear, in float64: what the solver rebuilds in Gekko (before any sigmoid)."""
         return [(m.weight.detach().numpy().astype(np.float64), m.bias.detach().numpy().astype(np.float64))
                 for m in self.net if isinstance(m, nn.Linear)]
 
@@ -76,16 +86,24 @@ class MLPPredictor(nn.Module):
         return model.eval()
 
 
-def train_predictor(X, y, *, hidden=64, layers=2, activation="tanh", optimizer="adam", lr=3e-3, epochs=300,
-                    batch_size=64, weight_decay=1e-4, seed=0) -> MLPPredictor:
-    """Fit by MSE (eq. 14.2) on standardised targets; deterministic for a seed, global RNG untouched."""
+def train_predictor(X, y, *, hidden=64, layers=2, activation="tanh", output="linear", optimizer="adam", lr=3e-3, epochs=300,
+                    batch_size=64, weight_decay=1e-4, seed=0, clip=1e-3) -> MLPPredictor:
+    """Fit by MSE (eq. 14.2) on standardised targets; deterministic for a seed, global RNG untouched.
+
+    With ``output="sigmoid"`` the targets are logits of accuracies clipped to [clip, 1 − clip]
+    (a student right on every proxy image would otherwise have an infinite target).
+    """
     X = torch.as_tensor(np.asarray(X), dtype=torch.float32)
     y = np.asarray(y, dtype=np.float64)
+    if output == "sigmoid":
+        if y.min() < 0 or y.max() > 1:
+            raise ValueError(f"a sigmoid-output predictor fits accuracies in [0, 1]; the targets span {y.min():.3g}..{y.max():.3g}")
+        y = special.logit(np.clip(y, clip, 1 - clip))
     mu, sd = float(y.mean()), float(y.std()) or 1.0
     t = torch.as_tensor((y - mu) / sd, dtype=torch.float32)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = MLPPredictor(X.shape[1], hidden, layers, activation)
+        model = MLPPredictor(X.shape[1], hidden, layers, activation, output)
     if optimizer == "adam":
         opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     elif optimizer == "sgd":
@@ -100,7 +118,7 @@ def train_predictor(X, y, *, hidden=64, layers=2, activation="tanh", optimizer="
         for _ in range(epochs):
             model.train()
             for idx in torch.randperm(len(X), generator=gen).split(batch_size):
-                loss = nn.functional.mse_loss(model(X[idx]), t[idx])
+                loss = nn.functional.mse_loss(model.net(X[idx]).squeeze(-1), t[idx])  # before any sigmoid: t is standardised (logit) accuracy
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .arch import OpSpec, arch_to_str
+from .arch import arch_to_str
 from .bound import BoundSpace, bound_with_teacher, splits_for
 from .mixed_precision import expand_first_layer, float_projection, is_mixed, project, quantization_terms, quantize_stitched, resource_limits
 from .optimize import SearchProblem, sample_under_budget, solve_budgets
@@ -34,18 +34,18 @@ log = logging.getLogger(__name__)
 def search_problem(bound: BoundSpace, latency_info: dict, predictor: MLPPredictor | None = None,
                    option_penalty: list | None = None) -> SearchProblem:
     """The solver's problem: calibrated option latencies, the predictor, and (mixed precision) the modelled drops."""
-    from .latency.calibrate import Calibration
-    from .lut import effective_option_ms
+    from .lut import calibration_from, effective_option_ms, option_masks
 
     cal = latency_info.get("calibration", {"a": 1.0, "b": 0.0})
-    identity = [np.array([OpSpec.parse(s).family == "identity" for s in opts]) for opts in latency_info["options"]]
-    per_block = effective_option_ms(latency_info["option_ms"], identity, Calibration(float(cal["a"]), float(cal["b"]), float(cal.get("c", 0.0))))
+    identity, integer = option_masks(latency_info["options"])
+    per_block = effective_option_ms(latency_info["option_ms"], identity, calibration_from(cal), integer)
     return SearchProblem(
         option_latency=per_block,
         layers=_solver_layers(bound, predictor) if predictor is not None else [],
         option_penalty=[np.asarray(r, float) for r in option_penalty] if option_penalty is not None else None,
         limits=resource_limits(bound),
-        activation=bound.space.phase2.predictor.activation,
+        activation=predictor.config["activation"] if predictor is not None else "tanh",
+        output=predictor.config.get("output", "linear") if predictor is not None else "linear",
         base_latency=float(latency_info["base_ms"]),
         calibration=(float(cal["a"]), float(cal["b"])),
     )
@@ -53,7 +53,7 @@ def search_problem(bound: BoundSpace, latency_info: dict, predictor: MLPPredicto
 
 def solve_key(problem: SearchProblem, k_per_budget: int, seed: int) -> str:
     """A digest of everything a budget's solutions depend on, so a resumed phase 2 reuses only what still holds."""
-    h = hashlib.sha1(repr((k_per_budget, seed, problem.activation, problem.base_latency, tuple(problem.calibration))).encode())
+    h = hashlib.sha1(repr((k_per_budget, seed, problem.activation, problem.output, problem.base_latency, tuple(problem.calibration))).encode())
     arrays = [*problem.option_latency, *(a for layer in problem.layers for a in layer), *(problem.option_penalty or [])]
     for values, limit in problem.limits:
         arrays += [*values, np.array([limit])]
@@ -192,8 +192,12 @@ def encode(bound: BoundSpace, choices_list, encoding: str | None = None) -> np.n
     return one_hot_encode(choices_list, sizes)
 
 
-def fit_predictor(bound: BoundSpace, samples: list[dict], seed: int, encoding: str | None = None) -> tuple[MLPPredictor, dict]:
-    """Train on a seeded split of the samples; report Spearman on the held-out part."""
+def fit_predictor(bound: BoundSpace, samples: list[dict], seed: int, encoding: str | None = None,
+                  output: str | None = None) -> tuple[MLPPredictor, dict]:
+    """Train on a seeded split of the samples; report Spearman on the held-out part.
+
+    ``encoding`` and ``output`` override the space's predictor settings (benchmarks compare them).
+    """
     cfg = bound.space.phase2
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(samples))
@@ -202,7 +206,8 @@ def fit_predictor(bound: BoundSpace, samples: list[dict], seed: int, encoding: s
     X = encode(bound, [s["choices"] for s in samples], encoding)
     y = np.array([s["proxy_acc"] for s in samples], dtype=np.float64)
     p = cfg.predictor
-    model = train_predictor(X[train], y[train], hidden=p.hidden, layers=p.layers, activation=p.activation, optimizer=p.optimizer, lr=p.lr, epochs=p.epochs, seed=seed)
+    model = train_predictor(X[train], y[train], hidden=p.hidden, layers=p.layers, activation=p.activation, output=output or p.output,
+                             optimizer=p.optimizer, lr=p.lr, epochs=p.epochs, seed=seed)
     pred = model.predict(X[hold])
     rho = spearman(pred, y[hold])
     metrics = {

@@ -146,6 +146,7 @@ class PredictorConfig(_Strict):
     hidden: int = Field(64, ge=1)
     layers: int = Field(2, ge=2)
     activation: Literal["tanh", "relu"] = "tanh"
+    output: Literal["linear", "sigmoid"] = Field("sigmoid", description="sigmoid: fit logit(accuracy), so predictions stay in (0, 1)")
     optimizer: Literal["adam", "sgd"] = "adam"
     epochs: int = Field(300, ge=1)
     lr: float = Field(3e-3, gt=0)

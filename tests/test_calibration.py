@@ -39,6 +39,29 @@ def test_boundary_term_is_recovered_and_chosen_only_when_it_helps():
     assert out["kind"] == "line" and out["c"] == 0.0  # no boundary effect: HAO's plain line
 
 
+def test_integer_scale_is_recovered_and_chosen_only_when_it_helps():
+    """Mixed precision: integer entries that cost more inside a network than float ones get their own
+    scale (``line+precision``); where both precisions scale alike the plain line stays."""
+    rng = np.random.default_rng(4)
+    n = 40
+    float_sum, int_sum = 0.5 + rng.uniform(0.5, 4, n), rng.uniform(0, 3, n)
+    ops = rng.integers(2, 8, n)
+    rows = lambda measured: [r | {"int_table_ms": float(i)} for r, i in zip(rows_from(float_sum + int_sum, ops, measured), int_sum)]  # noqa: E731
+    per_block = [np.array([0.0, 0.3, 0.6])] * 8
+    identity = [np.array([True, False, False])] * 8
+    integer = [np.array([False, False, True])] * 8
+    measured = 1.05 * float_sum + 1.25 * int_sum + 0.1
+    fit = calibrate.fit_calibration(float_sum + int_sum, measured, int_sum=int_sum)
+    assert (fit.a, fit.a_int, fit.b, fit.c) == (pytest.approx(1.05), pytest.approx(1.25), pytest.approx(0.1), 0.0)
+    out = fit_rows(rows(measured), 0.5, per_block, identity, integer)
+    assert out["kind"] == "line+precision" and out["a_int"] == pytest.approx(1.25) and out["after"]["mape"] < 1e-9
+    assert out["cross_validated_mape"]["line+precision"] < 0.9 * out["cross_validated_mape"]["line"]
+
+    same = (1.05 * (float_sum + int_sum) + 0.1) * (1 + 0.01 * rng.standard_normal(n))
+    out = fit_rows(rows(same), 0.5, per_block, identity, integer)
+    assert out["kind"] == "line" and out["a_int"] is None
+
+
 def test_poor_agreement_falls_back_to_a_ratio():
     per_block, identity = [np.array([0.0, 1.0])], [np.array([True, False])]
     rng = np.random.default_rng(3)
@@ -66,6 +89,22 @@ def test_folded_boundary_term_gives_the_calibrated_latency():
         raw = sum(per_block[i][j] for i, j in enumerate(choice))
         ops = sum(not identity[i][j] for i, j in enumerate(choice))
         assert cal.a * sum(eff[i][j] for i, j in enumerate(choice)) + cal.b == pytest.approx(float(cal(raw, ops)))
+
+
+def test_folded_integer_scale_gives_the_calibrated_latency():
+    """The solver's additive model (a, b over folded option latencies) equals the calibration with
+    a separate integer scale and a boundary term, for any mix of float, integer and identity blocks."""
+    rng = np.random.default_rng(1)
+    per_block = [rng.uniform(0.1, 1.0, 5) for _ in range(6)]
+    identity = [np.array([True, False, False, False, False])] * 6
+    integer = [np.array([False, False, True, False, True])] * 6
+    cal = calibrate.Calibration(a=1.05, b=0.3, c=-0.02, a_int=1.25)
+    eff = effective_option_ms(per_block, identity, cal, integer)
+    for choice in ([0, 1, 2, 3, 4, 0], [2, 2, 4, 4, 2, 4], [1, 3, 1, 3, 1, 3]):
+        raw = sum(per_block[i][j] for i, j in enumerate(choice))
+        ops = sum(not identity[i][j] for i, j in enumerate(choice))
+        ints = sum(per_block[i][j] for i, j in enumerate(choice) if integer[i][j])
+        assert cal.a * sum(eff[i][j] for i, j in enumerate(choice)) + cal.b == pytest.approx(float(cal(raw, ops, ints)))
 
 
 def test_schedule_policy_names_the_table_and_separates_its_entries(tmp_path, monkeypatch):

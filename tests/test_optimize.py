@@ -84,6 +84,26 @@ def test_inlp_handles_other_predictor_shapes(activation, depth):
         assert sol.method != "heuristic"
 
 
+@pytest.mark.parametrize("with_penalty", [False, True])
+def test_sigmoid_output_is_solved_as_the_predictor_computes_it(with_penalty):
+    """A sigmoid-output predictor (last layer = logit): numpy and Gekko apply the same sigmoid, and
+    the solve (minus any quantization penalty) still reaches the enumerated optimum."""
+    rng = np.random.default_rng(5)
+    penalty = [rng.uniform(0, 0.05, 4) for _ in range(4)] if with_penalty else None
+    p = random_problem(4, output="sigmoid", option_penalty=penalty)
+    linear = random_problem(4)
+    C = all_choices(p)
+    pen = sum(penalty[i][C[:, i]] for i in range(4)) if with_penalty else 0.0
+    np.testing.assert_allclose(p.objective_many(C), 1 / (1 + np.exp(-linear.objective_many(C))) - pen, rtol=1e-12)
+    assert np.all(p.objective_many(C) + pen < 1)
+    for b in budgets(p):
+        sol = solve_inlp(p, b, seed=4)
+        assert sol.latency <= b + 1e-9
+        assert sol.objective == pytest.approx(exhaustive(p, b).objective, abs=1e-6)
+    got, gekko_value = _gekko_solve(p, budgets(p)[1], (), tuple(int(np.argmin(r)) for r in p.option_latency), 30)
+    assert gekko_value == pytest.approx(p.objective(got), abs=1e-5)  # Gekko's objective is the predictor's
+
+
 def test_gekko_alone_improves_a_poor_start_and_stays_feasible():
     """APOPT itself, without the heuristic: from the fastest architecture it must climb."""
     p = random_problem(3)

@@ -1,4 +1,6 @@
 """The accuracy predictor: encodings, fitting a non-additive target, persistence, numpy export."""
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -73,11 +75,12 @@ def test_training_is_deterministic_for_a_seed_and_leaves_global_rng_alone():
     assert not np.allclose(a, c)
 
 
-@pytest.mark.parametrize("activation,layers,optimizer", [("tanh", 2, "adam"), ("relu", 3, "sgd"), ("tanh", 1, "adam")])
-def test_numpy_layers_reproduce_predict(activation, layers, optimizer):
+@pytest.mark.parametrize("activation,layers,optimizer,output", [("tanh", 2, "adam", "linear"), ("relu", 3, "sgd", "linear"),
+                                                                 ("tanh", 1, "adam", "linear"), ("tanh", 2, "adam", "sigmoid")])
+def test_numpy_layers_reproduce_predict(activation, layers, optimizer, output):
     C = random_choices(60, seed=5)
     X, y = one_hot_encode(C, SIZES), synthetic_accuracy(C)
-    model = train_predictor(X, y, hidden=16, layers=layers, activation=activation, optimizer=optimizer, epochs=10)
+    model = train_predictor(X, y, hidden=16, layers=layers, activation=activation, optimizer=optimizer, output=output, epochs=10)
     h = X.astype(np.float64)
     ws = model.numpy_layers()
     assert len(ws) == layers
@@ -85,7 +88,8 @@ def test_numpy_layers_reproduce_predict(activation, layers, optimizer):
         h = h @ W.T + b
         if k < len(ws) - 1:
             h = np.tanh(h) if activation == "tanh" else np.maximum(h, 0)
-    np.testing.assert_allclose(h[:, 0], model.predict(X), rtol=1e-5, atol=1e-6)
+    out = h[:, 0] if output == "linear" else 1 / (1 + np.exp(-h[:, 0]))  # the solver applies the sigmoid itself
+    np.testing.assert_allclose(out, model.predict(X), rtol=1e-5, atol=1e-6)
 
 
 def test_save_load_round_trip(tmp_path):
@@ -96,6 +100,31 @@ def test_save_load_round_trip(tmp_path):
     back = MLPPredictor.load(tmp_path / "p.pt")
     assert back.config == model.config
     np.testing.assert_array_equal(back.predict(X), model.predict(X))
+
+
+def test_sigmoid_output_stays_below_one_where_a_linear_output_promises_more():
+    """Accuracy that saturates near 1 (as on an easy dataset): a linear output, extrapolating the
+    additive trend to the best combination no sample contains, predicts past 1.0; the sigmoid
+    output, fit on logit accuracy, stays below 1 everywhere and ranks held-out students as well."""
+    rng = np.random.default_rng(8)
+    main = [rng.normal(0, 1, k) for k in SIZES]
+    every = np.array(list(itertools.product(*[range(k) for k in SIZES])))
+    score = lambda C: sum(main[i][C[:, i]] for i in range(len(SIZES)))  # noqa: E731
+    accuracy = lambda C: 1 - 0.04 * np.exp(-score(C) / 2)  # noqa: E731  (0.96 at score 0, → 1 from below)
+    C = random_choices(400, seed=9)
+    C = C[score(C) < np.quantile(score(every), 0.9)]  # the best tenth of the space is never sampled
+    X, y = one_hot_encode(C, SIZES), accuracy(C)
+    linear = train_predictor(X[:250], y[:250], epochs=200, seed=0)
+    sigmoid = train_predictor(X[:250], y[:250], epochs=200, seed=0, output="sigmoid")
+    Xa = one_hot_encode(every, SIZES)
+    assert linear.predict(Xa).max() > 1.0
+    assert sigmoid.predict(Xa).max() < 1.0
+    assert spearman(sigmoid.predict(X[250:]), y[250:]) >= spearman(linear.predict(X[250:]), y[250:]) - 0.02 > 0.85
+
+
+def test_sigmoid_output_rejects_targets_outside_zero_one():
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        train_predictor(np.eye(3, dtype=np.float32), [0.5, 1.2, 0.7], output="sigmoid", epochs=1)
 
 
 def test_spearman_handles_constant_input():
