@@ -29,13 +29,9 @@ log = logging.getLogger("benchmarks.predictor_output")
 
 def phase2_samples(search, info) -> list[dict]:
     """The students phase 2 trained its predictor on, read back from the run's cache."""
-    from eta.mixed_precision import is_mixed
-    from eta.selection import float_choices, sample_architectures, search_problem
+    from eta.selection import phase2_choices
 
-    bound, cfg = search.bound, search.space.phase2
-    choices = sample_architectures(bound, search_problem(bound, info), cfg.samples, cfg.sample_levels, search.space.seed)
-    if is_mixed(bound):
-        choices = list(dict.fromkeys(float_choices(bound, c) for c in choices))
+    choices = phase2_choices(search.bound, info)
     cached = {tuple(s["choices"]): s for s in read_json(search.run.root / "phase2" / "samples.json")}
     missing = [c for c in choices if c not in cached]
     if missing:

@@ -241,6 +241,23 @@ def option_masks(options) -> tuple[list[np.ndarray], list[np.ndarray]]:
             [np.array([s.bits < 32 for s in opts]) for opts in specs])
 
 
+def calibration_terms(rows: list[dict]) -> dict[str, dict]:
+    """The calibrations worth trying on these whole-network rows: name -> extra terms of the fit.
+
+    A term needs 8 networks and some variation to be estimated at all.
+    """
+    n_ops = np.array([r["operators"] for r in rows])
+    int_sum = np.array([r.get("int_table_ms", 0.0) for r in rows])
+    terms = {"line": {}}
+    if len(rows) >= 8 and np.ptp(n_ops) > 0:
+        terms["line+boundary"] = {"n_ops": n_ops}
+    if len(rows) >= 8 and np.ptp(int_sum) > 0:
+        terms["line+precision"] = {"int_sum": int_sum}
+        if "line+boundary" in terms:
+            terms["line+precision+boundary"] = {"n_ops": n_ops, "int_sum": int_sum}
+    return terms
+
+
 def fit_rows(rows: list[dict], base: float, per_block: list[np.ndarray], identity: list[np.ndarray],
              integer: list[np.ndarray] | None = None) -> dict:
     """Choose and fit the calibration: HAO's line, the line with a boundary term and/or a separate
@@ -258,13 +275,7 @@ def fit_rows(rows: list[dict], base: float, per_block: list[np.ndarray], identit
     kind, cv = "ratio", {}
     if len(rows) >= 5 and np.ptp(pred) > 0:
         cv["line"] = calib.cross_validated_mape(pred, meas)
-        terms = {"line": {}}
-        if len(rows) >= 8 and np.ptp(n_ops) > 0:
-            terms["line+boundary"] = {"n_ops": n_ops}
-        if len(rows) >= 8 and np.ptp(int_sum) > 0:
-            terms["line+precision"] = {"int_sum": int_sum}
-            if "line+boundary" in terms:
-                terms["line+precision+boundary"] = {"n_ops": n_ops, "int_sum": int_sum}
+        terms = calibration_terms(rows)
         for name, kw in terms.items():
             if name != "line":
                 cv[name] = calib.cross_validated_mape(pred, meas, **kw)

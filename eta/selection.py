@@ -238,15 +238,24 @@ def solve_in_parallel(problem: SearchProblem, budgets: list[float], k_per_budget
         yield b, ray.get(done[0])[b]
 
 
+def phase2_choices(bound: BoundSpace, latency_info: dict) -> list[tuple]:
+    """The students phase 2 evaluates to train its predictor (deterministic for the space's seed).
+
+    In a mixed space they are float students: bit-widths are priced by the quantization term.
+    """
+    cfg = bound.space.phase2
+    choices = sample_architectures(bound, search_problem(bound, latency_info), cfg.samples, cfg.sample_levels, bound.space.seed)
+    if is_mixed(bound):
+        choices = list(dict.fromkeys(float_choices(bound, c) for c in choices))
+    return choices
+
+
 def run_phase2(run: Run, bound: BoundSpace, block_states: list[dict], latency_info: dict, budgets_ms: list[float], splits, tracker=None, progress=True) -> dict:
     cfg = bound.space.phase2
     seed = bound.space.seed
     out = run.dir("phase2")
-    problem = search_problem(bound, latency_info)
-    choices_list = sample_architectures(bound, problem, cfg.samples, cfg.sample_levels, seed)
+    choices_list = phase2_choices(bound, latency_info)
     mixed = is_mixed(bound)
-    if mixed:  # the predictor learns float students; bit-widths are priced by the quantization term
-        choices_list = list(dict.fromkeys(float_choices(bound, c) for c in choices_list))
     t0 = time.time()
     samples = evaluate_samples(run, bound, block_states, choices_list, progress=progress)
     eval_s = time.time() - t0
