@@ -16,39 +16,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import families
 from .arch import OpSpec, arch_to_str
+from .data import load_splits
 from .errors import EtaError
-from .space import SearchSpace
-from .teachers import TeacherSplit, block_io_shapes, build_teacher, split_teacher
+from .files import load_tensors
+from .families import BlockSlot
+from .network import StemBlocksHead
+from .space import SearchSpace, parse_space
+from .teachers import block_io_shapes, build_teacher, split_teacher
 
 log = logging.getLogger(__name__)
-
-CONV_FAMILIES = ("ir", "fused", "basic", "bottleneck")
-
-
-def fits(spec: OpSpec, in_shape: tuple, out_shape: tuple) -> bool:
-    """Whether an operator can replace a block with these (batch-free) shapes."""
-    if spec.family == "teacher":
-        return True
-    if spec.family == "identity":
-        return tuple(in_shape) == tuple(out_shape)
-    if spec.family == "vit":
-        return len(in_shape) == 2 and tuple(in_shape) == tuple(out_shape) and in_shape[1] % max(spec.heads, 1) == 0
-    if spec.family in CONV_FAMILIES:
-        return len(in_shape) == 3 and len(out_shape) == 3 and in_shape[1] % out_shape[1] == 0 and in_shape[1] >= out_shape[1]
-    return False
-
-
-def _lowerable(block: nn.Module) -> bool:
-    """Whether a teacher block has integer kernels (so the space may offer it at 8 or 4 bits)."""
-    from .quant.qop import describe
-
-    try:
-        describe(block)
-    except EtaError as err:
-        log.info("teacher block %s stays float: %s", type(block).__name__, err)
-        return False
-    return True
 
 
 def module_digest(module: nn.Module) -> str:
@@ -60,7 +38,7 @@ def module_digest(module: nn.Module) -> str:
 class BoundSpace:
     space: SearchSpace
     teacher: nn.Module
-    split: TeacherSplit
+    split: StemBlocksHead
     in_chans: int
     num_classes: int
     shapes: list  # per block (in_shape, out_shape) at data.resolution, batch-free
@@ -81,7 +59,8 @@ class BoundSpace:
         specs = space.op_specs()
         options = []
         for b, (ins, outs) in enumerate(shapes):
-            opts = [s for s in specs if fits(s, ins, outs) and (s.bits == 32 or s.family != "teacher" or _lowerable(split.blocks[b]))]
+            slot = BlockSlot(ins, outs, split.blocks[b], b, split.block_names[b])
+            opts = [s for s in specs if families.get(s.family).fits(s, slot)]
             if not opts:
                 raise EtaError(f"block {b} ({split.block_names[b]}, {ins}->{outs}): no operator of the pool fits; add 'teacher' or a matching family")
             options.append(opts)
@@ -91,8 +70,6 @@ class BoundSpace:
         return cls(space, teacher, split, in_chans, num_classes, shapes, options)
 
     def load_teacher_weights(self, path: Path) -> None:
-        from .runs import load_tensors
-
         state = load_tensors(path)
         try:
             self.teacher.load_state_dict(state)
@@ -127,12 +104,21 @@ class BoundSpace:
     def space_size(self) -> int:
         return int(np.prod([len(o) for o in self.options], dtype=np.float64))
 
+    def slot(self, block: int) -> BlockSlot:
+        """Where block ``block`` sits: its shapes and the teacher's module (shared, not copied)."""
+        ins, outs = self.shapes[block]
+        return BlockSlot(ins, outs, self.split.blocks[block], block, self.split.block_names[block])
+
+    def operator(self, block: int, spec: OpSpec) -> nn.Module:
+        """A standalone float operator for ``block`` with fresh weights (the teacher's own block: a copy)."""
+        return families.get(spec.family).build(spec.with_bits(32), self.slot(block))
+
     def trainable_specs(self, block: int) -> list[OpSpec]:
-        """Float operators of a block that phase 1 must pretrain (identity and teacher need none)."""
+        """Float operators of a block that phase 1 must pretrain (identity and the teacher's block need none)."""
         seen = []
         for s in self.options[block]:
             f = s.with_bits(32)
-            if f.family not in ("identity", "teacher") and f not in seen:
+            if families.get(f.family).is_trainable(f) and f not in seen:
                 seen.append(f)
         return seen
 
@@ -153,8 +139,6 @@ def set_seed(seed: int) -> torch.Generator:
 
 def splits_for(space: SearchSpace):
     """The data splits a search space names (train without the proxy set, proxy, test)."""
-    from .data import load_splits
-
     d = space.data
     return load_splits(
         d.dataset, root=d.root, proxy_fraction=d.proxy_fraction, seed=space.seed, download=d.download,
@@ -168,3 +152,10 @@ def bound_with_teacher(space: SearchSpace, splits, teacher_state: dict | None) -
         bound.teacher.load_state_dict(teacher_state)
         bound.teacher.eval()
     return bound
+
+
+def rebuild(space_dict: dict, teacher_state: dict | None):
+    """(bound space, data splits) from plain data: what a Ray task on any node starts from."""
+    space = parse_space(space_dict)
+    splits = splits_for(space)
+    return bound_with_teacher(space, splits, teacher_state), splits

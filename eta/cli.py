@@ -12,8 +12,7 @@ from .runs import PHASES
 
 log = logging.getLogger("eta")
 
-REPO_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
-DEMO_SPACE = REPO_SPACES / "digits.yaml"
+DEMO_SPACE = "digits.yaml"  # among the search spaces shipped with eta
 
 
 def _latency_overrides(args) -> dict:
@@ -73,31 +72,32 @@ def _budget_arg(s: str):
 
 
 def cmd_search(args) -> int:
-    search = _space_or_run(args.space, args, args.budgets)
-    pareto = search.run_all()
+    with _space_or_run(args.space, args, args.budgets) as search:
+        pareto = search.run_all()
     _print_front(pareto)
-    print(f"\nrun: {search.run.root}  (pareto.json, pareto.png, W&B offline runs in {search.run.root / 'wandb'})")
+    print(f"\nrun: {search.run.root}  (pareto.json, pareto.png, W&B offline runs in {search.run.wandb_dir})")
     return 0
 
 
 def cmd_demo(args) -> int:
-    if not DEMO_SPACE.exists():
-        raise EtaError(f"the demo space {DEMO_SPACE} is missing: install eta from a clone (pip install -e .)")
-    args.space = str(DEMO_SPACE)
+    from .paths import reference_spaces_dir
+
+    spaces = reference_spaces_dir()
+    if spaces is None or not (spaces / DEMO_SPACE).is_file():
+        raise EtaError(f"the demo space {DEMO_SPACE} is not installed with eta (package data eta.spaces); reinstall eta")
+    args.space = str(spaces / DEMO_SPACE)
     args.budgets = None
     return cmd_search(args)
 
 
 def _phase_cmd(phase: str):
     def run(args) -> int:
-        search = _space_or_run(args.space, args)
-        for p in PHASES:
-            if p == phase:
-                break
-            if phase == "latency":
-                break  # latency depends on the teacher's architecture, not on its trained weights
-            getattr(search, f"phase_{p}")()
-        out = getattr(search, f"phase_{phase}")(force=args.rerun)
+        with _space_or_run(args.space, args) as search:
+            for p in PHASES:
+                if p == phase or phase == "latency":  # latency depends on the teacher's architecture, not on its weights
+                    break
+                search.phase(p)
+            out = search.phase(phase, force=args.rerun)
         if phase == "finetune":
             _print_front(out)
         elif phase == "solve":
@@ -108,9 +108,9 @@ def _phase_cmd(phase: str):
                                                   ("predicted_acc", "predicted", ".4f"), ("proxy_acc", "proxy acc", ".4f"),
                                                   ("predicted_latency_ms", "latency ms", ".3f"), ("solver_s", "solver s", ".2f")]))
         elif phase == "latency":
-            cal = out["calibration"]
-            print(f"latency table: {out['table']}  ({out['backend']}, {out.get('schedule', 'untuned')}, {out['device']})")
-            print("teacher: " + ", ".join(f"{r}px {ms:.3f} ms" for r, ms in out["teacher_ms"].items()))
+            cal = out.calibration
+            print(f"latency table: {out.table}  ({out.backend}, {out.schedule}, {out.device})")
+            print("teacher: " + ", ".join(f"{r}px {ms:.3f} ms" for r, ms in out.teacher_ms.items()))
             print(f"calibration ({cal.get('kind', 'line')}, {len(cal['students'])} whole networks): a={cal['a']:.3f} "
                   f"b={cal['b']:.3f} ms c={cal.get('c', 0.0):.3f} ms/operator"
                   + (f" a_int={cal['a_int']:.3f} (integer entries)" if cal.get("a_int") is not None else ""))
@@ -125,8 +125,8 @@ def cmd_latency_validate(args) -> int:
 
     if args.students < 3:
         raise EtaError(f"--students must be at least 3 to judge the table, got {args.students}")
-    search = _space_or_run(args.space, args)
-    rep = search.validate_latency(args.students, args.seed, Path(args.plot) if args.plot else None)
+    with _space_or_run(args.space, args) as search:
+        rep = search.validate_latency(args.students, args.seed, Path(args.plot) if args.plot else None)
     n = len(rep["students"])
     print(f"\nlatency table {rep['table']}\n{rep['backend']} ({rep['schedule']}) on {rep['device']}: {n} whole networks "
           f"compiled end to end against the sum of their table entries\n")
@@ -149,8 +149,8 @@ def cmd_latency_validate(args) -> int:
 
 
 def cmd_teacher_train(args) -> int:
-    search = _space_or_run(args.space, args)
-    info = search.phase_teacher(force=args.rerun)
+    with _space_or_run(args.space, args) as search:
+        info = search.phase("teacher", force=args.rerun)
     if args.out:
         import shutil
 
@@ -162,13 +162,10 @@ def cmd_teacher_train(args) -> int:
 
 
 def cmd_pareto(args) -> int:
-    from .runs import Run, read_json
+    from .export import read_front
+    from .runs import Run
 
-    run = Run.open(Path(args.run))
-    path = run.root / "pareto.json"
-    if not path.exists():
-        raise EtaError(f"{run.root} has no pareto.json yet: the search has not finished phase 3")
-    _print_front(read_json(path))
+    _print_front(read_front(Run.open(Path(args.run))).to_dict())
     return 0
 
 

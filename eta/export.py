@@ -16,21 +16,35 @@ from pathlib import Path
 import torch
 
 from .arch import arch_from_str
-from .bound import BoundSpace
+from .bound import BoundSpace, splits_for
+from .data import batches
 from .errors import EtaError
-from .runs import Run, atomic_path, load_tensors, read_json, save_tensors, write_json
+from .files import atomic_path, load_tensors, read_json, save_tensors, write_json
+from .latency.protocol import Protocol
+from .quant.network import agreement, compile_network_int
+from .records import Front, LatencyInfo
+from .runs import Run
 from .student import arch_bits, is_quantized, weights_skeleton
+from .threads import torch_threads
 
 log = logging.getLogger(__name__)
 
 
-def pick(run: Run, max_latency_ms: float | None = None, resolution: int | None = None) -> dict:
-    """The most accurate front entry within the latency limit (and at ``resolution`` if given)."""
-    path = run.root / "pareto.json"
+def read_front(run: Run) -> Front:
+    path = run.pareto_json
     if not path.exists():
         raise EtaError(f"{run.root} has no pareto.json yet: finish the search first (eta search / eta finetune)")
-    pareto = read_json(path)
-    pool = pareto["front"] if resolution is None else [p for p in pareto["all"] if p["resolution"] == resolution]
+    try:
+        return Front.from_dict(read_json(path))
+    except (KeyError, TypeError) as err:
+        raise EtaError(f"{path}: not a Pareto front written by eta (missing {err})") from None
+
+
+def pick(run: Run, max_latency_ms: float | None = None, resolution: int | None = None) -> dict:
+    """The most accurate front entry within the latency limit (and at ``resolution`` if given)."""
+    path = run.pareto_json
+    pareto = read_front(run)
+    pool = pareto.front if resolution is None else [p for p in pareto.all if p["resolution"] == resolution]
     if not pool:
         raise EtaError(f"no student at resolution {resolution} in {path}")
     ok = [p for p in pool if max_latency_ms is None or p["latency_ms"] <= max_latency_ms]
@@ -40,10 +54,19 @@ def pick(run: Run, max_latency_ms: float | None = None, resolution: int | None =
     return max(ok, key=lambda p: (p["test_acc"], -p["latency_ms"]))
 
 
+def run_io(run: Run, space) -> tuple[int, int]:
+    """(input channels, classes) of a run's data: as the latency phase recorded them, else read from the data."""
+    info = LatencyInfo.from_dict(read_json(run.latency_info)) if run.latency_info.exists() else None
+    if info is not None and info.io:
+        return int(info.io["in_chans"]), int(info.io["num_classes"])
+    splits = splits_for(space)  # runs from before the record named them
+    return splits.in_chans, splits.num_classes
+
+
 def build_student(run: Run, entry: dict) -> torch.nn.Module:
     space = run.space()
-    shape = read_json(run.root / "latency" / "latency.json").get("io", {})
-    bound = BoundSpace.build(space, in_chans=shape.get("in_chans", 1), num_classes=shape.get("num_classes", 10))
+    in_chans, num_classes = run_io(run, space)
+    bound = BoundSpace.build(space, in_chans=in_chans, num_classes=num_classes)
     arch = arch_from_str(entry["arch"])
     model = weights_skeleton(bound, arch)
     state = load_tensors(run.root / entry["weights"])
@@ -99,22 +122,14 @@ def export_student(run_dir: Path, out_dir: Path, max_latency_ms: float | None = 
 
 def export_integer(run: Run, model, entry: dict, out_dir: Path) -> dict:
     """Compile the quantized student as one integer TVM module, check it against PyTorch, time it."""
-    from .bound import splits_for
-    from .data import batches
-    from .latency.protocol import Protocol
-    from .latency.tvm_backend import host_target
-    from .quant import one_thread
-    from .quant.network import agreement, compile_network_int
-
     space = run.space()
-    info = read_json(run.root / "latency" / "latency.json")
-    target = info.get("target") or host_target(space.latency.target)
+    target = LatencyInfo.from_dict(read_json(run.latency_info)).target
     r = entry["resolution"]
     compiled = compile_network_int(model, (space.latency.batch_size, model.eta_info["in_chans"], r, r), target)
     with atomic_path(out_dir / "student_int.so") as tmp:
         compiled.executable.export_library(str(tmp))
     test = splits_for(space).test
-    with one_thread():
+    with torch_threads(1):
         agree = agreement(model, compiled, [x for x, _ in batches(test, 256, resolution=r)])
     cfg = space.latency
     protocol = Protocol(number=cfg.number, repeat=cfg.repeat, max_cv=cfg.max_spread)

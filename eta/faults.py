@@ -7,8 +7,9 @@ preempted worker would, after their work is done but before its result reaches t
 death claims one marker file ``marker_dir/<phase>-<i>`` (created exclusively, so concurrent workers
 and retries in other processes count together); once all ``count`` markers exist, units run normally.
 
-The driver reads the variable (:func:`spec`) and hands it to its tasks and trials explicitly, so it
-works whatever environment the Ray workers were started with. Unset, nothing happens.
+The driver reads the variable (:func:`spec`) and its tasks and trials carry it in their
+:class:`eta.raycluster.TaskContext`, which installs it in the worker (:func:`install`), so it works
+whatever environment the Ray workers were started with. Unset, nothing happens.
 """
 from __future__ import annotations
 
@@ -28,6 +29,14 @@ def spec() -> str | None:
     return os.environ.get(ENV) or None
 
 
+_installed: str | None = None  # the setting of the task running in this process
+
+
+def install(fault: str | None) -> None:
+    global _installed
+    _installed = fault
+
+
 def _parse(text: str) -> list[tuple[str, int, Path]]:
     out = []
     for item in filter(None, (s.strip() for s in text.split(","))):
@@ -41,8 +50,9 @@ def _parse(text: str) -> list[tuple[str, int, Path]]:
     return out
 
 
-def maybe_die(phase: str, unit: str, fault: str | None) -> None:
-    """SIGKILL this process if ``fault`` (a :func:`spec` value) still owes ``phase`` a death."""
+def maybe_die(phase: str, unit: str) -> None:
+    """SIGKILL this process if the installed setting still owes ``phase`` a death."""
+    fault = _installed
     if not fault:
         return
     for p, count, marker_dir in _parse(fault):

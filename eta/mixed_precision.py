@@ -22,9 +22,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import families
 from .arch import OpSpec
 from .bound import BoundSpace
+from .data import batches
 from .errors import EtaError
+from .quant import mismatch, quantize_operator
+from .quant.network import quantize_student
+from .student import arch_bits, count_macs
+from .threads import torch_threads
 from .train import evaluate, recalibrate_bn
 
 log = logging.getLogger(__name__)
@@ -58,14 +64,12 @@ def expand_first_layer(layers: list[tuple[np.ndarray, np.ndarray]], index: list[
     return [(np.asarray(W1)[:, cols], b1), *rest]
 
 
-def block_inputs(student, dataset, *, block: int, resolution: int, batches: int, batch_size: int, seed: int) -> list[torch.Tensor]:
+def block_inputs(student, dataset, *, block: int, resolution: int, n_batches: int, batch_size: int, seed: int) -> list[torch.Tensor]:
     """What block ``block`` of ``student`` receives on a few training batches (for calibration)."""
-    from .data import batches as iterate
-
     out = []
     with torch.no_grad():
-        for i, (x, _) in enumerate(iterate(dataset, batch_size, resolution=resolution, shuffle=True, seed=seed)):
-            if i >= batches:
+        for i, (x, _) in enumerate(batches(dataset, batch_size, resolution=resolution, shuffle=True, seed=seed)):
+            if i >= n_batches:
                 break
             h = student.stem(x)
             for blk in student.blocks[:block]:
@@ -93,22 +97,18 @@ def quantization_terms(bound: BoundSpace, bank, splits, *, measure_bits: tuple |
     evaluates students), its proxy accuracy taken, then the same block quantized (calibrated on
     the inputs it receives there) and evaluated again: the difference is the measured drop.
     """
-    from .quant import one_thread
-
     if measure_bits is None:
         measure_bits = tuple(sorted({s.bits for opts in bound.options for s in opts} - {32}))
-    with one_thread():
+    with torch_threads(1):
         return _quantization_terms(bound, bank, splits, measure_bits, calib_batches, progress)
 
 
 def _quantization_terms(bound: BoundSpace, bank, splits, measure_bits: tuple, calib_batches: int, progress: bool) -> dict:
-    from .quant import mismatch, quantize_operator
-
     space = bound.space
     tc = bound.teacher_choices()
     if tc is None:
         raise EtaError("mixed precision measures each quantized operator inside the teacher: add {family: teacher} to the pool")
-    res, cfg, seed = space.data.resolution, space.phase2, space.seed
+    res, cfg, seed = space.data.resolution, space.solve, space.seed
     rows = [[{} for _ in opts] for opts in bound.options]
     jobs = [(b, j, s) for b, opts in enumerate(bound.options) for j, s in enumerate(opts) if s.bits != 32]
     prepared: dict = {}  # (block, float op) -> (student with it in the teacher, its proxy accuracy, the block's inputs)
@@ -122,7 +122,7 @@ def _quantization_terms(bound: BoundSpace, bank, splits, measure_bits: tuple, ca
             recalibrate_bn(student, splits.train, resolution=res, num_batches_=cfg.bn_batches, batch_size=space.data.batch_size, seed=seed)
             student.eval()
             prepared[(b, f)] = (student, evaluate(student, splits.proxy, resolution=res),
-                                block_inputs(student, splits.train, block=b, resolution=res, batches=calib_batches,
+                                block_inputs(student, splits.train, block=b, resolution=res, n_batches=calib_batches,
                                              batch_size=space.data.batch_size, seed=seed))
         student, float_acc, inputs = prepared[(b, f)]
         op = student.blocks[b]
@@ -152,12 +152,8 @@ def _quantization_terms(bound: BoundSpace, bank, splits, measure_bits: tuple, ca
 def quantize_stitched(bound: BoundSpace, student, arch, splits, *, device="cpu"):
     """A stitched student as it will be deployed at ``arch``'s bit-widths: BatchNorm re-estimated, then
     folded and quantized, calibrated on training batches (phase 2's proxy evaluation and phase 3's QAT)."""
-    from .data import batches
-    from .quant.network import quantize_student
-    from .student import arch_bits
-
     space = bound.space
-    res, n = space.data.resolution, space.phase2.bn_batches
+    res, n = space.data.resolution, space.solve.bn_batches
     recalibrate_bn(student, splits.train, resolution=res, num_batches_=n, batch_size=space.data.batch_size, seed=space.seed, device=device)
     calib = [x for _, (x, _) in zip(range(n), batches(splits.train, space.data.batch_size, resolution=res, shuffle=True,
                                                          seed=space.seed + 1, device=device))]
@@ -171,9 +167,7 @@ def resource_limits(bound: BoundSpace) -> list[tuple[list[np.ndarray], float]]:
     BOPs are multiply-accumulates × weight bits × activation bits at the base resolution. Stem and
     head are float and fixed, so they are taken off the limit.
     """
-    from .student import _standalone, count_macs
-
-    cfg = bound.space.phase2
+    cfg = bound.space.solve
     if cfg.max_size_mb is None and cfg.max_gbops is None:
         return []
     res = bound.space.data.resolution
@@ -185,10 +179,10 @@ def resource_limits(bound: BoundSpace) -> list[tuple[list[np.ndarray], float]]:
     for b, opts in enumerate(bound.options):
         s_row, o_row = [], []
         for spec in opts:
-            if spec.family == "identity":
+            if not families.get(spec.family).costs_latency:
                 s_row.append(0.0), o_row.append(0.0)
                 continue
-            op = _standalone(bound, b, spec)
+            op = bound.operator(b, spec)
             params = sum(p.numel() for p in op.parameters())
             macs = sum(count_macs(_Wrap(op), (1, *bound.shapes[b][0])).values())
             s_row.append(params * spec.bits / 8 / 1e6)

@@ -2,8 +2,9 @@
 
 Variables are one-hot per block over that block's options. The objective is the MLP predictor
 (on the one-hot encoding) minus any additive per-option penalty (the modelled quantization drop);
-the constraint is the calibrated table latency a·(base + Σ option ms) + b ≤ budget, plus any
-extra linear limits (model size, BOPs). Gekko's APOPT solves it locally, warm-started by a few
+the constraint is the calibrated latency base + Σ option ms ≤ budget (every option's figure already
+calibrated, :meth:`eta.latency.calibrate.Calibration.additive`), plus any extra linear limits
+(model size, BOPs). Gekko's APOPT solves it locally, warm-started by a few
 cheap evolutionary searches polished by two-block local search; APOPT's answer is polished the
 same way and the best found is returned, ``method`` saying where it came from. Exhaustive
 enumeration, predictor-ranked random sampling, evolution and HANT's additive ILP are the baselines.
@@ -31,8 +32,9 @@ class InfeasibleBudget(EtaError):
 class SearchProblem:
     """One block-wise choice problem: per-option latency tables and the predictor's weights.
 
-    ``layers`` may be empty (before a predictor exists): latency bounds and sampling still work.
-    ``output="sigmoid"``: the last layer gives the logit of accuracy (see ``predictor``).
+    ``option_latency`` and ``base_latency`` are calibrated milliseconds, so a student's latency is
+    their sum. ``layers`` may be empty (before a predictor exists): latency bounds and sampling still
+    work. ``output="sigmoid"``: the last layer gives the logit of accuracy (see ``accuracy_predictor``).
     """
 
     option_latency: list[np.ndarray]
@@ -40,7 +42,6 @@ class SearchProblem:
     activation: str = "tanh"
     output: str = "linear"
     base_latency: float = 0.0
-    calibration: tuple[float, float] = (1.0, 0.0)
     option_penalty: list[np.ndarray] | None = None
     limits: Sequence[tuple[list[np.ndarray], float]] = ()
 
@@ -64,12 +65,9 @@ class SearchProblem:
         return len(self.sizes)
 
     # --- vectorised evaluation over an (M, N) array of choices -----------------------------
-    def _table_sum(self, C: np.ndarray) -> np.ndarray:
-        return self.base_latency + sum(self.option_latency[i][C[:, i]] for i in range(self.num_blocks))
-
     def latency_many(self, C) -> np.ndarray:
-        a, b = self.calibration
-        return a * self._table_sum(np.atleast_2d(np.asarray(C, dtype=int))) + b
+        C = np.atleast_2d(np.asarray(C, dtype=int))
+        return self.base_latency + sum(self.option_latency[i][C[:, i]] for i in range(self.num_blocks))
 
     def objective_many(self, C) -> np.ndarray:
         if not self.layers:
@@ -99,12 +97,10 @@ class SearchProblem:
         return float(self.latency_many([choices])[0])
 
     def min_latency(self) -> float:
-        a, b = self.calibration
-        return a * (self.base_latency + sum(r.min() for r in self.option_latency)) + b
+        return self.base_latency + sum(r.min() for r in self.option_latency)
 
     def max_latency(self) -> float:
-        a, b = self.calibration
-        return a * (self.base_latency + sum(r.max() for r in self.option_latency)) + b
+        return self.base_latency + sum(r.max() for r in self.option_latency)
 
     def restricted(self, keep: Sequence[Sequence[int]]) -> tuple["SearchProblem", list[np.ndarray]]:
         """The same problem over a subset of each block's options (e.g. the teacher's block at every
@@ -116,7 +112,7 @@ class SearchProblem:
         layers = [(self.layers[0][0][:, cols], self.layers[0][1]), *self.layers[1:]] if self.layers else []
         sub = SearchProblem(
             option_latency=[r[k] for r, k in zip(self.option_latency, keep)], layers=layers, activation=self.activation, output=self.output,
-            base_latency=self.base_latency, calibration=self.calibration,
+            base_latency=self.base_latency,
             option_penalty=[p[k] for p, k in zip(self.option_penalty, keep)] if self.option_penalty is not None else None,
             limits=[([np.asarray(v, float)[k] for v, k in zip(values, keep)], limit) for values, limit in self.limits])
         return sub, keep
@@ -160,11 +156,10 @@ def _repair_many(problem, C, budget, rng, lower=None, max_steps=100) -> tuple[np
     """
     C = np.array(C, dtype=int, copy=True).reshape(-1, problem.num_blocks)
     lower = -np.inf if lower is None else float(lower)
-    a = problem.calibration[0]
     width = max(problem.sizes)
     table = np.full((problem.num_blocks, width), np.nan)
     for i, row in enumerate(problem.option_latency):
-        table[i, : len(row)] = a * row
+        table[i, : len(row)] = row
     lat = problem.latency_many(C) if len(C) else np.zeros(0)
     for _ in range(max_steps):
         rows = np.flatnonzero((lat > budget + 1e-9) | (lat < lower - 1e-9))
@@ -282,10 +277,9 @@ def additive_ilp(option_drop, problem, budget_ms) -> Solution:
         r = np.zeros(n)
         r[problem.offsets[i] : problem.offsets[i] + k] = 1
         rows.append(r), lo.append(1), hi.append(1)
-    a, b = problem.calibration
-    rows.append(np.concatenate(problem.option_latency) * a)
+    rows.append(np.concatenate(problem.option_latency))
     lo.append(-np.inf)
-    hi.append(budget_ms - b - a * problem.base_latency)
+    hi.append(budget_ms - problem.base_latency)
     for values, limit in problem.limits:
         rows.append(np.concatenate([np.asarray(v, float) for v in values]))
         lo.append(-np.inf)
@@ -360,9 +354,8 @@ def _gekko_solve(problem, budget_ms, exclude, warm, time_limit_s, apopt_options=
         x = [[m.Var(value=int(warm[i] == j), lb=0, ub=1, integer=True) for j in range(k)] for i, k in enumerate(problem.sizes)]
         for row in x:
             m.Equation(m.sum(row) == 1)
-        a, b = problem.calibration
         xs = [v for row in x for v in row]  # same order as the one-hot encoding
-        m.Equation(_affine(m, a * np.concatenate(problem.option_latency), xs, a * problem.base_latency + b) <= budget_ms)
+        m.Equation(_affine(m, np.concatenate(problem.option_latency), xs, problem.base_latency) <= budget_ms)
         for values, limit in problem.limits:
             m.Equation(_affine(m, np.concatenate([np.asarray(v, float) for v in values]), xs, 0.0) <= limit)
         for e in exclude:

@@ -1,7 +1,5 @@
-"""The Pareto front of measured latency versus accuracy, its table and its plot."""
+"""The Pareto front of measured latency versus accuracy, and its table."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 
@@ -38,29 +36,3 @@ FRONT_COLUMNS = [
     ("size_mb", "MB", ".3f"),
     ("bops_g", "GBOPs", ".3f"),
 ]
-
-
-def plot_front(points: list[dict], front: list[dict], teacher: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    if points:
-        ax.scatter([p["latency_ms"] for p in points], [p["test_acc"] for p in points], s=14, c="0.7", label="finetuned students × resolution")
-    if front:
-        ax.plot([p["latency_ms"] for p in front], [p["test_acc"] for p in front], "o-", c="tab:blue", label="eta Pareto front")
-        for p in front:
-            ax.annotate(f"{p['resolution']}px", (p["latency_ms"], p["test_acc"]), textcoords="offset points", xytext=(4, -10), fontsize=7)
-    if teacher:
-        ax.plot([t["latency_ms"] for t in teacher], [t["test_acc"] for t in teacher], "s--", c="tab:red", label="teacher × resolution")
-    ax.set_xlabel("measured latency (ms)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)

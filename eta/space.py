@@ -16,8 +16,13 @@ from typing import Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .arch import FAMILIES, OpSpec
+from . import families
+from .arch import OpSpec
 from .errors import EtaError
+
+
+# section names of spaces written before each phase had one name (still read)
+LEGACY_SECTIONS = {"phase1": "pretrain", "phase2": "solve", "phase3": "finetune"}
 
 
 class _Strict(BaseModel):
@@ -32,6 +37,7 @@ class TeacherTraining(_Strict):
     weight_decay: float = Field(0.05, ge=0)
     batch_size: int = Field(64, ge=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="mixed precision: auto = bf16/fp16 on CUDA, off on CPU")
 
 
 class TeacherConfig(_Strict):
@@ -44,6 +50,22 @@ class TeacherConfig(_Strict):
 
 
 class DataConfig(_Strict):
+    class Augment(_Strict):
+        """A preset with some fields changed (``eta.augment`` says what each preset means per data set)."""
+
+        preset: Literal["auto", "none", "light", "standard", "strong"] = "auto"
+        crop: Optional[Literal["none", "shift", "resized"]] = Field(None, description="shift: pad-and-crop; resized: random-resized crop")
+        shift: Optional[float] = Field(None, ge=0, lt=0.5, description="largest shift, as a fraction of the side")
+        scale: Optional[tuple[float, float]] = Field(None, description="random-resized crop: range of the area kept")
+        ratio: Optional[tuple[float, float]] = Field(None, description="random-resized crop: range of aspect ratios")
+        hflip: Optional[float] = Field(None, ge=0, le=1, description="probability of a horizontal flip (0 for digits)")
+        rand_augment: Optional[str] = Field(None, description="timm RandAugment, e.g. 'rand-m9-mstd0.5'")
+        color_jitter: Optional[float] = Field(None, ge=0)
+        mixup: Optional[float] = Field(None, ge=0, description="mixup alpha (timm Mixup); 0 = off")
+        cutmix: Optional[float] = Field(None, ge=0, description="cutmix alpha; 0 = off")
+        label_smoothing: Optional[float] = Field(None, ge=0, lt=1)
+        phase1: Optional[bool] = Field(None, description="also augment phase 1's distillation batches")
+
     dataset: str
     root: Optional[str] = None
     download: bool = False
@@ -52,10 +74,19 @@ class DataConfig(_Strict):
     max_train: Optional[int] = Field(None, ge=10)
     max_test: Optional[int] = Field(None, ge=10)
     batch_size: int = Field(64, ge=1)
+    decode_size: Optional[int] = Field(None, ge=4, description="image folders: decode size; null = the largest resolution used")
+    cache: Literal["auto", "memory", "disk", "none"] = Field("auto", description="image folders: keep the decoded uint8 images "
+                                                             "in memory, memory-mapped from the cache, or read lazily; "
+                                                             "auto: memory when they fit cache_max_gb")
+    cache_max_gb: float = Field(4.0, gt=0, description="cache auto: the largest decoded set kept in memory")
+    workers: Optional[int] = Field(None, ge=0, description="DataLoader workers for lazily read sets; null = min(4, CPUs)")
+    augment: Union[Literal["auto", "none", "light", "standard", "strong"], Augment] = Field(
+        "auto", description="training augmentation: a preset or {preset: ..., field: value}; auto: light for digits and "
+                            "fashion_mnist, standard for cifar10 and image folders")
 
 
 class PoolEntry(_Strict):
-    """One operator family with the kernels and elastic widths to try."""
+    """One operator family with the kernels, elastic widths and head counts to try (those its family uses)."""
 
     family: str
     kernel: list[int] = Field(default_factory=lambda: [3])
@@ -65,11 +96,10 @@ class PoolEntry(_Strict):
     @field_validator("family")
     @classmethod
     def _known_family(cls, v: str) -> str:
-        if v == "id":
-            v = "identity"
-        if v not in FAMILIES:
-            raise ValueError(f"unknown operator family '{v}' (known: {', '.join(FAMILIES)})")
-        return v
+        try:
+            return families.canonical(v)
+        except EtaError as err:
+            raise ValueError(str(err)) from None
 
     @field_validator("kernel", "expansion", "heads", mode="before")
     @classmethod
@@ -77,11 +107,10 @@ class PoolEntry(_Strict):
         return v if isinstance(v, list) else [v]
 
     def specs(self) -> list[OpSpec]:
-        if self.family in ("identity", "teacher"):
-            return [OpSpec(self.family)]
-        if self.family == "vit":
-            return [OpSpec("vit", 0, e, h) for h, e in itertools.product(self.heads, self.expansion)]
-        return [OpSpec(self.family, k, e) for k, e in itertools.product(self.kernel, self.expansion)]
+        """Every combination of the settings the family varies (the others are ignored)."""
+        fields = families.get(self.family).fields
+        values = {"kernel": self.kernel, "expansion": self.expansion, "heads": self.heads}
+        return [OpSpec(self.family, **dict(zip(fields, combo))) for combo in itertools.product(*(values[f] for f in fields))]
 
 
 _BUDGET_MS = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*ms\s*$")
@@ -129,7 +158,9 @@ class LatencyConfig(_Strict):
                                              "this much off here (another machine); null: trust the table")
 
 
-class Phase1Config(_Strict):
+class PretrainConfig(_Strict):
+    """Phase 1 (``pretrain``): block-wise distillation of every candidate operator."""
+
     epochs: int = Field(1, ge=1)
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -152,19 +183,24 @@ class PredictorConfig(_Strict):
     lr: float = Field(3e-3, gt=0)
 
 
-class Phase2Config(_Strict):
+class SolveConfig(_Strict):
+    """Phase 2 (``solve``): proxy accuracy of sampled students, the accuracy predictor, the INLP per budget."""
+
     samples: int = Field(300, ge=10, description="stitched students evaluated on the proxy set")
     sample_levels: int = Field(10, ge=1, description="latency levels the samples are spread over (the 'Multi' setting)")
     holdout: float = Field(0.2, gt=0, lt=0.9, description="fraction of samples kept to measure the predictor's Spearman")
     bn_batches: int = Field(4, ge=1, description="training batches used to recalibrate BatchNorm statistics")
     eval_tasks: Optional[int] = Field(None, ge=1)
+    num_gpus: float = Field(0, ge=0, description="GPUs (or fractions) per proxy-evaluation task")
     solutions_per_budget: int = Field(2, ge=1)
     max_size_mb: Optional[float] = Field(None, gt=0, description="model size limit (weights at their bit-widths), as HAWQV3 eq. 11.9")
     max_gbops: Optional[float] = Field(None, gt=0, description="bit-operations limit at the base resolution (GBOPs), as HAWQV3 eq. 11.10")
     predictor: PredictorConfig = Field(default_factory=PredictorConfig)
 
 
-class Phase3Config(_Strict):
+class FinetuneConfig(_Strict):
+    """Phase 3 (``finetune``): the selected students trained end to end with elastic resolution."""
+
     epochs: int = Field(6, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
@@ -191,10 +227,24 @@ class SearchSpace(_Strict):
     resolutions: list[int] = Field(default_factory=list, description="phase 3 elastic resolutions; empty = data.resolution only")
     latency: LatencyConfig = Field(default_factory=LatencyConfig)
     budgets: list[Union[float, str]] = Field(..., min_length=1)
-    phase1: Phase1Config = Field(default_factory=Phase1Config)
-    phase2: Phase2Config = Field(default_factory=Phase2Config)
-    phase3: Phase3Config = Field(default_factory=Phase3Config)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    solve: SolveConfig = Field(default_factory=SolveConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _phase_section_names(cls, data):
+        """Spaces written before the phases had one name call their sections phase1/phase2/phase3."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for old, new in LEGACY_SECTIONS.items():
+            if old in data:
+                if new in data:
+                    raise ValueError(f"sections '{old}' and '{new}' are the same phase's settings; keep '{new}'")
+                data[new] = data.pop(old)
+        return data
 
     @field_validator("bits")
     @classmethod
@@ -225,14 +275,13 @@ class SearchSpace(_Strict):
     def op_specs(self) -> list[OpSpec]:
         """Every candidate operator of the pool (before per-block shape filtering), bits included.
 
-        Only conv operators have integer kernels (``eta.quant``): identity and transformer blocks
-        are offered at 32 bits only, and the teacher's own block at every bit-width here but only
-        where binding finds its structure lowerable (``bound.bind``).
+        Families without integer kernels (identity, transformer blocks) are offered at 32 bits only;
+        whether a given block can run at a bit-width is decided when binding (``bound.bind``).
         """
         specs = []
         for entry in self.pool:
+            quantizable = families.get(entry.family).integer
             for spec in entry.specs():
-                quantizable = spec.family in ("ir", "fused", "basic", "bottleneck", "teacher")
                 specs.extend(spec.with_bits(b) for b in (self.bits if quantizable else [32]))
         return sorted(set(specs), key=str)
 
@@ -246,17 +295,20 @@ class SearchSpace(_Strict):
         """Content hash of everything that defines the run; budgets and tracking may change on resume."""
         return self.section_hash(exclude=("tracking", "budgets"))
 
-    def section_hash(self, *, include: tuple = (), exclude: tuple = ()) -> str:
+    def section_hash(self, *, include: tuple = (), exclude: tuple = (), spelled: dict | None = None) -> str:
         """Hash of some top-level sections; settings left at their defaults do not count.
 
         So a new setting added to eta (with a default that keeps the old behaviour) leaves the
-        hashes of existing runs unchanged, and they resume instead of starting over.
+        hashes of existing runs unchanged, and they resume instead of starting over. ``spelled``
+        hashes sections under other names (how runs of an older layout hashed them).
         """
         d = self.model_dump(mode="json", exclude_defaults=True)
         if include:
             d = {k: d[k] for k in include if k in d}
         for k in exclude:
             d.pop(k, None)
+        if spelled:
+            d = {spelled.get(k, k): v for k, v in d.items()}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

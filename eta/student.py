@@ -13,85 +13,53 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import families
 from .arch import OpSpec
 from .bound import BoundSpace
+from .elastic import build_super_ops, super_op_name
 from .errors import EtaError
-from .ops import build_op, build_super_ops
-from .runs import load_tensors
-from .zoo import StemBlocksHead
-
-
-class Student(StemBlocksHead):
-    """A student network: the teacher's stem and head around the chosen operators."""
-
-
-def super_key(spec: OpSpec, elastic: bool) -> str:
-    """Name of the super-operator that holds ``spec`` (one per expansion when elasticity is off)."""
-    return spec.super_key if elastic else f"{spec.super_key}_e{spec.expansion:g}".replace(".", "p")
+from .network import StemBlocksHead
+from .quant.network import quant_skeleton, quantize_student
 
 
 def block_super_ops(bound: BoundSpace, block: int, elastic: bool) -> nn.ModuleDict:
-    """The super-operators phase 1 trains for one block (empty weights)."""
-    ins, outs = bound.shapes[block]
-    specs = bound.trainable_specs(block)
-    if elastic:
-        return build_super_ops(specs, ins, outs)
-    return nn.ModuleDict({super_key(s, False): next(iter(build_super_ops([s], ins, outs).values())) for s in specs})
-
-
-def _standalone(bound: BoundSpace, block: int, spec: OpSpec) -> nn.Module:
-    if spec.family == "teacher":
-        return copy.deepcopy(bound.split.blocks[block])
-    ins, outs = bound.shapes[block]
-    return build_op(spec.with_bits(32), ins, outs)
+    """The super-operators phase 1 trains for one block (fresh weights)."""
+    return build_super_ops(bound.trainable_specs(block), bound.slot(block), elastic)
 
 
 class OperatorBank:
     """Phase-1 weights of every block, loaded once; stitches students by slicing."""
 
-    def __init__(self, bound: BoundSpace, phase1_dir: Path):
+    def __init__(self, bound: BoundSpace, states: list[dict], *, where: Path | None = None):
         self.bound = bound
-        self.elastic = bound.space.phase1.elastic
+        self.elastic = bound.space.pretrain.elastic
         self.blocks: list[nn.ModuleDict] = []
-        for b in range(bound.num_blocks):
+        for b, state in enumerate(states):
             ops = block_super_ops(bound, b, self.elastic)
             if len(ops):
-                path = Path(phase1_dir) / f"block_{b:02d}.safetensors"
-                state = load_tensors(path)
                 try:
                     ops.load_state_dict(state)
                 except RuntimeError as err:
-                    raise EtaError(f"{path} does not match the search space: {str(err).splitlines()[0]}") from None
-            ops.eval()
-            self.blocks.append(ops)
-
-    @classmethod
-    def from_states(cls, bound: BoundSpace, states: list[dict]) -> "OperatorBank":
-        bank = cls.__new__(cls)
-        bank.bound, bank.elastic, bank.blocks = bound, bound.space.phase1.elastic, []
-        for b, state in enumerate(states):
-            ops = block_super_ops(bound, b, bank.elastic)
-            if len(ops):
-                ops.load_state_dict(state)
-            bank.blocks.append(ops.eval())
-        return bank
+                    at = f"{where}: block {b}" if where else f"phase-1 weights of block {b}"
+                    raise EtaError(f"{at} does not match the search space: {str(err).splitlines()[0]}") from None
+            self.blocks.append(ops.eval())
 
     def operator(self, block: int, spec: OpSpec) -> nn.Module:
-        if spec.family in ("teacher", "identity"):
-            return _standalone(self.bound, block, spec)
-        return self.blocks[block][super_key(spec, self.elastic)].extract(spec.expansion)
+        if not families.get(spec.family).is_trainable(spec.with_bits(32)):  # identity, the teacher's own block
+            return self.bound.operator(block, spec)
+        return self.blocks[block][super_op_name(spec, self.elastic)].extract(spec.expansion)
 
-    def stitch(self, arch) -> Student:
+    def stitch(self, arch) -> StemBlocksHead:
         split = self.bound.split
         ops = [self.operator(b, spec) for b, spec in enumerate(arch)]
-        return Student(copy.deepcopy(split.stem), ops, copy.deepcopy(split.head)).eval()
+        return StemBlocksHead(copy.deepcopy(split.stem), ops, copy.deepcopy(split.head)).eval()
 
 
-def skeleton(bound: BoundSpace, arch) -> Student:
+def skeleton(bound: BoundSpace, arch) -> StemBlocksHead:
     """A student with the right module tree and fresh weights, to load a saved state into."""
     split = bound.split
-    ops = [_standalone(bound, b, spec) for b, spec in enumerate(arch)]
-    return Student(copy.deepcopy(split.stem), ops, copy.deepcopy(split.head))
+    ops = [bound.operator(b, spec) for b, spec in enumerate(arch)]
+    return StemBlocksHead(copy.deepcopy(split.stem), ops, copy.deepcopy(split.head))
 
 
 def arch_bits(arch) -> list[int]:
@@ -107,8 +75,6 @@ def weights_skeleton(bound: BoundSpace, arch) -> nn.Module:
     model = skeleton(bound, arch)
     if not is_quantized(arch):
         return model
-    from .quant.network import quant_skeleton
-
     return quant_skeleton(model, arch_bits(arch))
 
 
@@ -120,8 +86,6 @@ def latency_network(bound: BoundSpace, arch, resolution: int | None = None) -> n
     model = skeleton(bound, arch)
     if not is_quantized(arch):
         return model
-    from .quant.network import quantize_student
-
     x = torch.randn(*bound.input_shape(resolution), generator=torch.Generator().manual_seed(0))
     return quantize_student(model, arch_bits(arch), [x])
 
@@ -172,7 +136,7 @@ def count_macs(model: nn.Module, input_shape: tuple) -> dict[str, int]:
     return macs
 
 
-def bops(model: Student, arch, input_shape: tuple) -> float:
+def bops(model: StemBlocksHead, arch, input_shape: tuple) -> float:
     """Bit operations: MACs × weight bits × activation bits, per block at its bit-width."""
     macs = count_macs(model, input_shape)
     total = 0.0

@@ -1,6 +1,6 @@
 """Small teachers eta trains itself: the laptop demo (digits) and the CPU benchmark (Fashion-MNIST).
 
-They follow eta's stem / blocks / head convention, so :func:`eta.teachers.split_teacher` cuts them
+They are written as eta's :class:`~eta.network.StemBlocksHead`, so :func:`eta.teachers.split_teacher` cuts them
 without configuration, and they are assembled from timm's own blocks (``InvertedResidual``,
 ``BasicBlock``) and layers, so they behave like the timm families eta is meant for.
 """
@@ -11,18 +11,7 @@ from timm.models._efficientnet_blocks import InvertedResidual
 from timm.models.resnet import BasicBlock, downsample_conv
 from torch import nn
 
-
-class StemBlocksHead(nn.Module):
-    """A network that runs ``stem``, then each of ``blocks``, then ``head``: eta's teacher convention."""
-
-    def __init__(self, stem: nn.Module, blocks: list[nn.Module], head: nn.Module):
-        super().__init__()
-        self.stem = stem
-        self.blocks = nn.Sequential(*blocks)
-        self.head = head
-
-    def forward(self, x):
-        return self.head(self.blocks(self.stem(x)))
+from .network import StemBlocksHead
 
 
 def _conv_head(in_chs: int, hidden: int, num_classes: int, drop_rate: float) -> nn.Module:

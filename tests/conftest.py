@@ -49,10 +49,10 @@ def tiny_space_dict(**overrides):
     d["latency"]["calibration_students"] = 3
     d["latency"]["repeat"] = 3
     d["budgets"] = [0.6, 0.85]
-    d["phase1"] = {"epochs": 2, "lr": 0.003, "batch_size": 64, "elastic": True, "sort_every": 10}
-    d["phase2"] = {"samples": 24, "sample_levels": 3, "holdout": 0.25, "bn_batches": 2, "solutions_per_budget": 1,
+    d["pretrain"] = {"epochs": 2, "lr": 0.003, "batch_size": 64, "elastic": True, "sort_every": 10}
+    d["solve"] = {"samples": 24, "sample_levels": 3, "holdout": 0.25, "bn_batches": 2, "solutions_per_budget": 1,
                    "predictor": {"hidden": 16, "epochs": 100}}
-    d["phase3"] = {"epochs": 2, "batch_size": 64, "max_students": 2}
+    d["finetune"] = {"epochs": 2, "batch_size": 64, "max_students": 2}
     for k, v in overrides.items():
         d[k] = v
     return d

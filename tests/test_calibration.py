@@ -7,8 +7,9 @@ from torch import nn
 
 from eta.latency import calibrate, tvm_backend
 from eta.latency.protocol import Measurement, Protocol
-from eta.latency.table import LatencyTable, default_table_path, schedule_policy
-from eta.lut import effective_option_ms, fit_rows
+from eta.latency.backends import schedule_policy
+from eta.latency.calibrate import fit_rows
+from eta.latency.table import LatencyTable, default_table_path
 
 
 def rows_from(table_sum, operators, measured):
@@ -84,27 +85,27 @@ def test_folded_boundary_term_gives_the_calibrated_latency():
     per_block = [rng.uniform(0.1, 1.0, 4) for _ in range(5)]
     identity = [np.array([True, False, False, False])] * 5
     cal = calibrate.Calibration(a=1.1, b=0.2, c=-0.03)
-    eff = effective_option_ms(per_block, identity, cal)
+    base, eff = cal.additive(0.7, per_block, identity)
     for choice in ([0, 1, 2, 3, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]):
-        raw = sum(per_block[i][j] for i, j in enumerate(choice))
+        raw = 0.7 + sum(per_block[i][j] for i, j in enumerate(choice))
         ops = sum(not identity[i][j] for i, j in enumerate(choice))
-        assert cal.a * sum(eff[i][j] for i, j in enumerate(choice)) + cal.b == pytest.approx(float(cal(raw, ops)))
+        assert base + sum(eff[i][j] for i, j in enumerate(choice)) == pytest.approx(float(cal(raw, ops)))
 
 
 def test_folded_integer_scale_gives_the_calibrated_latency():
-    """The solver's additive model (a, b over folded option latencies) equals the calibration with
-    a separate integer scale and a boundary term, for any mix of float, integer and identity blocks."""
+    """The solver's additive model (calibrated constant plus calibrated option latencies) equals the
+    calibration with a separate integer scale and a boundary term, for any mix of float, integer and identity blocks."""
     rng = np.random.default_rng(1)
     per_block = [rng.uniform(0.1, 1.0, 5) for _ in range(6)]
     identity = [np.array([True, False, False, False, False])] * 6
     integer = [np.array([False, False, True, False, True])] * 6
     cal = calibrate.Calibration(a=1.05, b=0.3, c=-0.02, a_int=1.25)
-    eff = effective_option_ms(per_block, identity, cal, integer)
+    base, eff = cal.additive(0.4, per_block, identity, integer)
     for choice in ([0, 1, 2, 3, 4, 0], [2, 2, 4, 4, 2, 4], [1, 3, 1, 3, 1, 3]):
-        raw = sum(per_block[i][j] for i, j in enumerate(choice))
+        raw = 0.4 + sum(per_block[i][j] for i, j in enumerate(choice))
         ops = sum(not identity[i][j] for i, j in enumerate(choice))
         ints = sum(per_block[i][j] for i, j in enumerate(choice) if integer[i][j])
-        assert cal.a * sum(eff[i][j] for i, j in enumerate(choice)) + cal.b == pytest.approx(float(cal(raw, ops, ints)))
+        assert base + sum(eff[i][j] for i, j in enumerate(choice)) == pytest.approx(float(cal(raw, ops, ints)))
 
 
 def test_schedule_policy_names_the_table_and_separates_its_entries(tmp_path, monkeypatch):
@@ -142,8 +143,8 @@ def test_tables_from_before_the_schedule_field_stay_valid(tmp_path):
 
 def test_calibration_is_stored_with_the_table_and_reused(tmp_path, monkeypatch):
     """A second calibration of the same space measures nothing new and reads the stored students."""
-    from eta import lut
     from eta.bound import bind, splits_for
+    from eta.phases import latency
     from eta.space import parse_space
 
     from .conftest import tiny_space_dict
@@ -158,16 +159,17 @@ def test_calibration_is_stored_with_the_table_and_reused(tmp_path, monkeypatch):
     monkeypatch.setattr(tvm_backend, "measure", fake)
     space = parse_space(tiny_space_dict(), "test")
     bound = bind(space, splits_for(space))
-    backend = lut.Backend.from_space(bound)
-    table = lut.open_table(backend, root=tmp_path)
-    items = lut.table_items(bound)
-    table.measure_many(items, progress=False)
-    base, per_block = lut.option_latency_matrix(bound, table)
-    first = lut.calibrate(bound, table, base, per_block, n_students=6, seed=0, progress=False, items=items)
+    measurer = latency.measurer(space)
+    table = measurer.open_table(root=tmp_path)
+    workloads = latency.space_workloads(bound)
+    table.measure_many(workloads, progress=False)
+    base, per_block = latency.option_latency_matrix(bound, table)
+    first = latency.calibrate(bound, table, base, per_block, n_students=6, seed=0, progress=False, workloads=workloads)
     n_calls = len(calls)
     stored = json.loads(table.path.read_text())["calibrations"][first["space_key"]]
     assert len(stored["choices"]) == len(first["students"]) == 7  # the teacher and 6 students
-    again = lut.calibrate(bound, lut.open_table(backend, root=tmp_path), base, per_block, n_students=3, seed=99, progress=False, items=items)
+    again = latency.calibrate(bound, measurer.open_table(root=tmp_path), base, per_block, n_students=3, seed=99, progress=False,
+                              workloads=workloads)
     assert len(calls) == n_calls  # nothing re-measured
     assert [r["arch"] for r in again["students"]] == [r["arch"] for r in first["students"]]
     assert again["a"] == first["a"] and again["b"] == first["b"]

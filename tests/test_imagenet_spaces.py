@@ -7,11 +7,11 @@ import torch
 import yaml
 
 from eta.bound import bind, splits_for
-from eta.distill import pretrain_group
+from eta.phases.pretrain import pretrain_group
 from eta.latency import tvm_backend
 from eta.latency.protocol import Protocol
 from eta.space import parse_space
-from eta.student import _standalone
+
 
 from .conftest import REPO
 
@@ -26,7 +26,7 @@ def tiny(name: str, res: int = 32):
     d["data"] = {"dataset": "digits", "resolution": res, "max_train": 80, "batch_size": 16}
     d["resolutions"] = [res]
     d["latency"].update(target="llvm")
-    d["phase1"].update(batch_size=16, num_gpus=0, num_cpus=1)
+    d["pretrain"].update(batch_size=16, num_gpus=0, num_cpus=1)
     return parse_space(d, f"{name} (tiny)")
 
 
@@ -54,7 +54,7 @@ def test_imagenet_space_builds_cuts_distils_and_measures(name):
         assert all(np.isfinite(v) for v in metrics["candidates"].values())
     spec = next(o for o in bound.options[last] if o.family not in ("teacher", "identity"))
     shape = (1, *bound.shapes[last][0])
-    m = tvm_backend.measure(_standalone(bound, last, spec).eval(), shape, tvm_backend.host_target(num_cores=1),
+    m = tvm_backend.measure(bound.operator(last, spec).eval(), shape, tvm_backend.host_target(num_cores=1),
                             Protocol(repeat=3, min_repeat_ms=1.0, retries=0))
     assert m.median_ms > 0
 
@@ -85,9 +85,9 @@ def test_pretrained_teacher_is_loaded_not_trained(tmp_path, monkeypatch):
     monkeypatch.setattr(timm, "create_model", fake_create)
     monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("a pretrained teacher must not be trained"))
     search = Search(parse_space(d, "test"), runs_dir=tmp_path, progress=False)
-    search.phase_teacher()
+    search.phase("teacher")
     assert calls == ["resnet18"]
-    from eta.runs import load_tensors
+    from eta.files import load_tensors
 
     saved = load_tensors(search.teacher_path)
     expected = fake_create("resnet18", pretrained=True, num_classes=10, in_chans=1).state_dict()

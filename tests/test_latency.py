@@ -11,7 +11,7 @@ from eta.errors import EtaError
 from eta.latency import calibrate, table as table_mod, tvm_backend
 from eta.latency.protocol import Measurement, Protocol, relative_spread
 from eta.latency.table import LatencyTable, default_table_path
-from eta.ops import build_op
+from eta.families import build_operator
 
 FAST = Protocol(warmup=1, repeat=5, max_cv=0.05, retries=1, min_repeat_ms=2.0)
 
@@ -234,15 +234,20 @@ def test_bit_width_without_integer_kernels_is_reported_not_replaced(tmp_path, ta
     entry = json.loads(path.read_text())["entries"][t.key("op0", (1, 4, 6, 6), 8)]
     assert entry["executable"] is False and entry["reason"].startswith("8-bit")
     torch_table = LatencyTable.open(tmp_path / "torch.json", backend="torch", target={"kind": "cpu"}, device="cpu", protocol=FAST)
-    torch_table.measure_many([("ir", lambda: build_op(OpSpec("ir", 3, 2.0), (8, 8, 8), (8, 8, 8)), (1, 8, 8, 8), 8)], progress=False)
+    torch_table.measure_many([("ir", lambda: build_operator(OpSpec("ir", 3, 2.0), (8, 8, 8), (8, 8, 8)), (1, 8, 8, 8), 8)], progress=False)
     assert "integer kernels are TVM's" in torch_table.entry("ir", (1, 8, 8, 8), 8)["reason"]
 
 
 def test_integer_entries_are_measured_with_integer_kernels(tmp_path, target):
     """8- and 4-bit entries of a conv operator are timed as TVM integer modules; 4 bits run on 8-bit kernels."""
-    op = lambda: build_op(OpSpec("ir", 3, 2.0), (8, 8, 8), (8, 8, 8)).eval()  # noqa: E731
+    from eta.quant import quantize_operator
+
+    def op(bits):
+        float_op = build_operator(OpSpec("ir", 3, 2.0), (8, 8, 8), (8, 8, 8)).eval()
+        return float_op if bits == 32 else quantize_operator(float_op, bits, [torch.randn(2, 8, 8, 8)])
+
     t = open_table(tmp_path / "t.json", target)
-    t.measure_many([("ir", op, (1, 8, 8, 8), b) for b in (32, 8, 4)], progress=False)
+    t.measure_many([("ir", (lambda b=b: op(b)), (1, 8, 8, 8), b) for b in (32, 8, 4)], progress=False)
     for bits, kernel in ((8, "int8"), (4, "int8")):
         e = t.entry("ir", (1, 8, 8, 8), bits)
         assert e["executable"] and e["median_ms"] > 0 and e["kernel_dtype"] == kernel
@@ -255,7 +260,7 @@ def test_fresh_measurement_agrees_with_cached_entry(tmp_path, target):
     Both sides are the faster of two separate timings, as the pipeline's tables are (``passes=2``): one
     burst of load on a shared CI machine made a single cached timing 60 % slower than the fresh one.
     """
-    op = build_op(OpSpec("ir", 3, 4.0), (16, 16, 16), (16, 16, 16)).eval()
+    op = build_operator(OpSpec("ir", 3, 4.0), (16, 16, 16), (16, 16, 16)).eval()
     shape = (1, 16, 16, 16)
     protocol = Protocol(repeat=5, min_repeat_ms=5.0)
     t = LatencyTable.open(tmp_path / "t.json", backend="tvm", target=target, device="test-cpu",

@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent('''
 
     from eta.latency.protocol import Protocol
     from eta.latency.table import LatencyTable
-    from eta.lut import Backend, describe_target
+    from eta.latency.measurer import Measurer, describe_target
 
     out = Path(sys.argv[1])
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent('''
     ray.init(address=cluster.address, log_to_driver=False)
     try:
         target, device = ray.get(ray.remote(describe_target).options(num_cpus=0, resources={"latency:board": 0.001}).remote("tvm", "llvm"))
-        backend = Backend("tvm", target, device, Protocol(repeat=3, min_repeat_ms=1.0), "untuned", "latency:board")
+        backend = Measurer("tvm", target, device, Protocol(repeat=3, min_repeat_ms=1.0), "untuned", "latency:board")
         table = LatencyTable.open(out / "t.json", backend="tvm", target=target, device=device, protocol=backend.protocol)
         items = [(f"conv{c}", (lambda c=c: nn.Sequential(nn.Conv2d(4, c, 3, padding=1), nn.ReLU())), (1, 4, 8, 8), 32) for c in (4, 8)]
         table.measure_many(items, progress=False, executor=backend.executor())
@@ -49,9 +49,8 @@ def test_entries_are_measured_on_the_node_with_the_latency_resource(tmp_path):
 
 
 def test_missing_latency_node_is_a_one_line_error(ray_local):
-    from eta.bound import bind, splits_for
     from eta.errors import EtaError
-    from eta.lut import Backend
+    from eta.phases.latency import measurer
     from eta.space import parse_space
 
     from .conftest import tiny_space_dict
@@ -59,6 +58,5 @@ def test_missing_latency_node_is_a_one_line_error(ray_local):
     d = tiny_space_dict()
     d["latency"]["node_resource"] = "latency:nowhere"
     space = parse_space(d, "test")
-    bound = bind(space, splits_for(space))
     with pytest.raises(EtaError, match="no node of the Ray cluster has resource 'latency:nowhere'"):
-        Backend.from_space(bound)
+        measurer(space)

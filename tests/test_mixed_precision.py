@@ -70,7 +70,7 @@ def test_size_and_bops_limits_hold_for_the_chosen_student():
     loose = parse_space(d, "test")
     bound = bind(loose, splits_for(loose))
     arch = bound.arch([len(o) - 1 for o in bound.options])
-    d["phase2"] = {**d["phase2"], "max_size_mb": 0.9 * size_mb(skeleton(bound, arch), arch)}
+    d["solve"] = {**d["solve"], "max_size_mb": 0.9 * size_mb(skeleton(bound, arch), arch)}
     bound = bind(parse_space(d, "test"), splits_for(loose))
     (sizes, limit), = resource_limits(bound)
     for choices in ([0] * bound.num_blocks, [len(o) - 1 for o in bound.options], [1] * bound.num_blocks):
@@ -81,7 +81,7 @@ def test_size_and_bops_limits_hold_for_the_chosen_student():
                             layers=[(np.ones((1, sum(len(o) for o in bound.options))), np.zeros(1))], activation="relu")
     sol = exhaustive(problem, problem.max_latency())
     a = bound.arch(sol.choices)
-    assert size_mb(skeleton(bound, a), a) <= d["phase2"]["max_size_mb"] + 1e-9
+    assert size_mb(skeleton(bound, a), a) <= d["solve"]["max_size_mb"] + 1e-9
 
 
 def test_a_restricted_problem_scores_its_options_as_the_full_problem_does():
@@ -101,7 +101,7 @@ def test_a_restricted_problem_scores_its_options_as_the_full_problem_does():
 def test_teacher_blocks_are_offered_at_every_bit_width_and_quantize_like_pool_operators():
     """tiny_mbnet's blocks are timm InvertedResiduals: the space offers them at 8/4 bits, described as 'ir'."""
     from eta.bound import bind, splits_for
-    from eta.quant.qop import describe
+    from eta.quant.lowering import describe
     from eta.space import parse_space
 
     from .conftest import tiny_space_dict
@@ -122,10 +122,11 @@ def test_a_quantized_solution_is_evaluated_as_the_integer_module_runs():
     from eta.bound import bind, splits_for
     from eta.data import batches
     from eta.mixed_precision import quantize_stitched
-    from eta.quant import compile_network_int, one_thread
-    from eta.selection import proxy_accuracy
+    from eta.quant import compile_network_int
+    from eta.phases.solve import proxy_accuracy
     from eta.space import parse_space
     from eta.student import OperatorBank, block_super_ops
+    from eta.threads import torch_threads
     from eta.train import fit
 
     from .conftest import tiny_space_dict
@@ -134,11 +135,11 @@ def test_a_quantized_solution_is_evaluated_as_the_integer_module_runs():
     splits = splits_for(space)
     bound = bind(space, splits)
     fit(bound.teacher, splits.train, epochs=4, lr=0.004, weight_decay=0.05, batch_size=64, resolutions=[16], seed=0, progress=False)
-    bank = OperatorBank.from_states(bound, [block_super_ops(bound, b, True).state_dict() for b in range(bound.num_blocks)])
+    bank = OperatorBank(bound, [block_super_ops(bound, b, True).state_dict() for b in range(bound.num_blocks)])
     tc = bound.teacher_choices()
     w4 = tuple(bound.options[b].index(bound.options[b][j].with_bits(4)) for b, j in enumerate(tc))
     float_acc, w4_acc = proxy_accuracy(bank, splits, [tc, w4], seed=space.seed)
-    with one_thread():
+    with torch_threads(1):
         q = quantize_stitched(bound, bank.stitch(bound.arch(w4)), bound.arch(w4), splits)
     compiled = compile_network_int(q, (32, 1, 16, 16))
     right = n = 0
@@ -153,7 +154,7 @@ def test_unreachable_latency_bands_hand_their_samples_to_the_others():
     """Under a size limit the slow end of the space is empty; phase 2 still gets the samples it asked for."""
     from types import SimpleNamespace
 
-    from eta.selection import sample_architectures
+    from eta.phases.solve import sample_architectures
 
     problem, _, _ = mixed_problem(seed=5, blocks=5, floats=3)
     size = [r.copy() for r in problem.option_latency]  # size grows with latency: the slow end cannot fit

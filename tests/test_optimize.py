@@ -25,7 +25,7 @@ def random_problem(seed, blocks=4, options=4, hidden=16, **kw):
     lat = [rng.uniform(0.5, 3.0, options) for _ in range(blocks)]
     layers = [(rng.normal(0, 1, (hidden, blocks * options)), rng.normal(0, 0.5, hidden)),
               (rng.normal(0, 1, (1, hidden)), rng.normal(0, 1, 1))]
-    return SearchProblem(lat, layers, base_latency=1.0, calibration=(1.2, 0.3), **kw)
+    return SearchProblem(lat, layers, base_latency=1.5, **kw)
 
 
 def all_choices(problem):
@@ -45,7 +45,7 @@ def test_objective_matches_a_direct_mlp_on_one_hot():
     (W1, b1), (W2, b2) = p.layers
     ref = (np.tanh(X @ W1.T + b1) @ W2.T + b2)[:, 0]
     np.testing.assert_allclose(p.objective_many(C), ref, rtol=1e-12)
-    lat = 0.3 + 1.2 * (1.0 + sum(p.option_latency[i][C[:, i]] for i in range(4)))
+    lat = 1.5 + sum(p.option_latency[i][C[:, i]] for i in range(4))
     np.testing.assert_allclose([p.latency(c) for c in C], lat)
     every = p.latency_many(all_choices(p))
     assert (p.min_latency(), p.max_latency()) == pytest.approx((every.min(), every.max()))
@@ -230,8 +230,8 @@ def test_sampling_respects_the_band_and_is_distinct():
 
 
 def test_problem_without_predictor_still_gives_latency_bounds():
-    p = SearchProblem([np.array([1.0, 2.0]), np.array([0.5, 3.0])], [], base_latency=1.0, calibration=(2.0, 1.0))
-    assert p.min_latency() == pytest.approx(2 * 2.5 + 1) and p.max_latency() == pytest.approx(2 * 6 + 1)
+    p = SearchProblem([np.array([1.0, 2.0]), np.array([0.5, 3.0])], [], base_latency=1.0)
+    assert p.min_latency() == pytest.approx(2.5) and p.max_latency() == pytest.approx(6.0)
     with pytest.raises(EtaError):
         p.objective((0, 0))
 
@@ -337,7 +337,7 @@ def test_realistic_size_matches_a_long_evolution():
     is at least as good as a 300 × 200 evolution polished by local search and 200k random samples."""
     rng = np.random.default_rng(0)
     layers = [(rng.normal(0, 0.5, (64, 80)), rng.normal(0, 0.3, 64)), (rng.normal(0, 0.125, (1, 64)), np.zeros(1))]
-    p = SearchProblem([np.sort(rng.uniform(0.2, 3.0, 10)) for _ in range(8)], layers, base_latency=1.0, calibration=(1.1, 0.2))
+    p = SearchProblem([1.1 * np.sort(rng.uniform(0.2, 3.0, 10)) for _ in range(8)], layers, base_latency=1.3)
     for b in budgets(p, (0.25, 0.5, 0.75)):
         sol = solve_inlp(p, b)
         evo = evolutionary(p, b, population=300, generations=200, seed=1)

@@ -1,6 +1,6 @@
 """Phase 1 splits blocks into Ray tasks of about equal measured cost."""
 from eta.bound import bind, splits_for
-from eta.distill import block_costs, plan_groups
+from eta.phases.pretrain import block_costs, plan_groups
 from eta.space import parse_space
 
 from .conftest import tiny_space_dict

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from eta.predictor import MLPPredictor, index_encode, one_hot_encode, spearman, train_predictor
+from eta.accuracy_predictor import MLPPredictor, index_encode, one_hot_encode, spearman, train_predictor
 
 SIZES = [3, 4, 2, 5, 3, 4]
 

@@ -8,7 +8,8 @@ from torch import nn
 from eta.arch import OpSpec
 from eta.errors import EtaError
 from eta.latency.protocol import Protocol
-from eta.ops import build_op
+from eta.families import build_operator
+from eta.families.conv import InvertedResidual
 from eta.quant import (
     CONTAINER_DTYPE,
     compile_int,
@@ -32,9 +33,9 @@ def _trained(op: nn.Module, in_shape, seed: int = 0) -> nn.Module:
     return with_batchnorm_statistics(op, in_shape, seed=seed, batch=16)
 
 
-def _op(spec: OpSpec, out_shape=SHAPE, act_layer=None, seed: int = 0) -> nn.Module:
+def _op(spec: OpSpec, out_shape=SHAPE, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return _trained(build_op(spec, SHAPE, out_shape, act_layer=act_layer), SHAPE, seed)
+    return _trained(build_operator(spec, SHAPE, out_shape), SHAPE, seed)
 
 
 def _batches(n: int = 2, seed: int = 1):
@@ -119,7 +120,7 @@ def test_fake_quant_is_close_to_float_at_8_bits_and_further_at_4():
 
 INTEGER_CASES = {
     "ir_skip": lambda: _op(OpSpec("ir", 3, 2)),
-    "ir_relu6_stride2": lambda: _op(OpSpec("ir", 5, 3), out_shape=(12, 4, 4), act_layer=nn.ReLU6),
+    "ir_relu6_stride2": lambda: _trained(InvertedResidual(8, 12, 24, 5, 2, act_layer=nn.ReLU6), SHAPE),
     "depthwise_separable": lambda: _op(OpSpec("ir", 3, 1)),
     "depthwise_separable_pw_act": lambda: _trained(DepthwiseSeparableConv(8, 8, pw_act=True), SHAPE),
     "fused": lambda: _op(OpSpec("fused", 3, 2)),
@@ -187,10 +188,10 @@ def test_measure_int_returns_a_positive_median():
 
 
 def test_unsupported_operators_fail_with_one_line():
-    vit = build_op(OpSpec("vit", heads=2, expansion=2), (4, 8), (4, 8))
+    vit = build_operator(OpSpec("vit", heads=2, expansion=2), (4, 8), (4, 8))
     with pytest.raises(EtaError, match="operator family vit has no integer lowering"):
         quantize_operator(vit, 8, [torch.randn(2, 4, 8)])
-    silu = build_op(OpSpec("ir", 3, 2), SHAPE, SHAPE, act_layer=nn.SiLU)
+    silu = InvertedResidual(8, 8, 16, 3, 1, act_layer=nn.SiLU)
     with pytest.raises(EtaError, match="SiLU has no integer lowering"):
         quantize_operator(silu, 8, _batches())
     with pytest.raises(EtaError, match="not supported"):

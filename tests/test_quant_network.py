@@ -9,10 +9,10 @@ from eta.arch import OpSpec
 from eta.data import batches, load_splits
 from eta.errors import EtaError
 from eta.latency.protocol import Protocol
-from eta.ops import build_op
+from eta.families import build_operator
 from eta.quant import QuantOp, QuantStudent, agreement, compile_network_int, measure_network_int, quant_skeleton, quantize_student
 from eta.quant.network import to_relax_network
-from eta.student import Student
+from eta.network import StemBlocksHead
 
 from .conftest import with_batchnorm_statistics
 
@@ -24,15 +24,15 @@ BITS = [8, 32, 4, 8, 8]
 BATCH = 50
 
 
-def _student(seed: int = 0) -> Student:
+def _student(seed: int = 0) -> StemBlocksHead:
     """A small student with realistic batch-norm statistics and affine parameters, in eval mode."""
     torch.manual_seed(seed)
-    blocks = [build_op(OpSpec("ir", 3, 2), (8, 16, 16), (8, 16, 16)),
-              build_op(OpSpec("ir", 3, 3), (8, 16, 16), (16, 8, 8)),
-              build_op(OpSpec("basic", 3, 1), (16, 8, 8), (24, 4, 4)),
-              build_op(OpSpec("ir", 3, 2), (24, 4, 4), (24, 4, 4)),
-              build_op(OpSpec("identity"), (24, 4, 4), (24, 4, 4))]
-    student = Student(ConvNormAct(1, 8, 3), blocks, ClassifierHead(24, 10, pool_type="avg"))
+    blocks = [build_operator(OpSpec("ir", 3, 2), (8, 16, 16), (8, 16, 16)),
+              build_operator(OpSpec("ir", 3, 3), (8, 16, 16), (16, 8, 8)),
+              build_operator(OpSpec("basic", 3, 1), (16, 8, 8), (24, 4, 4)),
+              build_operator(OpSpec("ir", 3, 2), (24, 4, 4), (24, 4, 4)),
+              build_operator(OpSpec("identity"), (24, 4, 4), (24, 4, 4))]
+    student = StemBlocksHead(ConvNormAct(1, 8, 3), blocks, ClassifierHead(24, 10, pool_type="avg"))
     with torch.no_grad():
         student.head.fc.weight.mul_(8.0)  # logits of a few units, so top-1 is not decided by float noise
     return with_batchnorm_statistics(student, SHAPE, seed=seed, batch=32)

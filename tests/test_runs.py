@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from eta.errors import EtaError
-from eta.runs import Run, atomic_path, load_tensors, read_json, save_tensors, write_json
+from eta.files import atomic_path, load_tensors, read_json, save_tensors, write_json
+from eta.runs import Run
 from eta.space import parse_space
 
 
@@ -25,7 +26,7 @@ def test_resume_same_space_and_refuse_different(tmp_path, digits_space_dict):
     run.mark_done("teacher", inputs="abc")
     again = Run.create_or_resume(tmp_path, space)
     assert again.is_done("teacher", "abc") and not again.is_done("teacher", "other")
-    digits_space_dict["phase1"]["epochs"] = 9
+    digits_space_dict["pretrain"]["epochs"] = 9
     other = parse_space(digits_space_dict)
     with pytest.raises(EtaError, match="--force"):
         Run.create_or_resume(tmp_path, other)

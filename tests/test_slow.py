@@ -40,8 +40,8 @@ def test_fashion_mnist_teacher_then_search(tmp_path):
     d["pool"] = d["pool"][:1] + d["pool"][-2:]  # basic widths, identity, teacher: a few minutes on 2 cores
     d["resolutions"] = [20, 28]
     d["latency"]["calibration_students"] = 5
-    d["phase2"].update(samples=60, sample_levels=5)
-    d["phase3"].update(epochs=1, max_students=3)
+    d["solve"].update(samples=60, sample_levels=5)
+    d["finetune"].update(epochs=1, max_students=3)
     space = tmp_path / "fmnist.yaml"
     space.write_text(yaml.safe_dump(d))
     runs = str(tmp_path / "runs")

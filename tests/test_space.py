@@ -34,8 +34,8 @@ def test_unknown_operator_names_field(digits_space_dict):
 
 
 def test_unknown_key_rejected(digits_space_dict):
-    digits_space_dict["phase1"]["epochz"] = 3
-    with pytest.raises(EtaError, match="phase1.epochz"):
+    digits_space_dict["pretrain"]["epochz"] = 3
+    with pytest.raises(EtaError, match="pretrain.epochz"):
         parse_space(digits_space_dict)
 
 

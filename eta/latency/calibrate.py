@@ -13,10 +13,13 @@ term, only when cross-validation says it predicts new students better.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -30,6 +33,27 @@ class Calibration:
         t, i = np.asarray(table_sum, float), np.asarray(int_sum, float)
         a_int = self.a if self.a_int is None else self.a_int
         return self.a * (t - i) + a_int * i + self.c * np.asarray(n_ops, float) + self.b
+
+    @classmethod
+    def from_dict(cls, stored: dict) -> "Calibration":
+        """The calibration a stored fit (``latency.json``'s or a table's) describes."""
+        a_int = stored.get("a_int")
+        return cls(float(stored["a"]), float(stored["b"]), float(stored.get("c", 0.0)), None if a_int is None else float(a_int))
+
+    def additive(self, base: float, per_block: list, identity: list, integer: list | None = None) -> tuple[float, list[np.ndarray]]:
+        """(calibrated constant ms, calibrated ms of every option) whose sum over a student's options is its
+        calibrated latency: the solver's additive model, with the scales and the boundary term folded in.
+
+        a·(base + Σ option·s) + c·operators + b with s = a_int/a for integer options equals
+        (a·base + b) + Σ (a·s·option + c·[not identity]).
+        """
+        a_int = self.a if self.a_int is None else self.a_int
+        out = []
+        for b, row in enumerate(per_block):
+            row = np.asarray(row, float)
+            scale = np.where(np.asarray(integer[b], bool), a_int, self.a) if integer is not None else self.a
+            out.append(scale * row + self.c * (~np.asarray(identity[b], bool)))
+        return self.a * float(base) + self.b, out
 
 
 def fit_calibration(predicted_sum, measured, n_ops=None, int_sum=None) -> Calibration:
@@ -75,3 +99,74 @@ def agreement(predicted, measured, worst: int = 3) -> dict:
         "max_abs_rel_error": float(np.max(np.abs(rel))) if len(rel) else float("nan"),
         "worst": [{"index": int(i), "predicted": float(p[i]), "measured": float(m[i]), "rel_error": float(rel[i])} for i in order],
     }
+
+
+def calibration_terms(rows: list[dict]) -> dict[str, dict]:
+    """The calibrations worth trying on these whole-network rows: name -> extra terms of the fit.
+
+    A term needs 8 networks and some variation to be estimated at all.
+    """
+    n_ops = np.array([r["operators"] for r in rows])
+    int_sum = np.array([r.get("int_table_ms", 0.0) for r in rows])
+    terms = {"line": {}}
+    if len(rows) >= 8 and np.ptp(n_ops) > 0:
+        terms["line+boundary"] = {"n_ops": n_ops}
+    if len(rows) >= 8 and np.ptp(int_sum) > 0:
+        terms["line+precision"] = {"int_sum": int_sum}
+        if "line+boundary" in terms:
+            terms["line+precision+boundary"] = {"n_ops": n_ops, "int_sum": int_sum}
+    return terms
+
+
+def fit_rows(rows: list[dict], base: float, per_block: list[np.ndarray], identity: list[np.ndarray],
+             integer: list[np.ndarray] | None = None) -> dict:
+    """Choose and fit the calibration: HAO's line, the line with a boundary term and/or a separate
+    scale for integer entries, or a plain ratio.
+
+    An extra term is kept only when it lowers the cross-validated error by a tenth against the
+    line (the lowest such error wins); a line is kept only when the table agrees with whole
+    networks (r >= 0.9) and it predicts a positive latency for the fastest student of the space.
+    """
+    pred = np.array([r["table_sum_ms"] for r in rows])
+    meas = np.array([r["measured_ms"] for r in rows])
+    n_ops = np.array([r["operators"] for r in rows])
+    int_sum = np.array([r.get("int_table_ms", 0.0) for r in rows])
+    cal = Calibration(float(np.median(meas / np.maximum(pred, 1e-9))), 0.0)  # a ratio when too few points for a line
+    kind, cv = "ratio", {}
+    if len(rows) >= 5 and np.ptp(pred) > 0:
+        cv["line"] = cross_validated_mape(pred, meas)
+        terms = calibration_terms(rows)
+        for name, kw in terms.items():
+            if name != "line":
+                cv[name] = cross_validated_mape(pred, meas, **kw)
+        better = sorted((n for n in terms if n != "line" and cv[n] < 0.9 * cv["line"]), key=cv.get)
+        candidates = [(n, fit_calibration(pred, meas, **terms[n])) for n in better + ["line"]]
+        r = agreement(pred, meas)["pearson_r"]
+        if r < 0.9:
+            log.warning("latency table agrees poorly with whole networks (Pearson r %.2f); using a ratio, not a line. "
+                        "Was the machine busy while measuring? Re-measure on a quiet machine.", r)
+        else:
+            for name, fit in candidates:
+                const, options = fit.additive(base, per_block, identity, integer)
+                fastest = const + sum(float(np.min(row)) for row in options)
+                if fit.a > 0 and (fit.a_int is None or fit.a_int > 0) and fastest > 0:
+                    kind, cal = name, fit
+                    break
+                log.warning("the calibration %s (a=%.3f, b=%.3f ms, c=%.3f ms) would predict a non-positive latency "
+                            "for the fastest student; trying a simpler one", name, fit.a, fit.b, fit.c)
+    before = agreement(pred, meas) if len(rows) >= 3 else {}
+    after = agreement(cal(pred, n_ops, int_sum), meas) if len(rows) >= 3 else {}
+    return {"kind": kind, "a": cal.a, "b": cal.b, "c": cal.c, "a_int": cal.a_int, "students": rows, "before": jsonable(before),
+            "after": jsonable(after), "cross_validated_mape": cv}
+
+
+def jsonable(d):
+    if isinstance(d, dict):
+        return {k: jsonable(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [jsonable(v) for v in d]
+    if isinstance(d, np.generic):
+        return d.item()
+    if isinstance(d, np.ndarray):
+        return d.tolist()
+    return d

@@ -7,6 +7,8 @@ from typing import Callable
 
 import numpy as np
 
+from ..locks import timing_lock
+
 
 @dataclass
 class Protocol:
@@ -36,6 +38,7 @@ class Measurement:
     compile_s: float = 0.0
     timing_s: float = 0.0
     number: int = 0  # runs averaged per sample
+    timed_at: tuple = ()  # (start, end) of the timing, seconds since the epoch, under the device's timing lock
 
 
 def relative_spread(samples_ms) -> float:
@@ -62,11 +65,21 @@ def choose_number(timer: Callable[[int, int], list], min_repeat_ms: float, cap: 
     return int(min(cap, max(1, np.ceil(min_repeat_ms / per_run_ms))))
 
 
-def measure_callable(timer: Callable[[int, int], list], one_run: Callable[[], None], protocol: Protocol) -> Measurement:
+def measure_callable(timer: Callable[[int, int], list], one_run: Callable[[], None], protocol: Protocol,
+                     device: str = "cpu") -> Measurement:
     """Apply the protocol to a backend: ``timer(number, repeat)`` returns per-repeat mean ms.
 
-    ``one_run`` runs once (for warm-up). ``timing_s`` of the result is the wall time spent here.
+    ``one_run`` runs once (for warm-up). Everything here runs under ``device``'s machine-wide timing
+    lock, so two processes never time at once; ``timing_s`` is the wall time spent timing.
     """
+    with timing_lock(device):
+        start = time.time()
+        m = _measure(timer, one_run, protocol)
+        m.timed_at = (start, time.time())
+    return m
+
+
+def _measure(timer, one_run, protocol: Protocol) -> Measurement:
     t0 = time.perf_counter()
     for _ in range(protocol.warmup):
         one_run()

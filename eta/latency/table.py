@@ -21,50 +21,56 @@ says so (``executable: false`` and a reason) rather than being timed in float.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import re
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from ..errors import EtaError
-from .protocol import Measurement, Protocol
+from ..files import write_json
+from ..locks import file_lock
+from . import backends
+from .backends import measure_entry, tune_trials_of
+from .protocol import Protocol
 
 log = logging.getLogger(__name__)
 
 FORMAT = "eta-latency-table/1"
 # what must match for an entry to be reused, besides the version of the backend's own software
 PROVENANCE_KEYS = ("backend", "target", "device", "schedule")
-BACKEND_VERSION_KEY = {"tvm": "tvm_version", "torch": "torch_version"}
-DEFAULT_SCHEDULE = {"tvm": "untuned", "torch": "eager"}
-
-
-class NotExecutable(EtaError):
-    """The backend cannot run this operator at this bit-width; the table records why."""
-
-
-def schedule_policy(backend: str, tune_trials: int = 0, torch_compile: bool = False) -> str:
-    if backend == "tvm":
-        return f"metaschedule:{int(tune_trials)}" if tune_trials else "untuned"
-    return "torch.compile" if torch_compile else "eager"
-
-
-def tune_trials_of(schedule: str) -> int:
-    return int(schedule.split(":", 1)[1]) if schedule.startswith("metaschedule:") else 0
 
 
 def _versions() -> dict:
+    """The version of every backend's software (a table is reused only under the same version of its own)."""
     import importlib.metadata as md
 
     out = {}
-    for pkg, key in (("apache-tvm", "tvm_version"), ("torch", "torch_version")):
+    for name in backends.names():
+        b = backends.get(name)
         try:
-            out[key] = md.version(pkg)
+            out[b.version_key] = md.version(b.version_package)
         except md.PackageNotFoundError:
-            out[key] = None
+            out[b.version_key] = None
     return out
+
+
+class Workload(NamedTuple):
+    """One thing a table times: a signature naming its structure, a factory of the module, its input, its bits."""
+
+    signature: str
+    factory: Callable
+    input_shape: tuple
+    bits: int = 32
+
+
+def workload_signature(kind: str, module) -> str:
+    """``kind#digest``: the digest hashes the module's structure, not its weights (latency depends on structure)."""
+    return f"{kind}#{hashlib.sha1(repr(module).encode()).hexdigest()[:12]}"
 
 
 def _slug(s: str) -> str:
@@ -73,18 +79,18 @@ def _slug(s: str) -> str:
 
 def default_table_path(root, backend: str, target: dict, device: str, schedule: str | None = None) -> Path:
     tgt = "-".join(str(target.get(k)) for k in ("kind", "mcpu", "arch") if target.get(k))
-    policy = "" if schedule in (None, DEFAULT_SCHEDULE.get(backend)) else "-" + _slug(schedule)
+    policy = "" if schedule in (None, backends.get(backend).default_schedule) else "-" + _slug(schedule)
     return Path(root) / _slug(tgt) / f"{backend}-{_slug(device)}{policy}.json"
 
 
 def _provenance_keys(backend: str) -> tuple:
-    return PROVENANCE_KEYS + (BACKEND_VERSION_KEY.get(backend, "tvm_version"),)
+    return PROVENANCE_KEYS + (backends.get(backend).version_key,)
 
 
 def _value(prov: dict, key: str):
     # tables written before the schedule policy was recorded were all measured with the default one
     if key == "schedule":
-        return prov.get(key) or DEFAULT_SCHEDULE.get(prov.get("backend"))
+        return prov.get(key) or (backends.get(prov["backend"]).default_schedule if prov.get("backend") in backends.names() else None)
     return prov.get(key)
 
 
@@ -92,77 +98,19 @@ def _same_provenance(old: dict, new: dict) -> bool:
     return all(_value(old, k) == _value(new, k) for k in _provenance_keys(new.get("backend")))
 
 
-def measure_entry(provenance: dict, module, input_shape: tuple, bits: int, database_dir: Path | None = None) -> dict:
-    """Measure one operator as the table's provenance says (backend, target, schedule, protocol).
-
-    A module-level function so that a Ray task on another node can run it (see ``lut.node_executor``).
-    Returns the entry's measured fields; an operator the backend cannot run at ``bits`` gives
-    ``{"executable": False, "reason": ...}``.
-    """
-    protocol = Protocol(**provenance["protocol"])
-    backend, target, schedule = provenance["backend"], provenance["target"], _value(provenance, "schedule")
-    try:
-        if bits != 32:
-            m, extra = _measure_integer(provenance, module, input_shape, bits, protocol)
-        elif backend == "tvm" and _is_quant_student(module):
-            from ..quant.network import measure_network_int
-
-            if tune_trials_of(schedule):
-                raise NotExecutable("quantized networks are measured with untuned schedules only")
-            m, extra = measure_network_int(module, input_shape, target, protocol), {"kernel_dtype": "mixed", "block_bits": list(module.bits)}
-        elif backend == "tvm":
-            from . import tvm_backend
-
-            trials = tune_trials_of(schedule)
-            if trials:
-                tvm_backend.tune(module, input_shape, target, database_dir, trials)
-            m, extra = tvm_backend.measure(module, input_shape, target, protocol, database_dir=database_dir if trials else None), {}
-        else:
-            from . import torch_backend
-
-            m = torch_backend.measure(module, input_shape, device=target.get("kind", "cpu"), protocol=protocol,
-                                      compile=schedule == "torch.compile")
-            extra = {}
-    except NotExecutable as err:
-        return {"executable": False, "reason": str(err), **_where()}
-    return {"executable": True, "median_ms": m.median_ms, "spread": m.spread, "repeats": m.repeats, "samples_ms": m.samples_ms,
-            "number": m.number, "compile_s": m.compile_s, "timing_s": m.timing_s, "protocol": provenance["protocol"], **extra, **_where()}
-
-
-def _is_quant_student(module) -> bool:
-    return type(module).__name__ == "QuantStudent"  # without importing eta.quant for float tables
-
-
-def _where() -> dict:
-    """The Ray node that measured, when a Ray task did (a table says which machine produced each entry)."""
-    try:
-        import ray
-
-        if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
-            return {"ray_node": ray.get_runtime_context().get_node_id()}
-    except Exception:  # noqa: BLE001 - provenance only; never fail a measurement over it
-        pass
-    return {}
-
-
-def _measure_integer(provenance: dict, module, input_shape, bits: int, protocol: Protocol) -> tuple[Measurement, dict]:
-    """Time ``module`` with integer kernels at ``bits``; raise NotExecutable where none exist."""
-    backend = provenance["backend"]
-    if backend != "tvm":
-        raise NotExecutable(f"{bits}-bit execution is not built for backend {backend} (integer kernels are TVM's)")
-    if tune_trials_of(_value(provenance, "schedule")):
-        raise NotExecutable(f"{bits}-bit operators are measured with untuned schedules only")
-    from ..quant import integer
-
-    try:
-        m = integer.measure_int(module, input_shape, provenance["target"], protocol, bits=bits)
-    except EtaError as err:  # an operator with no integer lowering (vit, SiLU, identity...) at this bit-width
-        raise NotExecutable(f"{bits}-bit: {err}") from None
-    # 4-bit values run on the 8-bit kernels (TVM's llvm int4 conv2d packs two values per byte but reads one)
-    return m, {"kernel_dtype": integer.kernel_dtype(bits)}
-
-
 Executor = Callable[[dict, object, tuple, int, "Path | None"], dict]
+
+
+def _check_entries(path: Path, entries: dict) -> None:
+    """Every executable entry holds a measured latency: a positive, finite number of milliseconds."""
+    for key, e in entries.items():
+        if not isinstance(e, dict):
+            raise EtaError(f"latency table {path}: entry {key} is not an object")
+        if e.get("executable", True):
+            ms = e.get("median_ms")
+            if not isinstance(ms, (int, float)) or isinstance(ms, bool) or not math.isfinite(ms) or ms <= 0:
+                raise EtaError(f"latency table {path}: entry {key} has median_ms {ms!r}, not a measured latency; "
+                               "remove the entry (or the file) to measure it again")
 
 
 class LatencyTable:
@@ -180,7 +128,7 @@ class LatencyTable:
     @classmethod
     def open(cls, path, *, backend: str, target: dict, device: str, protocol: Protocol | None = None,
              schedule: str | None = None, passes: int = 1) -> "LatencyTable":
-        prov = {"backend": backend, "target": target, "device": device, "schedule": schedule or DEFAULT_SCHEDULE.get(backend),
+        prov = {"backend": backend, "target": target, "device": device, "schedule": schedule or backends.get(backend).default_schedule,
                 **_versions(), "created": time.strftime("%Y-%m-%d"), "protocol": (protocol or Protocol()).to_dict()}
         path = Path(path)
         entries, stale, calibrations = {}, [], {}
@@ -189,10 +137,13 @@ class LatencyTable:
                 data = json.loads(path.read_text())
             except json.JSONDecodeError as err:
                 raise EtaError(f"corrupt latency table {path}: {err.msg} at line {err.lineno}") from None
+            if not isinstance(data, dict) or not isinstance(data.get("entries", {}), dict):
+                raise EtaError(f"latency table {path}: not an eta latency table (expected an object with 'entries')")
             old = data.get("provenance", {})
             stale = data.get("stale", [])
             if _same_provenance(old, prov):
                 entries = data.get("entries", {})
+                _check_entries(path, entries)
                 calibrations = data.get("calibrations", {})
                 prov["created"] = old.get("created", prov["created"])
             else:
@@ -222,20 +173,23 @@ class LatencyTable:
         return self.entries.get(self.key(signature, input_shape, bits))
 
     def save(self) -> None:
-        """Write atomically, first taking in entries another process added to the same file meanwhile."""
-        from ..runs import write_json
+        """Write atomically under the file's lock, first taking in what other processes added meanwhile.
 
-        try:
-            data = json.loads(self.path.read_text())
-        except (OSError, json.JSONDecodeError):
-            data = {}
-        if _same_provenance(data.get("provenance", {}), self.provenance):
-            for key, entry in data.get("entries", {}).items():
-                self.entries.setdefault(key, entry)
-            for key, cal in data.get("calibrations", {}).items():
-                self.calibrations.setdefault(key, cal)
-        write_json(self.path, {"format": FORMAT, "provenance": self.provenance, "entries": self.entries,
-                               "calibrations": self.calibrations, "stale": self.stale})
+        Several searches share one table: each re-reads the file under the lock and merges before
+        writing, so no writer loses another's entries (its own entries win for the keys it measured).
+        """
+        with file_lock(self.path):
+            try:
+                data = json.loads(self.path.read_text())
+            except (OSError, json.JSONDecodeError):
+                data = {}
+            if _same_provenance(data.get("provenance", {}), self.provenance):
+                for key, entry in data.get("entries", {}).items():
+                    self.entries.setdefault(key, entry)
+                for key, cal in data.get("calibrations", {}).items():
+                    self.calibrations.setdefault(key, cal)
+            write_json(self.path, {"format": FORMAT, "provenance": self.provenance, "entries": self.entries,
+                                   "calibrations": self.calibrations, "stale": self.stale})
 
     def set_calibration(self, space_key: str, calibration: dict) -> None:
         self.calibrations[space_key] = calibration
@@ -288,9 +242,8 @@ class LatencyTable:
             self.stale = self.stale + [{"provenance": {**self.provenance, "drift_ratio": ratio, "retired_at": time.strftime("%Y-%m-%dT%H:%M:%S")},
                                         "entries": self.entries, "calibrations": self.calibrations}]
             self.entries, self.calibrations = {}, {}
-            from ..runs import write_json
-
-            write_json(self.path, {"format": FORMAT, "provenance": self.provenance, "entries": {}, "calibrations": {}, "stale": self.stale})
+            with file_lock(self.path):
+                write_json(self.path, {"format": FORMAT, "provenance": self.provenance, "entries": {}, "calibrations": {}, "stale": self.stale})
         else:
             log.info("latency table %s: %d cached entries re-measured within %.1f %% (ratio %.3f)", self.path, len(ratios),
                      100 * abs(ratio - 1), ratio)

@@ -1,21 +1,19 @@
 """Time PyTorch modules as they run in PyTorch (eager, or ``torch.compile`` when asked)."""
 from __future__ import annotations
 
-import platform
 import time
 
 import torch
 
 from ..errors import EtaError
+from .host import cpu_name
 from .protocol import Measurement, Protocol, measure_callable
 
 
 def device_name(device: str = "cpu") -> str:
     if str(device).startswith("cuda"):
         return torch.cuda.get_device_name()
-    from .tvm_backend import device_name as cpu_name
-
-    return cpu_name({"kind": "llvm"}) or platform.processor()
+    return cpu_name()
 
 
 @torch.inference_mode()
@@ -57,6 +55,6 @@ def measure(module, input_shape, device="cpu", protocol: Protocol | None = None,
             out.append((time.perf_counter() - t) * 1e3 / number)
         return out
 
-    m = measure_callable(timer, one_run, protocol)
+    m = measure_callable(timer, one_run, protocol, device=str(device))
     m.compile_s = compile_s
     return m

@@ -18,7 +18,8 @@ from .network import (
     quantize_student,
     to_relax_network,
 )
-from .qop import QuantOp, describe, quantize_operator
+from .lowering import describe, lowerable, register_lowering
+from .qop import QuantOp, quantize_operator
 from .quantizers import (
     SUPPORTED_BITS,
     RangeObserver,
@@ -28,16 +29,15 @@ from .quantizers import (
     fold_batchnorm,
     fold_conv_bn,
     mismatch,
-    one_thread,
     round_half_away,
     ste_round,
 )
 
 __all__ = [
     "CONTAINER_DTYPE", "CompiledIntModule", "CompiledNetworkInt", "QuantOp", "QuantStudent", "RangeObserver", "SUPPORTED_BITS",
-    "agreement", "compile_int", "compile_network_int", "describe", "measure_network_int", "quant_skeleton", "quantize_student",
+    "agreement", "compile_int", "compile_network_int", "describe", "lowerable", "register_lowering", "measure_network_int", "quant_skeleton", "quantize_student",
     "to_relax_network",
     "fake_quantize", "fake_quantize_activation", "fake_quantize_weight", "fold_batchnorm", "fold_conv_bn",
-    "integer_reference", "kernel_dtype", "measure_int", "mismatch", "one_thread", "quantize_operator", "round_half_away", "ste_round",
+    "integer_reference", "kernel_dtype", "measure_int", "mismatch", "quantize_operator", "round_half_away", "ste_round",
     "to_relax",
 ]

@@ -28,8 +28,11 @@ import numpy as np
 import torch
 
 from ..errors import EtaError
+from ..latency.backends import NotExecutable, protocol_of, register_measurer, tune_trials_of
+from ..latency import tvm_backend
 from ..latency.protocol import Measurement, Protocol
-from .qop import INPUT, LoweredStep, QuantOp, quantize_operator
+from .lowering import INPUT
+from .qop import LoweredStep, QuantOp, quantize_operator
 from .quantizers import FLOAT_BITS, INT32_MAX, INT32_MIN, check_bits, requantize_int
 
 log = logging.getLogger(__name__)
@@ -101,8 +104,6 @@ def to_relax(qop: QuantOp, input_shape: tuple):
     """A Relax IRModule ``main(q_input: input_dtype[input_shape]) -> output codes`` built from relax ops."""
     from tvm import relax
 
-    if qop.family == "vit":
-        raise EtaError("operator family vit has no integer lowering")
     if qop.is_float:
         raise EtaError("a 32-bit operator is float; compile it with eta.latency.tvm_backend")
     program = qop.lowered()
@@ -145,11 +146,10 @@ class CompiledIntModule:
     def __init__(self, qop: QuantOp, input_shape: tuple, target: dict | None = None):
         import tvm
 
-        from ..latency.tvm_backend import host_target, load_vm
 
-        target = target or host_target()
+        target = target or tvm_backend.host_target()
         t0 = time.perf_counter()
-        self.executable, self.device, self.vm = load_vm(to_relax(qop, input_shape), target)
+        self.executable, self.device, self.vm = tvm_backend.load_vm(to_relax(qop, input_shape), target)
         self.compile_s = time.perf_counter() - t0
         self.input_shape = tuple(input_shape)
         self.bits = qop.bits
@@ -168,9 +168,8 @@ class CompiledIntModule:
 
     def time(self, protocol: Protocol | None = None) -> Measurement:
         """Latency by the same protocol and timer as float modules."""
-        from ..latency.tvm_backend import time_vm
 
-        return time_vm(self.vm, self.device, self._input, protocol, self.compile_s)
+        return tvm_backend.time_vm(self.vm, self.device, self._input, protocol, self.compile_s)
 
 
 def compile_int(qop: QuantOp, input_shape: tuple, target: dict | None = None) -> CompiledIntModule:
@@ -185,7 +184,6 @@ def measure_int(op, input_shape: tuple, target: dict | None = None, protocol: Pr
     quantized, calibrated on ``calib_batches`` or one random batch (latency depends on shapes, not
     values). ``bits=32`` times the float module with ``eta.latency.tvm_backend`` instead.
     """
-    from ..latency import tvm_backend
 
     target = target or tvm_backend.host_target()
     if not isinstance(op, QuantOp):
@@ -205,3 +203,14 @@ def measure_int(op, input_shape: tuple, target: dict | None = None, protocol: Pr
 
 __all__ = ["CONTAINER_DTYPE", "CompiledIntModule", "LoweredStep", "compile_int", "int_conv2d", "integer_reference",
            "kernel_dtype", "measure_int", "to_relax"]
+
+
+def _measure_for_table(op: QuantOp, input_shape: tuple, provenance: dict, database_dir=None):
+    """A latency-table entry of a quantized operator: integer kernels, untuned schedules."""
+    if tune_trials_of(provenance["schedule"]):
+        raise NotExecutable(f"{op.bits}-bit operators are measured with untuned schedules only")
+    # 4-bit values run on the 8-bit kernels (TVM's llvm int4 conv2d packs two values per byte but reads one)
+    return measure_int(op, input_shape, provenance["target"], protocol_of(provenance)), {"kernel_dtype": kernel_dtype(op.bits)}
+
+
+register_measurer("tvm", QuantOp, _measure_for_table)

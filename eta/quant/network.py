@@ -41,10 +41,13 @@ import torch
 from torch import nn
 
 from ..errors import EtaError
+from ..latency.backends import NotExecutable, protocol_of, register_measurer, tune_trials_of
+from ..latency import tvm_backend
 from ..latency.protocol import Measurement, Protocol
-from ..zoo import StemBlocksHead
+from ..network import StemBlocksHead
 from .integer import to_relax as int_block_to_relax
-from .qop import INPUT, OUTPUT, QuantOp, describe, input_tensors, quantize_operator
+from .lowering import INPUT, OUTPUT, describe
+from .qop import QuantOp, input_tensors, quantize_operator
 from .quantizers import FLOAT_BITS, check_bits, dyadic_multipliers, requantize_int
 
 log = logging.getLogger(__name__)
@@ -258,7 +261,6 @@ def to_relax_network(qstudent: QuantStudent, input_shape: tuple, inline: bool = 
     """
     from tvm import relax
 
-    from ..latency.tvm_backend import to_relax as float_to_relax
 
     if not isinstance(qstudent, StemBlocksHead):
         raise EtaError(f"to_relax_network needs a network with stem, blocks and head, got {type(qstudent).__name__}")
@@ -271,7 +273,7 @@ def to_relax_network(qstudent: QuantStudent, input_shape: tuple, inline: bool = 
     shapes = _part_shapes(model, input_shape)
 
     bb = relax.BlockBuilder()
-    stem_gv = bb.add_func(_private(float_to_relax(model.stem, shapes[0])), "stem")
+    stem_gv = bb.add_func(_private(tvm_backend.to_relax(model.stem, shapes[0])), "stem")
     block_gvs = []
     for i, block in enumerate(model.blocks):
         if isinstance(block, nn.Identity):
@@ -279,8 +281,8 @@ def to_relax_network(qstudent: QuantStudent, input_shape: tuple, inline: bool = 
         elif is_integer_block(block):
             block_gvs.append(bb.add_func(_private(int_block_to_relax(block, shapes[i + 1])), f"block{i}_int{block.bits}"))
         else:
-            block_gvs.append(bb.add_func(_private(float_to_relax(block, shapes[i + 1])), f"block{i}_float"))
-    head_gv = bb.add_func(_private(float_to_relax(model.head, shapes[-1])), "head")
+            block_gvs.append(bb.add_func(_private(tvm_backend.to_relax(block, shapes[i + 1])), f"block{i}_float"))
+    head_gv = bb.add_func(_private(tvm_backend.to_relax(model.head, shapes[-1])), "head")
 
     x = relax.Var("x", relax.TensorType(tuple(int(d) for d in input_shape), "float32"))
     with bb.function("main", [x]):
@@ -324,12 +326,11 @@ class CompiledNetworkInt:
     def __init__(self, qstudent: QuantStudent, input_shape: tuple, target: dict | None = None):
         import tvm
 
-        from ..latency.tvm_backend import host_target, load_vm
 
-        target = target or host_target()
+        target = target or tvm_backend.host_target()
         t0 = time.perf_counter()
         self.mod = to_relax_network(qstudent, input_shape)
-        self.executable, self.device, self.vm = load_vm(self.mod, target)
+        self.executable, self.device, self.vm = tvm_backend.load_vm(self.mod, target)
         self.compile_s = time.perf_counter() - t0
         self.input_shape = tuple(int(d) for d in input_shape)
         self.bits = list(getattr(qstudent, "bits", []))
@@ -360,9 +361,8 @@ class CompiledNetworkInt:
 
     def time(self, protocol: Protocol | None = None) -> Measurement:
         """Latency of one call, by the same protocol and timer as float modules."""
-        from ..latency.tvm_backend import time_vm
 
-        return time_vm(self.vm, self.device, self._input, protocol, self.compile_s)
+        return tvm_backend.time_vm(self.vm, self.device, self._input, protocol, self.compile_s)
 
 
 def compile_network_int(qstudent: QuantStudent, input_shape: tuple, target: dict | None = None) -> CompiledNetworkInt:
@@ -420,3 +420,14 @@ def agreement(qstudent: QuantStudent, compiled: CompiledNetworkInt, batches) -> 
 
 __all__ = ["CompiledNetworkInt", "QuantStudent", "agreement", "boundary_multiplier", "compile_network_int", "is_integer_block",
            "measure_network_int", "quant_skeleton", "quantize_student", "requantize_codes", "to_relax_network"]
+
+
+def _measure_for_table(model: QuantStudent, input_shape: tuple, provenance: dict, database_dir=None):
+    """A latency-table entry of a quantized student: one integer network, untuned schedules."""
+    if tune_trials_of(provenance["schedule"]):
+        raise NotExecutable("quantized networks are measured with untuned schedules only")
+    m = measure_network_int(model, input_shape, provenance["target"], protocol_of(provenance))
+    return m, {"kernel_dtype": "mixed", "block_bits": list(model.bits)}
+
+
+register_measurer("tvm", QuantStudent, _measure_for_table)

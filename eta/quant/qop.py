@@ -1,16 +1,10 @@
 """Fake-quantized block operators for calibration and quantization-aware training.
 
-:func:`quantize_operator` turns one candidate operator (``eta.ops``: ``InvertedResidual``,
-``FusedMBConv``, ``BasicBlock``, ``Bottleneck``, timm's ``DepthwiseSeparableConv``) into a
-:class:`QuantOp`: batch norm folded into each conv, weights quantized per output channel,
-activations quantized per tensor at the block input, at every conv's input and at the block
-output, ranges calibrated on the given batches.
-
-A block is described as a short program of :class:`Step` s. Each step sums one or more terms (a
-conv of a quantized tensor, or a quantized tensor itself for an identity shortcut), applies ReLU /
-ReLU6 / nothing and requantizes the result to its own scale with one rounding. A residual add is
-therefore a step with two terms rescaled to a common fixed-point scale, and ResNet's final ReLU
-is the clamp of that step.
+:func:`quantize_operator` turns one block operator whose class an operator family has described
+(:mod:`eta.quant.lowering`: a program of convs and requantizing steps) into a :class:`QuantOp`:
+batch norm folded into each conv, weights quantized per output channel, activations quantized per
+tensor at the block input, at every conv's input and at the block output, ranges calibrated on the
+given batches.
 
 The forward pass is the integer pipeline itself, not a simulation of it: convolutions run on
 integer-valued float64 tensors (exact below 2^53, which int32 accumulators never reach; direct
@@ -28,14 +22,10 @@ from typing import Iterable
 
 import torch
 import torch.nn.functional as F
-from timm.layers import BatchNormAct2d
-from timm.models._efficientnet_blocks import DepthwiseSeparableConv
-from timm.models._efficientnet_blocks import InvertedResidual as TimmInvertedResidual
-from timm.models.vision_transformer import Block
 from torch import nn
 
-from .. import ops
 from ..errors import EtaError
+from .lowering import INPUT, OUTPUT, Step, describe
 from .quantizers import (
     FLOAT_BITS,
     INT32_MAX,
@@ -55,121 +45,7 @@ from .quantizers import (
 
 log = logging.getLogger(__name__)
 
-INPUT = "x"
-OUTPUT = "out"
-ACTIVATIONS = ("none", "relu", "relu6")
 RELU6_CAP = 6.0
-
-
-@dataclass(frozen=True)
-class Term:
-    """One summand of a step: ``conv`` applied to tensor ``src``, or ``src`` itself when ``conv`` is None."""
-
-    src: str
-    conv: str | None = None
-
-
-@dataclass(frozen=True)
-class Step:
-    """``dst = requantize(act(sum of terms))``; the last step of a block writes ``out``."""
-
-    dst: str
-    terms: tuple[Term, ...]
-    act: str = "none"
-
-
-# ---------------------------------------------------------------------------------------------
-# reading an operator into convs and steps
-
-
-def _activation_kind(module: nn.Module | None) -> str:
-    if module is None or isinstance(module, nn.Identity):
-        return "none"
-    if isinstance(module, nn.ReLU6):
-        return "relu6"
-    if isinstance(module, nn.ReLU):
-        return "relu"
-    raise EtaError(f"activation {type(module).__name__} has no integer lowering (use ReLU or ReLU6)")
-
-
-def _norm_activation(bn: nn.Module, act: nn.Module | None = None) -> str:
-    """The activation after a norm: timm's BatchNormAct2d carries it, plain BatchNorm2d is followed by ``act``."""
-    kinds = [_activation_kind(act)]
-    if isinstance(bn, BatchNormAct2d):
-        if not isinstance(bn.drop, nn.Identity):
-            raise EtaError("BatchNormAct2d with drop-block has no integer lowering")
-        kinds.append(_activation_kind(bn.act))
-    elif not isinstance(bn, nn.BatchNorm2d):
-        raise EtaError(f"norm layer {type(bn).__name__} cannot be folded into a conv (use BatchNorm2d)")
-    active = [k for k in kinds if k != "none"]
-    if len(active) > 1:
-        raise EtaError("two activations in a row have no integer lowering")
-    return active[0] if active else "none"
-
-
-def _require_absent_or_identity(module: nn.Module, *names: str) -> None:
-    for name in names:
-        sub = getattr(module, name, None)
-        if sub is not None and not isinstance(sub, nn.Identity):
-            raise EtaError(f"{type(module).__name__}.{name} ({type(sub).__name__}) has no integer lowering")
-
-
-def _shortcut(module: nn.Module, convs: dict) -> Term:
-    if module.downsample is None:
-        return Term(INPUT)
-    ds = module.downsample
-    if not (isinstance(ds, nn.Sequential) and len(ds) == 2):
-        raise EtaError(f"{type(module).__name__}.downsample must be Sequential(conv, BatchNorm2d)")
-    convs["downsample"] = (ds[0], ds[1])
-    return Term(INPUT, "downsample")
-
-
-def describe(module: nn.Module) -> tuple[str, dict, tuple[Step, ...]]:
-    """(family, {conv name: (conv, norm)}, steps) of a supported block operator."""
-    skip = (Term(INPUT),) if getattr(module, "has_skip", False) else ()
-    # timm's InvertedResidual (tiny_mbnet, EfficientNet/MobileNet teachers kept as ``teacher`` blocks)
-    # has eta.ops' layer names without being its class
-    if isinstance(module, (ops.InvertedResidual, TimmInvertedResidual)):
-        _require_absent_or_identity(module, "conv_s2d", "se", "aa", "drop_path")
-        convs = {"conv_pw": (module.conv_pw, module.bn1), "conv_dw": (module.conv_dw, module.bn2),
-                 "conv_pwl": (module.conv_pwl, module.bn3)}
-        steps = (Step("h1", (Term(INPUT, "conv_pw"),), _norm_activation(module.bn1)),
-                 Step("h2", (Term("h1", "conv_dw"),), _norm_activation(module.bn2)),
-                 Step(OUTPUT, (Term("h2", "conv_pwl"),) + skip, _norm_activation(module.bn3)))
-        return "ir", convs, steps
-    if isinstance(module, DepthwiseSeparableConv):
-        _require_absent_or_identity(module, "conv_s2d", "aa", "se", "drop_path")
-        convs = {"conv_dw": (module.conv_dw, module.bn1), "conv_pw": (module.conv_pw, module.bn2)}
-        pw_act = _norm_activation(module.bn2)
-        first = Step("h1", (Term(INPUT, "conv_dw"),), _norm_activation(module.bn1))
-        if skip and pw_act != "none":  # activation before the add: requantize, then add as a step of its own
-            steps = (first, Step("h2", (Term("h1", "conv_pw"),), pw_act), Step(OUTPUT, (Term("h2"),) + skip))
-        else:
-            steps = (first, Step(OUTPUT, (Term("h1", "conv_pw"),) + skip, pw_act))
-        return "ir", convs, steps
-    if isinstance(module, ops.FusedMBConv):
-        convs = {"conv_exp": (module.conv_exp, module.bn1), "conv_pwl": (module.conv_pwl, module.bn2)}
-        steps = (Step("h1", (Term(INPUT, "conv_exp"),), _norm_activation(module.bn1)),
-                 Step(OUTPUT, (Term("h1", "conv_pwl"),) + skip, _norm_activation(module.bn2)))
-        return "fused", convs, steps
-    if isinstance(module, ops.BasicBlock):
-        convs = {"conv1": (module.conv1, module.bn1), "conv2": (module.conv2, module.bn2)}
-        shortcut = _shortcut(module, convs)
-        steps = (Step("h1", (Term(INPUT, "conv1"),), _norm_activation(module.bn1, module.act1)),
-                 Step(OUTPUT, (Term("h1", "conv2"), shortcut), _norm_activation(module.bn2, module.act2)))
-        return "basic", convs, steps
-    if isinstance(module, ops.Bottleneck):
-        convs = {"conv1": (module.conv1, module.bn1), "conv2": (module.conv2, module.bn2), "conv3": (module.conv3, module.bn3)}
-        shortcut = _shortcut(module, convs)
-        steps = (Step("h1", (Term(INPUT, "conv1"),), _norm_activation(module.bn1, module.act1)),
-                 Step("h2", (Term("h1", "conv2"),), _norm_activation(module.bn2, module.act2)),
-                 Step(OUTPUT, (Term("h2", "conv3"), shortcut), _norm_activation(module.bn3, module.act3)))
-        return "bottleneck", convs, steps
-    if isinstance(module, Block):
-        raise EtaError("operator family vit has no integer lowering")
-    if isinstance(module, nn.Identity):
-        raise EtaError("operator family identity has no weights to quantize; it runs unchanged at every bit-width")
-    raise EtaError(f"{type(module).__name__} has no integer lowering (supported: ir, fused, basic, bottleneck)")
 
 
 # ---------------------------------------------------------------------------------------------

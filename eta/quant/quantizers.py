@@ -267,16 +267,3 @@ def requantize_int(terms: Iterable[torch.Tensor], m0: Sequence[torch.Tensor], sh
         part = value.to(torch.int64) * mult.view(1, -1, *([1] * (value.dim() - 2)))
         total = part if total is None else total + part
     return torch.clamp(rounding_right_shift(total, shift.view(1, -1, *([1] * (total.dim() - 2)))), lo, hi)
-
-
-class one_thread:
-    """Run torch on one thread inside the block: fake-quantized operators compute in float64, where
-    grouped (depthwise) convolutions with several threads were ~80x slower here (3.2 s vs 0.04 s per step)."""
-
-    def __enter__(self):
-        self.threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        return self
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.threads)

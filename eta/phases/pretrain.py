@@ -1,4 +1,4 @@
-"""Phase 1: every candidate operator of every block learns to imitate that block (eq. 14.1).
+"""Phase ``pretrain``: every candidate operator of every block learns to imitate that block (eq. 14.1).
 
 For a group of blocks, one teacher forward per batch yields each block's input and output; every
 super-operator of those blocks maps the teacher's input to a prediction of the teacher's output
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,23 +19,26 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from tqdm.auto import tqdm
 
-from .bound import BoundSpace, bound_with_teacher, set_seed, splits_for
-from .data import batches, num_batches
-from .runs import Run, load_tensors, save_tensors, write_json
-from .space import parse_space
-from .student import block_super_ops
-from .teachers import features_at_blocks
+from .. import faults
+from ..bound import BoundSpace, rebuild, set_seed
+from ..data import batches, num_batches
+from ..elastic import super_op_name
+from ..files import load_tensors, read_json, save_tensors, write_json
+from ..raycluster import Task, completed, cpu_slots
+from ..runs import Run
+from ..student import block_super_ops
+from ..teachers import features_at_blocks
+from ..threads import torch_threads
+from .context import PhaseContext
 
 log = logging.getLogger(__name__)
 
-
-def block_path(phase1_dir: Path, block: int) -> Path:
-    return Path(phase1_dir) / f"block_{block:02d}.safetensors"
+NAME = "pretrain"
 
 
 def pretrain_group(bound: BoundSpace, splits, blocks: list[int], *, seed: int = 0, device="cpu", progress: bool = False) -> dict:
     """Distil every candidate of ``blocks``; returns {block: (state_dict, metrics)}."""
-    cfg = bound.space.phase1
+    cfg = bound.space.pretrain
     # each block has its own seed and generator, so its weights do not depend on which blocks share its
     # task (groups follow timed costs, the cluster's size, and what a resumed run still has to do)
     gens, ops = {}, {}
@@ -55,7 +57,7 @@ def pretrain_group(bound: BoundSpace, splits, blocks: list[int], *, seed: int = 
     res = bound.space.data.resolution
     history = {b: [] for b in trainable}
     step = 0
-    bar = tqdm(total=total, desc=f"phase 1 blocks {blocks}", disable=not progress, leave=False)
+    bar = tqdm(total=total, desc=f"pretrain blocks {blocks}", disable=not progress, leave=False)
     for epoch in range(cfg.epochs):
         for x, _ in batches(splits.train, cfg.batch_size, resolution=res, shuffle=True, seed=seed * 1000 + epoch, drop_last=True, device=device):
             if step % cfg.sort_every == 0:
@@ -100,10 +102,8 @@ def pretrain_group(bound: BoundSpace, splits, blocks: list[int], *, seed: int = 
 @torch.no_grad()
 def evaluate_block(bound: BoundSpace, block: int, ops, splits, *, device="cpu", max_batches: int = 4) -> dict:
     """Relative MSE (MSE / teacher output variance) of every candidate on the proxy set, unseen in training."""
-    from .student import super_key
-
     res = bound.space.data.resolution
-    elastic = bound.space.phase1.elastic
+    elastic = bound.space.pretrain.elastic
     errs: dict[str, list[float]] = {}
     for i, (x, _) in enumerate(batches(splits.proxy, 64, resolution=res, device=device)):
         if i >= max_batches:
@@ -111,30 +111,26 @@ def evaluate_block(bound: BoundSpace, block: int, ops, splits, *, device="cpu", 
         t_in, t_out = features_at_blocks(bound.split, x, [block])[block]
         var = t_out.var().clamp_min(1e-12)
         for spec in bound.trainable_specs(block):
-            op = ops[super_key(spec, elastic)].eval()
+            op = ops[super_op_name(spec, elastic)].eval()
             pred = op(t_in, spec.expansion) if elastic else op(t_in)
             errs.setdefault(str(spec), []).append(float(F.mse_loss(pred, t_out) / var))
     return {k: float(np.mean(v)) for k, v in errs.items()}
 
 
-def _remote_pretrain_group(space_dict: dict, teacher_state: dict, blocks: list[int], seed: int, use_gpu: bool, fault: str | None = None):
+def pretrain_task(space_dict: dict, teacher_state: dict, blocks: list[int], seed: int, use_gpu: bool) -> dict:
     """Ray task body: rebuild everything from plain data so it runs on any node (and again, when retried)."""
     import ray
 
-    from .faults import maybe_die
-
-    torch.set_num_threads(1 if not use_gpu else torch.get_num_threads())
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-    space = parse_space(space_dict)
-    splits = splits_for(space)
-    bound = bound_with_teacher(space, splits, teacher_state)
+    bound, splits = rebuild(space_dict, teacher_state)
     t0 = time.time()
     out = pretrain_group(bound, splits, blocks, seed=seed, device=device)
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     for b in out:
         out[b][1]["wall_s"] = time.time() - t0
+        out[b][1]["finished_at"] = time.time()
         out[b][1]["node"] = node  # which Ray node trained it (provenance; node failures move blocks)
-    maybe_die("pretrain", f"blocks {blocks}", fault)
+    faults.maybe_die(NAME, f"blocks {blocks}")
     return out
 
 
@@ -162,12 +158,10 @@ def block_costs(bound: BoundSpace, blocks: list[int], batch: int = 32, reps: int
     Measured rather than counted: per multiply-accumulate, early high-resolution blocks with few
     channels cost several times what later ones do on a CPU, so MACs balance groups poorly.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     out = {}
-    try:
+    with torch_threads(1):
         for b in blocks:
-            ops = block_super_ops(bound, b, bound.space.phase1.elastic).train()
+            ops = block_super_ops(bound, b, bound.space.pretrain.elastic).train()
             if not len(ops):  # nothing to train (identity or teacher only)
                 out[b] = 0.0
                 continue
@@ -178,60 +172,48 @@ def block_costs(bound: BoundSpace, blocks: list[int], batch: int = 32, reps: int
                 sum(op(x).float().square().mean() for op in ops.values()).backward()
                 best = min(best, time.perf_counter() - t0)
             out[b] = best
-    finally:
-        torch.set_num_threads(threads)
     return out
 
 
-def run_phase1(run: Run, bound: BoundSpace, teacher_path: Path, tracker=None, progress: bool = True) -> dict:
+def load_block_states(run: Run, bound: BoundSpace) -> list[dict]:
+    """Every block's pretrained super-operators (empty for blocks with nothing to train)."""
+    return [load_tensors(run.block_weights(b)) if bound.trainable_specs(b) else {} for b in range(bound.num_blocks)]
+
+
+def load(ctx: PhaseContext) -> dict:
+    return read_json(ctx.run.pretrain_metrics)
+
+
+def run(ctx: PhaseContext) -> tuple[dict, dict]:
     """Pretrain all blocks not yet on disk, as Ray tasks; returns per-block metrics."""
     import ray
 
-    from . import faults
-    from .raycluster import cpu_slots
-
-    space = bound.space
-    cfg = space.phase1
-    out_dir = run.dir("phase1")
-    metrics_path = out_dir / "metrics.json"
-    metrics = {}
-    if metrics_path.exists():
-        from .runs import read_json
-
-        metrics = read_json(metrics_path)
-    pending = [b for b in range(bound.num_blocks) if not (block_path(out_dir, b).exists() and str(b) in metrics)]
-    if not pending:
-        log.info("phase 1: all %d blocks already pretrained", bound.num_blocks)
-        return metrics
-    n_tasks = cfg.tasks or cpu_slots(cfg.num_cpus)
-    groups = plan_groups(pending, n_tasks, block_costs(bound, pending))
-    log.info("phase 1: %d blocks in %d Ray tasks (elastic width %s); %d already on disk", len(pending), len(groups),
-             "on" if cfg.elastic else "off", bound.num_blocks - len(pending))
-    teacher_ref = ray.put({k: v.cpu() for k, v in bound.teacher.state_dict().items()})
-    task = ray.remote(_remote_pretrain_group).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_retries=3, retry_exceptions=False)
-    fault = faults.spec()
-    refs = {task.remote(space.to_dict(), teacher_ref, g, space.seed, cfg.num_gpus > 0, fault): g for g in groups}
-    bar = tqdm(total=len(pending), desc="phase 1 (blocks)", disable=not progress, dynamic_ncols=True)
-    remaining = list(refs)
-    while remaining:
-        done, remaining = ray.wait(remaining, num_returns=1)
-        result = ray.get(done[0])
-        for b, (state, m) in sorted(result.items()):
-            save_tensors(block_path(out_dir, b), state, {"block": b, "space": space.fingerprint()})
-            metrics[str(b)] = m
-            write_json(metrics_path, metrics)
-            if tracker is not None:
-                tracker.log({f"phase1/block{b:02d}/{k}": v for k, v in m["candidates"].items()})
-                if "loss_last" in m:
-                    tracker.log({f"phase1/block{b:02d}/loss_first": m["loss_first"], f"phase1/block{b:02d}/loss_last": m["loss_last"]})
-            bar.update(1)
-    bar.close()
-    if tracker is not None:
+    space, bound, run_dir = ctx.space, ctx.bound, ctx.run
+    cfg = space.pretrain
+    t0 = time.time()
+    metrics = read_json(run_dir.pretrain_metrics) if run_dir.pretrain_metrics.exists() else {}
+    pending = [b for b in range(bound.num_blocks) if not (run_dir.block_weights(b).exists() and str(b) in metrics)]
+    with ctx.ray(), ctx.tracker(NAME) as tr:
+        if not pending:
+            log.info("pretrain: all %d blocks already pretrained", bound.num_blocks)
+        else:
+            groups = plan_groups(pending, cfg.tasks or cpu_slots(cfg.num_cpus), block_costs(bound, pending))
+            log.info("pretrain: %d blocks in %d Ray tasks (elastic width %s); %d already on disk", len(pending), len(groups),
+                     "on" if cfg.elastic else "off", bound.num_blocks - len(pending))
+            teacher_ref = ray.put({k: v.cpu() for k, v in bound.teacher.state_dict().items()})
+            use_gpu = cfg.num_gpus > 0
+            task = Task(pretrain_task, threads=None if use_gpu else 1, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+                        max_retries=3, retry_exceptions=False)
+            refs = [task.submit(space.to_dict(), teacher_ref, g, space.seed, use_gpu) for g in groups]
+            for _, result in completed(refs, desc="pretrain (blocks)", total=len(pending), progress=ctx.progress, count=len):
+                for b, (state, m) in sorted(result.items()):
+                    save_tensors(run_dir.block_weights(b), state, {"block": b, "space": space.fingerprint()})
+                    metrics[str(b)] = m
+                    write_json(run_dir.pretrain_metrics, metrics)
+                    tr.log({f"pretrain/block{b:02d}/{k}": v for k, v in m["candidates"].items()})
+                    if "loss_last" in m:
+                        tr.log({f"pretrain/block{b:02d}/loss_first": m["loss_first"], f"pretrain/block{b:02d}/loss_last": m["loss_last"]})
         rows = [[int(b), spec, err] for b, m in sorted(metrics.items(), key=lambda t: int(t[0])) for spec, err in m["candidates"].items()]
-        tracker.table("phase1/candidates", ["block", "operator", "relative_mse"], rows)
-    return metrics
-
-
-def load_block_states(run: Run, bound: BoundSpace) -> list[dict]:
-    d = run.root / "phase1"
-    return [load_tensors(block_path(d, b)) if bound.trainable_specs(b) else {} for b in range(bound.num_blocks)]
+        tr.table("pretrain/candidates", ["block", "operator", "relative_mse"], rows)
+        tr.summary(pretrain_wall_s=time.time() - t0)
+    return metrics, {"wall_s": time.time() - t0}

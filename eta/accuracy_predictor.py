@@ -1,5 +1,8 @@
 """The accuracy predictor: an MLP from an architecture's encoding to its proxy accuracy (eq. 14.2).
 
+(Not to be confused with the repository's ``predictors/`` folder, which holds measured reference
+data: latency tables and tuned schedules.)
+
 The thesis' best setting is the default: one-hot encoding, two linear layers with tanh between,
 Adam, MSE. Targets are standardised for training and the scaling is folded back into the last
 layer, so ``numpy_layers()`` computes accuracy directly (what the solver maximises).
@@ -18,6 +21,9 @@ import numpy as np
 import torch
 from scipy import special, stats
 from torch import nn
+
+from .files import atomic_path
+from .threads import torch_threads
 
 
 def one_hot_encode(choices: Sequence[Sequence[int]], options_per_block: Sequence[int]) -> np.ndarray:
@@ -73,8 +79,6 @@ class MLPPredictor(nn.Module):
                 for m in self.net if isinstance(m, nn.Linear)]
 
     def save(self, path: Path) -> None:
-        from .runs import atomic_path
-
         with atomic_path(Path(path)) as tmp:
             torch.save({"config": dict(self.config), "state": dict(self.state_dict())}, tmp)
 
@@ -112,9 +116,7 @@ def train_predictor(X, y, *, hidden=64, layers=2, activation="tanh", output="lin
         raise ValueError(f"unknown predictor optimizer {optimizer!r} (adam or sgd)")
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     gen = torch.Generator().manual_seed(seed)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # matrices this small only lose to thread hand-offs (~100x on a busy CPU)
-    try:
+    with torch_threads(1):  # matrices this small only lose to thread hand-offs
         for _ in range(epochs):
             model.train()
             for idx in torch.randperm(len(X), generator=gen).split(batch_size):
@@ -123,8 +125,6 @@ def train_predictor(X, y, *, hidden=64, layers=2, activation="tanh", output="lin
                 loss.backward()
                 opt.step()
             sched.step()
-    finally:
-        torch.set_num_threads(threads)
     last = model.net[-1]
     with torch.no_grad():  # fold the target scaling into the output layer
         last.weight.mul_(sd)

@@ -1,0 +1,163 @@
+"""Latency backends behind one registry: how a module is timed on a target, and by what software.
+
+A backend (``tvm``, ``torch``) names the software a table's numbers come from, reads the target
+of the machine it runs on, and times float modules. Modules of other kinds register their own
+measurer for a backend by class (:func:`register_measurer`): the integer TVM measurer of
+:mod:`eta.quant` times its ``QuantOp`` and ``QuantStudent`` that way, so the latency package
+never imports the quantizers, and a Ray worker that receives such a module has imported its
+measurer with its class.
+
+:func:`measure_entry` is what a table entry runs, here or as a Ray task on the measuring node.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..errors import EtaError
+from . import torch_backend, tvm_backend
+from .protocol import Measurement, Protocol
+
+log = logging.getLogger(__name__)
+
+
+class NotExecutable(EtaError):
+    """The backend cannot run this operator at this bit-width; the table records why."""
+
+
+# measure(module, input_shape, provenance, database_dir) -> (Measurement, extra fields for the entry)
+Measure = Callable[[object, tuple, dict, "Path | None"], "tuple[Measurement, dict]"]
+
+
+@dataclass(frozen=True)
+class LatencyBackend:
+    """One way of running networks: its name, the provenance key of its software version, its default
+    schedule policy, how it describes the local target, and how it times a float module."""
+
+    name: str
+    version_package: str
+    default_schedule: str
+    describe_target: Callable[[str], tuple[dict, str]]
+    measure_float: Measure
+    schedules: Callable[[int, bool], str]
+
+    @property
+    def version_key(self) -> str:
+        return f"{self.name}_version"
+
+
+_BACKENDS: dict[str, LatencyBackend] = {}
+_MEASURERS: dict[tuple[str, type], Measure] = {}
+
+
+def register_backend(backend: LatencyBackend) -> LatencyBackend:
+    _BACKENDS[backend.name] = backend
+    return backend
+
+
+def register_measurer(backend: str, module_type: type, measure: Measure) -> None:
+    """Time modules of ``module_type`` (and subclasses) with ``measure`` on ``backend``."""
+    _MEASURERS[(backend, module_type)] = measure
+
+
+def get(name: str) -> LatencyBackend:
+    try:
+        return _BACKENDS[name]
+    except KeyError:
+        raise EtaError(f"unknown latency backend '{name}' (known: {', '.join(_BACKENDS)})") from None
+
+
+def names() -> tuple[str, ...]:
+    return tuple(_BACKENDS)
+
+
+def measurer(backend: str, module, bits: int) -> Measure:
+    """The measurer of this module class on this backend; float modules at 32 bits use the backend's own."""
+    for cls in type(module).__mro__:
+        if (backend, cls) in _MEASURERS:
+            return _MEASURERS[(backend, cls)]
+    if bits != 32:
+        raise NotExecutable(f"{bits}-bit execution of {type(module).__name__} is not built for backend {backend} "
+                            "(integer kernels are TVM's, for quantized operators)")
+    return get(backend).measure_float
+
+
+def schedule_policy(backend: str, tune_trials: int = 0, torch_compile: bool = False) -> str:
+    """What the numbers of a table mean besides the target: ``untuned``, ``metaschedule:N``, ``eager``, ``torch.compile``."""
+    return get(backend).schedules(int(tune_trials), bool(torch_compile))
+
+
+def tune_trials_of(schedule: str) -> int:
+    return int(schedule.split(":", 1)[1]) if schedule.startswith("metaschedule:") else 0
+
+
+def measure_entry(provenance: dict, module, input_shape: tuple, bits: int, database_dir: Path | None = None) -> dict:
+    """Measure one table entry as the table's provenance says (backend, target, schedule, protocol).
+
+    A module-level function so that a Ray task on another node can run it. Returns the entry's
+    measured fields; a module the backend cannot run at ``bits`` gives ``{"executable": False, "reason": ...}``.
+    """
+    try:
+        measure = measurer(provenance["backend"], module, bits)
+        m, extra = measure(module, tuple(input_shape), provenance, database_dir)
+    except NotExecutable as err:
+        return {"executable": False, "reason": str(err), **_where()}
+    return {"executable": True, "median_ms": m.median_ms, "spread": m.spread, "repeats": m.repeats, "samples_ms": m.samples_ms,
+            "number": m.number, "compile_s": m.compile_s, "timing_s": m.timing_s, "timed_at": list(m.timed_at),
+            "protocol": provenance["protocol"], **extra, **_where()}
+
+
+def protocol_of(provenance: dict) -> Protocol:
+    return Protocol(**provenance["protocol"])
+
+
+def _where() -> dict:
+    """The Ray node that measured, when a Ray task did (a table says which machine produced each entry)."""
+    try:
+        import ray
+
+        if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
+            return {"ray_node": ray.get_runtime_context().get_node_id()}
+    except Exception:  # noqa: BLE001 - provenance only; never fail a measurement over it
+        pass
+    return {}
+
+
+# ---------------------------------------------------------------------------------------------
+# the built-in backends
+
+
+def _tvm_target(kind: str) -> tuple[dict, str]:
+    target = tvm_backend.host_target(kind)
+    return target, tvm_backend.device_name(target)
+
+
+def _tvm_float(module, input_shape, provenance, database_dir):
+    trials = tune_trials_of(provenance["schedule"])
+    if trials:
+        tvm_backend.tune(module, input_shape, provenance["target"], database_dir, trials)
+    m = tvm_backend.measure(module, input_shape, provenance["target"], protocol_of(provenance),
+                            database_dir=database_dir if trials else None)
+    return m, {}
+
+
+def _torch_target(kind: str) -> tuple[dict, str]:
+    dev = "cuda" if kind == "cuda" else "cpu"
+    return {"kind": dev}, torch_backend.device_name(dev)
+
+
+def _torch_float(module, input_shape, provenance, database_dir):
+    m = torch_backend.measure(module, input_shape, device=provenance["target"].get("kind", "cpu"), protocol=protocol_of(provenance),
+                              compile=provenance["schedule"] == "torch.compile")
+    return m, {}
+
+
+register_backend(LatencyBackend(
+    "tvm", "apache-tvm", "untuned", _tvm_target, _tvm_float,
+    lambda trials, _compile: f"metaschedule:{trials}" if trials else "untuned"))
+register_backend(LatencyBackend(
+    "torch", "torch", "eager", _torch_target, _torch_float,
+    lambda _trials, compile_: "torch.compile" if compile_ else "eager"))
+

@@ -1,0 +1,179 @@
+"""Phase ``finetune``: the selected students trained end to end with elastic resolution, measured, and the front.
+
+Each student starts from its stitched pretrained operators and is trained on distillation from the
+teacher's logits plus cross-entropy, progressively over increasing input sizes so that one set of
+weights serves every resolution of the space (table 14.5), as one Ray Tune trial. Test accuracy
+is then measured at each resolution on the held-out test split, and latency by compiling the
+whole student for the target; the Pareto front over (architecture, bits, resolution) is kept.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from .. import faults
+from ..arch import arch_from_str
+from ..bound import BoundSpace, rebuild
+from ..files import load_tensors, read_json, save_tensors, write_json
+from ..mixed_precision import quantize_stitched
+from ..pareto import FRONT_COLUMNS, pareto_front
+from ..plots import plot_front
+from ..raycluster import TaskContext
+from ..records import Front, FrontPoint, LatencyInfo
+from ..runs import Run
+from ..student import OperatorBank, bops, count_params, is_quantized, size_mb, skeleton
+from ..tracking import PhaseTracker
+from ..train import evaluate, fit
+from . import latency
+from .pretrain import load_block_states
+from .context import PhaseContext
+
+log = logging.getLogger(__name__)
+
+NAME = "finetune"
+
+
+def student_id(arch_str: str) -> str:
+    return "s_" + hashlib.sha1(arch_str.encode()).hexdigest()[:10]
+
+
+def finetune_student(bound: BoundSpace, bank: OperatorBank, splits, arch, *, device="cpu", on_epoch=None, progress=False):
+    """Finetune one stitched student; returns (model, history, test accuracy per resolution)."""
+    space = bound.space
+    cfg = space.finetune
+    student = bank.stitch(arch).to(device)
+    if is_quantized(arch):  # quantization-aware training: the fake-quant student computes what the integer module will
+        student = quantize_stitched(bound, student, arch, splits, device=device)
+    history = fit(student, splits.train, epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,
+                  resolutions=space.resolutions, teacher=bound.teacher, kd_weight=cfg.kd_weight, temperature=cfg.temperature,
+                  seed=space.seed, device=device, on_epoch=on_epoch, desc="finetune", progress=progress)
+    accs = {int(r): evaluate(student, splits.test, resolution=r, device=device) for r in space.resolutions}
+    return student, history, accs
+
+
+def finetune_trial(config: dict) -> None:
+    """Ray Tune trainable: one selected student, reported per epoch, saved into the run."""
+    from ray import tune
+
+    config["context"].install()
+    device = "cuda" if torch.cuda.is_available() and config["num_gpus"] > 0 else "cpu"
+    run = Run(Path(config["run_root"]))
+    bound, splits = rebuild(config["space"], load_tensors(config["teacher_path"]))
+    bank = OperatorBank(bound, load_block_states(run, bound))
+    arch = arch_from_str(config["arch"])
+    sid = student_id(config["arch"])
+    space = bound.space
+    tracker = PhaseTracker(run.root, f"finetune-{sid}", mode=config["wandb"], project=config["wandb_project"],
+                           config={"arch": config["arch"], **space.finetune.model_dump()})
+    t0 = time.time()
+
+    def on_epoch(epoch, m):
+        tracker.log({f"finetune/{k}": v for k, v in m.items()})
+        tune.report({**m, "sid": sid})
+        if epoch == 0:
+            faults.maybe_die(NAME, sid)
+
+    student, history, accs = finetune_student(bound, bank, splits, arch, device=device, on_epoch=on_epoch)
+    student = student.cpu().eval()
+    save_tensors(run.student_weights(sid), student.state_dict(), {"arch": config["arch"]})
+    metrics = {"id": sid, "arch": config["arch"], "test_acc": {str(r): a for r, a in accs.items()}, "history": history,
+               "params": count_params(student), "size_mb": size_mb(student, arch),
+               # MACs of the float tree (quantized convs are folded)
+               "bops": bops(skeleton(bound, arch), arch, bound.input_shape(space.data.resolution)),
+               "finetune_s": time.time() - t0}
+    write_json(run.student_metrics(sid), metrics)
+    tracker.summary(**{f"test_acc@{r}": a for r, a in accs.items()})
+    tracker.finish()
+    tune.report({"done": True, "sid": sid, **{f"test_acc_{r}": a for r, a in accs.items()}})
+
+
+def finetune_all(ctx: PhaseContext, archs: list[str]) -> list[dict]:
+    """Finetune every architecture without a finished ``metrics.json`` as Ray Tune trials."""
+    from ray import tune
+    from tqdm.auto import tqdm
+
+    cfg = ctx.space.finetune
+    todo = [a for a in archs if not ctx.run.student_metrics(student_id(a)).exists()]
+    if len(todo) < len(archs):
+        log.info("finetune: %d of %d students already finetuned, %d to finetune", len(archs) - len(todo), len(archs), len(todo))
+    if todo:
+        bar = tqdm(total=len(todo), desc="finetune (trials)", disable=not ctx.progress, dynamic_ncols=True)
+
+        class _Progress(tune.Callback):
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                bar.update(1)
+
+        trainable = tune.with_resources(finetune_trial, {"cpu": cfg.num_cpus, "gpu": cfg.num_gpus})
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"arch": tune.grid_search(todo), "space": ctx.space.to_dict(), "run_root": str(ctx.run.root.resolve()),
+                         "teacher_path": str(Path(ctx.teacher_path).resolve()),
+                         "num_gpus": cfg.num_gpus, "wandb": ctx.space.tracking.wandb, "wandb_project": ctx.space.tracking.project,
+                         "context": TaskContext.from_driver(threads=max(1, int(cfg.num_cpus)))},
+            tune_config=tune.TuneConfig(max_concurrent_trials=None, reuse_actors=False),
+            run_config=tune.RunConfig(name="tune", storage_path=str(ctx.run.tune_dir.parent.resolve()), verbose=0, callbacks=[_Progress()],
+                                      failure_config=tune.FailureConfig(max_failures=2)),
+        )
+        results = tuner.fit()
+        bar.close()
+        errors = [r.error for r in results if r.error is not None]
+        if errors:
+            raise RuntimeError(f"{len(errors)} finetune trial(s) failed; first: {errors[0]}")
+    return [read_json(ctx.run.student_metrics(student_id(a))) for a in archs]
+
+
+def front_points(ctx: PhaseContext, info: LatencyInfo, archs: list[str], metrics: list[dict], latencies: list[dict]) -> list[FrontPoint]:
+    """Every finetuned student at every resolution: measured latency and accuracy, size, what the table predicted."""
+    space = ctx.space
+    problem = latency.search_problem(ctx.bound, info)
+    points = []
+    for arch_str, m, lat in zip(archs, metrics, latencies):
+        arch = arch_from_str(arch_str)
+        predicted = problem.latency(ctx.bound.choices(arch))
+        sid = student_id(arch_str)
+        for r in space.resolutions:
+            points.append(FrontPoint(id=sid, arch=arch_str, bits=[op.bits for op in arch], resolution=int(r), latency_ms=lat[str(r)],
+                                     predicted_latency_ms=predicted if r == space.data.resolution else None,
+                                     test_acc=m["test_acc"][str(r)], params=m["params"], size_mb=m["size_mb"],
+                                     bops_g=m["bops"] * (r / space.data.resolution) ** 2 / 1e9,
+                                     weights=ctx.run.relative(ctx.run.student_weights(sid))))
+    return points
+
+
+def load(ctx: PhaseContext) -> dict:
+    return read_json(ctx.run.pareto_json)
+
+
+def run(ctx: PhaseContext, info: LatencyInfo, archs: list[str]) -> tuple[dict, dict]:
+    space, run_dir = ctx.space, ctx.run
+    t0 = time.time()
+    with ctx.ray():
+        metrics = finetune_all(ctx, archs)
+    with ctx.latency_session():
+        m, table = latency.opened_table(ctx)
+        executor = m.executor()
+        lats = [latency.network_latency(ctx.bound, table, arch_from_str(a), executor) for a in archs]
+    points = [p.to_dict() for p in front_points(ctx, info, archs, metrics, lats)]
+    teacher_acc = run_dir.phase_info("teacher")["test_acc"]
+    teacher_pts = [{"resolution": int(r), "latency_ms": info.teacher_ms[str(r)], "test_acc": teacher_acc[str(r)]} for r in space.resolutions]
+    front = pareto_front(points)
+    out = Front(run=run_dir.root.name, device=info.device, backend=info.backend, target=info.target,
+                teacher={"model": space.teacher.model, "points": teacher_pts}, front=front, all=points, finetune_s=time.time() - t0).to_dict()
+    write_json(run_dir.pareto_json, out)
+    plot_front(points, front, teacher_pts, run_dir.pareto_png,
+               f"{run_dir.root.name}: measured latency ({info.backend}, {info.device}) vs test accuracy")
+    with ctx.tracker(NAME) as tr:
+        cols = [k for k, _, _ in FRONT_COLUMNS]
+        tr.table("pareto/front", cols, [[p.get(k) for k in cols] for p in front])
+        tr.image("pareto/plot", run_dir.pareto_png)
+        for sid in dict.fromkeys(p["id"] for p in front):  # one artifact per selected student, its front points as metadata
+            pts = [p for p in front if p["id"] == sid]
+            tr.artifact(f"{run_dir.root.name}-{sid}", "model", [run_dir.student_dir(sid)],
+                        metadata={"arch": pts[0]["arch"], "bits": pts[0]["bits"], "device": info.device,
+                                  "points": [{k: p[k] for k in ("resolution", "latency_ms", "test_acc")} for p in pts]})
+    log.info("finetune: %d students finetuned, %d points on the front", len(archs), len(front))
+    return out, {"students": len(archs), "front": len(front)}

@@ -1,0 +1,299 @@
+"""Phase ``latency``: the space's latency table, its calibration against whole networks, the teacher's latency.
+
+Every distinct (operator, input shape, bit-width) the space can produce, plus the teacher's stem,
+head and blocks, is a :class:`~eta.latency.table.Workload` measured once on the target and cached
+in a table shared by every search of that target. A few whole networks (the teacher and random
+students) are compiled end to end to fit the calibration (HAO's latency ≈ a·Σ table + b, with the
+terms cross-validation keeps), which turns the table into the solver's additive latency model.
+The phase runs before any training, so an infeasible budget stops a search at once.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import families
+from ..arch import OpSpec, arch_to_str
+from ..bound import BoundSpace
+from ..errors import EtaError
+from ..files import read_json, write_json
+from ..latency.backends import schedule_policy
+from ..latency.calibrate import Calibration, fit_rows
+from ..latency.measurer import Measurer
+from ..latency.protocol import Protocol
+from ..latency.table import LatencyTable, Workload, workload_signature
+from ..mixed_precision import resource_limits
+from ..optimize import InfeasibleBudget, SearchProblem
+from ..plots import plot_calibration
+from ..quant.qop import quantize_operator
+from ..records import LatencyInfo
+from ..student import latency_network
+from .context import PhaseContext
+
+log = logging.getLogger(__name__)
+
+NAME = "latency"
+
+
+# --- what the space measures ------------------------------------------------------------------------
+def measurer(space) -> Measurer:
+    """Where and how ``space`` measures (on the Ray node its ``latency.node_resource`` names, if any)."""
+    cfg = space.latency
+    protocol = Protocol(number=cfg.number, repeat=cfg.repeat, max_cv=cfg.max_spread)
+    return Measurer.create(cfg.backend, cfg.target, protocol, schedule_policy(cfg.backend, cfg.tune_trials, cfg.torch_compile),
+                           cfg.node_resource)
+
+
+def opened_table(ctx: PhaseContext) -> tuple[Measurer, LatencyTable]:
+    """The space's measurer and its shared table, checked against this machine (entries from another are re-measured)."""
+    m = measurer(ctx.space)
+    table = m.open_table()
+    tolerance = ctx.space.latency.drift_tolerance
+    if tolerance is not None:
+        table.check_drift(space_workloads(ctx.bound), m.executor(), tolerance=tolerance)
+    return m, table
+
+
+def _operator_signature(spec: OpSpec, module) -> str:
+    return workload_signature(str(spec.with_bits(32)), module)
+
+
+def _at_bits(module, bits: int, input_shape: tuple):
+    """The module as it runs at ``bits``: itself in float, quantized (on random data: latency depends on shapes) below."""
+    if bits == 32:
+        return module
+    x = torch.randn(*input_shape, generator=torch.Generator().manual_seed(0))
+    return quantize_operator(module, bits, [x])
+
+
+def block_input_shape(bound: BoundSpace, block: int, batch: int) -> tuple:
+    return (batch, *bound.shapes[block][0])
+
+
+def space_workloads(bound: BoundSpace) -> list[Workload]:
+    """The stem, the head, and every operator of every block at its bit-width (each distinct one once)."""
+    batch = bound.space.latency.batch_size
+    split = bound.split
+    out = [Workload(workload_signature("stem", split.stem), lambda: split.stem, bound.input_shape(batch=batch)),
+           Workload(workload_signature("head", split.head), lambda: split.head, (batch, *bound.shapes[-1][1]))]
+    seen = set()
+    for b, opts in enumerate(bound.options):
+        for spec in opts:
+            if not families.get(spec.family).costs_latency:
+                continue
+            module = bound.operator(b, spec)
+            shape = block_input_shape(bound, b, batch)
+            key = (_operator_signature(spec, module), shape, spec.bits)
+            if key not in seen:
+                seen.add(key)
+                out.append(Workload(key[0], (lambda m=module, bits=spec.bits, s=shape: _at_bits(m, bits, s)), shape, spec.bits))
+    return out
+
+
+def option_latency_matrix(bound: BoundSpace, table: LatencyTable) -> tuple[float, list[np.ndarray]]:
+    """(stem + head ms, per-block ms of each option) read from the table; operators that cost nothing are 0."""
+    batch = bound.space.latency.batch_size
+    split = bound.split
+    base = table.get(workload_signature("stem", split.stem), bound.input_shape(batch=batch), 32)
+    head = table.get(workload_signature("head", split.head), (batch, *bound.shapes[-1][1]), 32)
+    if base is None or head is None:
+        raise EtaError(f"latency table {table.path} lacks the stem or head entry: run 'eta latency build' first")
+    per_block = []
+    for b, opts in enumerate(bound.options):
+        row = []
+        for spec in opts:
+            if not families.get(spec.family).costs_latency:
+                row.append(0.0)
+                continue
+            ms = table.get(_operator_signature(spec, bound.operator(b, spec)), block_input_shape(bound, b, batch), spec.bits)
+            if ms is None:
+                raise EtaError(f"block {b} operator {spec}: no executable latency entry in {table.path} "
+                               f"(bit-width {spec.bits} not executable on this target?)")
+            row.append(float(ms))
+        per_block.append(np.array(row))
+    return float(base + head), per_block
+
+
+def option_masks(options) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per block, which options cost no latency (identity) and which run as integer kernels (bits < 32).
+
+    ``options`` holds OpSpecs or their strings (as ``latency.json`` stores them).
+    """
+    specs = [[OpSpec.parse(o) if isinstance(o, str) else o for o in opts] for opts in options]
+    return ([np.array([not families.get(s.family).costs_latency for s in opts]) for opts in specs],
+            [np.array([s.bits < 32 for s in opts]) for opts in specs])
+
+
+def space_key(workloads: list[Workload]) -> str:
+    """Names the set of table entries a space uses: its calibration is stored in the table under this key."""
+    keys = sorted(LatencyTable.key(w.signature, w.input_shape, w.bits) for w in workloads)
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+
+
+# --- calibration -----------------------------------------------------------------------------------
+def calibration_archs(bound: BoundSpace, n_students: int, seed: int, stored: dict | None = None) -> list[tuple]:
+    """The teacher (when it is a choice of the space) and ``n_students`` distinct random students.
+
+    Students a stored calibration already measured come first, so a later call with the same or
+    fewer students re-uses them from the table instead of compiling new ones.
+    """
+    archs = [tuple(c) for c in (stored or {}).get("choices", [])]
+    tc = bound.teacher_choices()
+    if tc is not None and tc not in archs:
+        archs.insert(0, tc)
+    want = n_students + (tc is not None)
+    rng = np.random.default_rng(seed)
+    while len(archs) < want and len(archs) < bound.space_size():
+        c = tuple(int(rng.integers(k)) for k in bound.options_per_block)
+        if c not in archs:
+            archs.append(c)
+    return archs
+
+
+def network_workload(bound: BoundSpace, arch, resolution: int | None = None) -> Workload:
+    """A whole network (the teacher when ``arch`` is None) at one resolution, float or integer as its bits say."""
+    model = bound.teacher if arch is None else latency_network(bound, arch, resolution)
+    return Workload(workload_signature("network", model), lambda m=model: m, bound.input_shape(resolution, bound.space.latency.batch_size))
+
+
+def calibrate(bound: BoundSpace, table: LatencyTable, base: float, per_block: list[np.ndarray], *, n_students: int, seed: int,
+              progress: bool = True, executor=None, workloads: list[Workload] | None = None) -> dict:
+    """Compile the teacher and random students end to end; fit measured ≈ a·Σtable (+ terms) + b.
+
+    The fit is stored in the table under the space's key; a calibration with at least as many
+    students there (``eta latency validate`` measures 50) is re-used, not re-measured.
+    """
+    key = space_key(workloads or space_workloads(bound))
+    stored = table.calibrations.get(key)
+    archs = calibration_archs(bound, n_students, seed, stored)
+    nets = [network_workload(bound, bound.arch(c)) for c in archs]
+    table.measure_many(nets, desc="latency calibration (whole networks)", progress=progress, executor=executor)
+    identity, integer = option_masks(bound.options)
+    rows = []
+    for c, w in zip(archs, nets):
+        e = table.entry(w.signature, w.input_shape, 32)
+        rows.append({"arch": arch_to_str(bound.arch(c)), "choices": list(c),
+                     "table_sum_ms": float(base + sum(per_block[b][j] for b, j in enumerate(c))),
+                     "int_table_ms": float(sum(per_block[b][j] for b, j in enumerate(c) if integer[b][j])),
+                     "operators": int(sum(not identity[b][j] for b, j in enumerate(c))),
+                     "measured_ms": float(e["median_ms"]), "spread": float(e["spread"])})
+    out = fit_rows(rows, base, per_block, identity, integer)
+    out["space_key"] = key
+    if len(rows) > len((stored or {}).get("choices", [])):
+        table.set_calibration(key, {k: v for k, v in out.items() if k != "students"} | {"choices": [r["choices"] for r in rows],
+                                   "fitted_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return out
+
+
+def table_and_calibration(ctx: PhaseContext, students: int, seed: int):
+    """Measure the space's entries not cached yet, read the option latencies, calibrate on whole networks."""
+    m, table = opened_table(ctx)
+    executor = m.executor()
+    workloads = space_workloads(ctx.bound)
+    log.info("latency table: %d entries on %s (%s, %s), cached in %s", len(workloads), m.device, m.backend, m.schedule, table.path)
+    table.measure_many(workloads, desc="latency table", progress=ctx.progress, executor=executor)
+    base, per_block = option_latency_matrix(ctx.bound, table)
+    cal = calibrate(ctx.bound, table, base, per_block, n_students=students, seed=seed, progress=ctx.progress, executor=executor,
+                    workloads=workloads)
+    return m, table, executor, workloads, base, per_block, cal
+
+
+def network_latency(bound: BoundSpace, table: LatencyTable, arch, executor=None) -> dict[str, float]:
+    """End-to-end latency of the teacher (``arch`` None) or a student at every resolution, cached in the table.
+
+    Like every table entry, each network is compiled and timed twice and the faster kept (both are
+    in its entry): a burst of load during one measurement must not become the front's figure.
+    """
+    nets = {r: network_workload(bound, arch, r) for r in bound.space.resolutions}
+    table.measure_many(list(nets.values()), desc="whole-network latency", progress=False, executor=executor)
+    return {str(r): float(table.get(w.signature, w.input_shape, 32)) for r, w in nets.items()}
+
+
+# --- the solver's view -------------------------------------------------------------------------------
+def search_problem(bound: BoundSpace, info: LatencyInfo, layers=(), *, activation: str = "tanh", output: str = "linear",
+                   option_penalty: list | None = None) -> SearchProblem:
+    """The solver's problem: calibrated option latencies, the space's size/BOPs limits and, once there is
+    one, the accuracy predictor's ``layers`` (and, in mixed precision, the modelled drops)."""
+    identity, integer = option_masks(info.options)
+    base, per_block = Calibration.from_dict(info.calibration).additive(info.base_ms, info.option_ms, identity, integer)
+    return SearchProblem(option_latency=per_block, layers=list(layers), activation=activation, output=output, base_latency=base,
+                         option_penalty=[np.asarray(r, float) for r in option_penalty] if option_penalty is not None else None,
+                         limits=resource_limits(bound))
+
+
+def budgets_ms(space, info: LatencyInfo) -> list[float]:
+    teacher_ms = info.teacher_latency(space.data.resolution)
+    return [b.to_ms(teacher_ms) for b in space.parsed_budgets()]
+
+
+def check_budgets(bound: BoundSpace, info: LatencyInfo) -> None:
+    """Fail in one line, before any training, when a budget is below the fastest student."""
+    problem = search_problem(bound, info)
+    space = bound.space
+    teacher_ms = info.teacher_latency(space.data.resolution)
+    for raw, ms in zip(space.parsed_budgets(), budgets_ms(space, info)):
+        try:
+            problem.check_budget(ms)
+        except InfeasibleBudget:
+            fastest = problem.min_latency()
+            raise EtaError(f"budget {raw} = {ms:.3f} ms is infeasible: the fastest student of this space takes {fastest:.3f} ms "
+                           f"({fastest / teacher_ms:.2f}x the teacher's {teacher_ms:.3f} ms)") from None
+
+
+# --- the phase ---------------------------------------------------------------------------------------
+def read_info(ctx: PhaseContext) -> LatencyInfo:
+    data = read_json(ctx.run.latency_info)
+    try:
+        return LatencyInfo.from_dict(data)
+    except (KeyError, TypeError) as err:
+        raise EtaError(f"{ctx.run.latency_info}: not a latency record of this eta (missing {err})") from None
+
+
+def load(ctx: PhaseContext) -> LatencyInfo:
+    info = read_info(ctx)
+    check_budgets(ctx.bound, info)
+    return info
+
+
+def run(ctx: PhaseContext) -> tuple[LatencyInfo, dict, bool]:
+    """(the record, the manifest's note, whether the figures changed from the run's previous ones)."""
+    space, bound = ctx.space, ctx.bound
+    with ctx.latency_session():
+        m, table, executor, workloads, base, per_block, cal = table_and_calibration(ctx, space.latency.calibration_students, space.seed)
+        teacher = network_latency(bound, table, None, executor)
+    info = LatencyInfo(backend=m.backend, schedule=m.schedule, target=m.target, device=m.device, table=str(table.path), base_ms=base,
+                       option_ms=[r.tolist() for r in per_block], options=[[str(s) for s in opts] for opts in bound.options],
+                       calibration=cal, teacher_ms=teacher, io={"in_chans": bound.in_chans, "num_classes": bound.num_classes})
+    ctx.run.latency_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(table.path, ctx.run.latency_table_copy)
+    previous = read_info(ctx) if ctx.run.latency_info.exists() else None
+    write_json(ctx.run.latency_info, info.to_dict())
+    changed = previous is not None and any(getattr(previous, k) != getattr(info, k)
+                                           for k in ("option_ms", "calibration", "teacher_ms", "base_ms"))
+    with ctx.tracker(NAME) as tr:
+        tr.summary(teacher_ms=teacher[str(space.data.resolution)], calibration_a=cal["a"], calibration_b=cal["b"], entries=len(workloads))
+        tr.table("latency/calibration", ["arch", "table_sum_ms", "measured_ms"],
+                 [[r["arch"], r["table_sum_ms"], r["measured_ms"]] for r in cal["students"]])
+    check_budgets(bound, info)
+    return info, {"entries": len(workloads)}, changed
+
+
+def validate(ctx: PhaseContext, students: int = 50, seed: int | None = None, plot: Path | None = None) -> dict:
+    """Compile ``students`` random whole students, compare with the table's sums, store the calibration.
+
+    The calibration lands in the shared table (under this space's key), where every later search of
+    the space finds it.
+    """
+    with ctx.latency_session():
+        m, table, _, _, _, _, cal = table_and_calibration(ctx, students, ctx.space.seed if seed is None else seed)
+    report = {"backend": m.backend, "schedule": m.schedule, "device": m.device, "table": str(table.path), **cal}
+    write_json(ctx.run.latency_validation, report)
+    if plot:
+        plot_calibration(cal, Path(plot), f"{ctx.space.name}: {m.backend} ({m.schedule}) on {m.device}")
+    return report
