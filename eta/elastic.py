@@ -11,23 +11,17 @@ expand conv) live beside the slices under the same super-operator.
 from __future__ import annotations
 
 import copy
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from . import families
+from . import channels, families
 from .arch import OpSpec
+from .channels import ChannelGroup, Importance, l1_importance
 from .errors import EtaError
-from .families import BlockSlot, ChannelGroup
-
-Importance = Callable[[torch.Tensor, int], torch.Tensor]
-
-
-def l1_importance(reader: torch.Tensor, dim: int) -> torch.Tensor:
-    """Channels ranked by the L1 norm of the weights that consume them."""
-    return reader.detach().abs().movedim(dim, 0).flatten(1).sum(1)
+from .families import BlockSlot
 
 
 class SuperOp(nn.Module):
@@ -35,7 +29,8 @@ class SuperOp(nn.Module):
 
     ``full`` is the standalone operator at the widest expansion; narrower widths run a meta-device
     copy of the same module tree through ``torch.func.functional_call`` on prefix views of its
-    tensors, so gradients reach only the prefix and BatchNorm running stats update only the prefix.
+    tensors (:func:`eta.channels.sliced_tensors`), so gradients reach only the prefix and BatchNorm
+    running stats update only the prefix. ``widths[e]`` is each channel group's width at ``e``.
     """
 
     def __init__(self, specs: Iterable[OpSpec], slot: BlockSlot):
@@ -55,17 +50,15 @@ class SuperOp(nn.Module):
         sliced = [s for s in specs if widths[s.expansion] is not None]
         self.unsliced = nn.ModuleDict({_expansion_key(s.expansion): fam.build(s, slot) for s in specs if widths[s.expansion] is None})
         self.full = fam.build(sliced[-1], slot) if sliced else None
-        self.groups: tuple[ChannelGroup, ...] = fam.channel_groups(self.full) if sliced else ()
-        self.widths: dict[float, tuple[int, ...]] = {s.expansion: tuple(widths[s.expansion]) for s in sliced}
-        self.full_widths = self.widths[sliced[-1].expansion] if sliced else ()
-        self._narrow: dict[tuple[int, ...], nn.Module] = {}
+        self.groups: tuple[ChannelGroup, ...] = fam.channel_groups(self.full, slot) if sliced else ()
+        self.widths: dict[float, dict[str, int]] = {s.expansion: channels.resolve_widths(self.groups, widths[s.expansion]) for s in sliced}
+        self.full_widths = self.widths[sliced[-1].expansion] if sliced else {}
+        self._narrow: dict[tuple, nn.Module] = {}  # plain dict: meta modules are neither state nor moved by .to()
         for s in sliced:
-            w = self.widths[s.expansion]
-            if len(w) != len(self.groups):
-                raise RuntimeError(f"family '{self.family}' gives {len(w)} widths for {len(self.groups)} channel groups")
-            if w != self.full_widths and w not in self._narrow:
-                self._narrow[w] = fam.skeleton(s, slot)
-                self._check_slice_layout(w)
+            key = _widths_key(self.widths[s.expansion])
+            if self.widths[s.expansion] != self.full_widths and key not in self._narrow:
+                self._narrow[key] = fam.skeleton(s, slot)
+                channels.check_slice_layout(self._narrow[key], self._sliced(self.widths[s.expansion]), slot.name or None)
 
     @property
     def super_key(self) -> str:
@@ -74,25 +67,8 @@ class SuperOp(nn.Module):
     def spec(self, expansion: float) -> OpSpec:
         return OpSpec(self.family, kernel=self.kernel, expansion=float(expansion), heads=self.heads)
 
-    def _check_slice_layout(self, widths: tuple[int, ...]) -> None:
-        """Guard that the family's channel groups name exactly the tensors whose size follows the hidden width."""
-        narrow = dict(self._narrow[widths].state_dict(keep_vars=True))
-        sliced = self._sliced_tensors(widths)
-        if narrow.keys() != sliced.keys() or any(narrow[k].shape != sliced[k].shape for k in narrow):
-            raise RuntimeError(f"hidden-channel layout of '{self.family}' does not match its module at widths {widths}")
-
-    def _sliced_tensors(self, widths: tuple[int, ...]) -> dict[str, torch.Tensor]:
-        """Views of ``full``'s parameters and buffers cut to the first ``widths`` channels of each group."""
-        cut: dict[str, list[tuple[int, int]]] = {}
-        for group, width in zip(self.groups, widths):
-            for name, dim in group.members:
-                cut.setdefault(name, []).append((dim, width))
-        out = {}
-        for name, t in self.full.state_dict(keep_vars=True).items():
-            for dim, width in cut.get(name, ()):
-                t = t.narrow(dim, 0, width)
-            out[name] = t
-        return out
+    def _sliced(self, widths: dict[str, int]) -> dict[str, torch.Tensor]:
+        return channels.sliced_tensors(self.full, self.groups, widths)
 
     def _check_expansion(self, expansion: float) -> float:
         e = float(expansion)
@@ -108,8 +84,8 @@ class SuperOp(nn.Module):
         widths = self.widths[e]
         if widths == self.full_widths:
             return self.full(x)
-        narrow = self._narrow[widths].train(self.training)
-        return functional_call(narrow, self._sliced_tensors(widths), (x,))
+        narrow = self._narrow[_widths_key(widths)].train(self.training)
+        return functional_call(narrow, self._sliced(widths), (x,))
 
     @torch.no_grad()
     def extract(self, expansion: float) -> nn.Module:
@@ -119,38 +95,16 @@ class SuperOp(nn.Module):
         if key in self.unsliced:
             return copy.deepcopy(self.unsliced[key])
         op = families.get(self.family).skeleton(self.spec(e), self.slot)
-        state = {k: t.detach().clone(memory_format=torch.contiguous_format) for k, t in self._sliced_tensors(self.widths[e]).items()}
+        state = {k: t.detach().clone(memory_format=torch.contiguous_format) for k, t in self._sliced(self.widths[e]).items()}
         op.load_state_dict(state, assign=True)
         return op.train(self.training)
 
-    @torch.no_grad()
     def sort_channels(self, optimizer: torch.optim.Optimizer | None = None, importance: Importance = l1_importance) -> None:
-        """Reorder hidden channels by importance so every prefix keeps the most useful ones.
-
-        Function-preserving at full width. Gradients and, when ``optimizer`` is given, its
-        per-parameter state (e.g. Adam moments) are permuted along so they stay with their channel.
-        """
-        if self.full is None:
-            return
-        tensors = self.full.state_dict(keep_vars=True)
-        for group in self.groups:
-            name, dim = group.reader
-            scores = importance(tensors[name], dim)
-            if group.unit > 1:  # whole units (heads) move together, ranked by their summed importance
-                units = torch.argsort(scores.view(-1, group.unit).sum(1), descending=True, stable=True)
-                order = (units[:, None] * group.unit + torch.arange(group.unit, device=units.device)).flatten()
-            else:
-                order = torch.argsort(scores, descending=True, stable=True)
-            for name, dim in group.members:
-                t = tensors[name]
-                _permute_(t.data, dim, order)
-                if isinstance(t, nn.Parameter):
-                    if t.grad is not None:
-                        _permute_(t.grad, dim, order)
-                    if optimizer is not None:
-                        for v in optimizer.state.get(t, {}).values():
-                            if torch.is_tensor(v) and v.shape == t.shape:
-                                _permute_(v, dim, order)
+        """Reorder hidden channels by importance so every prefix keeps the most useful ones
+        (:func:`eta.channels.sort_channels`: function-preserving at full width; gradients and the
+        optimizer's per-parameter state move along)."""
+        if self.full is not None:
+            channels.sort_channels(self.full, self.groups, optimizer, importance)
 
     def sample_expansion(self, generator: torch.Generator) -> float:
         """A uniformly drawn expansion for one training step."""
@@ -160,8 +114,8 @@ class SuperOp(nn.Module):
         return f"{self.super_key}, expansions={list(self.expansions)}, widths={[self.widths.get(e) for e in self.expansions]}"
 
 
-def _permute_(t: torch.Tensor, dim: int, order: torch.Tensor) -> None:
-    t.copy_(t.index_select(dim, order.to(t.device)))
+def _widths_key(widths: dict[str, int]) -> tuple:
+    return tuple(sorted(widths.items()))
 
 
 def _expansion_key(expansion: float) -> str:

@@ -83,9 +83,9 @@ def test_super_op_slice_equals_extracted_module(family, specs, slot, mode):
         torch.testing.assert_close(y_super, y_alone, atol=1e-6, rtol=1e-6)
         if e in op.widths:  # the slice is the prefix of hidden channels
             expected = op.full.state_dict()
-            for group, width in zip(op.groups, op.widths[e]):
-                for name, dim in group.members:
-                    expected[name] = expected[name].narrow(dim, 0, width)
+            for group in op.groups:
+                for m in group.members:
+                    expected[m.name] = expected[m.name].narrow(m.dim, 0, op.widths[e][group.name] * m.unit)
             for name, t in standalone.state_dict().items():
                 assert torch.equal(t, expected[name]), name
         if mode == "train":  # running statistics of the slice moved exactly as the standalone module's did
@@ -112,27 +112,28 @@ def test_channel_groups_cover_exactly_the_width_dependent_tensors(family, specs,
     sliced = [s for s in specs if fam.hidden_widths(s, slot) is not None]
     narrow, wide = (fam.build(s, slot).state_dict() for s in (sliced[0], sliced[-1]))
     changing = {(k, d) for k in wide for d in range(wide[k].dim()) if wide[k].shape[d] != narrow[k].shape[d]}
-    listed = {m for g in fam.channel_groups(fam.build(sliced[-1], slot)) for m in g.members}
+    listed = {(m.name, m.dim) for g in fam.channel_groups(fam.build(sliced[-1], slot), slot) for m in g.members}
     assert changing == listed, family
 
 
 @pytest.mark.parametrize("family,specs,slot", list(_elastic_cases()))
 def test_widths_grow_with_expansion(family, specs, slot):
     op = SuperOp(specs, slot)
-    widths = [op.widths[e] for e in op.expansions if e in op.widths]
-    assert widths == sorted(widths) and widths[-1] == op.full_widths
+    widths = [tuple(op.widths[e][g.name] for g in op.groups) for e in op.expansions if e in op.widths]
+    assert widths == sorted(widths) and widths[-1] == tuple(op.full_widths[g.name] for g in op.groups)
+    assert all(op.full_widths[g.name] == g.full for g in op.groups)
 
 
 def test_hidden_widths_of_the_conv_and_vit_families():
     def width(spec, ins, outs):
         return families.get(spec.family).hidden_widths(spec, BlockSlot(ins, outs))
 
-    assert width(OpSpec("ir", 3, 6), (8, 8, 8), (16, 8, 8)) == (48,)  # ir expands the input
+    assert width(OpSpec("ir", 3, 6), (8, 8, 8), (16, 8, 8)) == {"hidden": 48}  # ir expands the input
     assert width(OpSpec("ir", 3, 1), (12, 8, 8), (16, 8, 8)) is None  # no expand conv: not a slice
-    assert width(OpSpec("fused", 3, 3), (8, 8, 8), (16, 8, 8)) == (24,)
-    assert width(OpSpec("basic", 3, 0.5), (32, 8, 8), (8, 8, 8)) == (4,)  # basic/bottleneck follow the output, divisor 4
-    assert width(OpSpec("bottleneck", 3, 0.25), (8, 8, 8), (64, 8, 8)) == (16, 16)
-    assert width(OpSpec("vit", heads=2, expansion=3), (5, 20), (5, 20)) == (60,)
+    assert width(OpSpec("fused", 3, 3), (8, 8, 8), (16, 8, 8)) == {"hidden": 24}
+    assert width(OpSpec("basic", 3, 0.5), (32, 8, 8), (8, 8, 8)) == {"hidden": 4}  # basic/bottleneck follow the output, divisor 4
+    assert width(OpSpec("bottleneck", 3, 0.25), (8, 8, 8), (64, 8, 8)) == {"hidden1": 16, "hidden2": 16}
+    assert width(OpSpec("vit", heads=2, expansion=3), (5, 20), (5, 20)) == {"mlp": 60}
     assert families.get("identity").hidden_widths(OpSpec("identity"), BlockSlot((8, 4, 4), (8, 4, 4))) is None
 
 
@@ -147,13 +148,13 @@ def test_sort_channels_preserves_function_and_ranks_by_importance(family, specs,
     op = make_super(specs, slot)
     x = batch(slot.in_shape)
     tensors = op.full.state_dict(keep_vars=True)
-    readers = [g.reader for g in op.groups]
+    readers = [(g.reader.name, g.reader.dim) for g in op.groups]
 
     def importance(name, dim):
         return tensors[name].detach().abs().movedim(dim, 0).flatten(1).sum(1)
 
     # follow the most important channel of each group through a per-channel (1-D) tensor of that group
-    markers = [next(n for n, _ in g.members if tensors[n].dim() == 1) for g in op.groups]
+    markers = [next(m.name for m in g.members if tensors[m.name].dim() == 1) for g in op.groups]
     best_before = [(importance(*r).max().item(), tensors[m][importance(*r).argmax()].item()) for r, m in zip(readers, markers)]
     y_train = op.train()(x)  # moves running statistics, so it comes before the eval-mode reference
     y_eval = op.eval()(x)
@@ -189,8 +190,9 @@ def test_narrow_training_touches_only_the_prefix(family, specs, slot):
     stats_before = {k: v.clone() for k, v in op.full.state_dict().items() if "running" in k}
     op(batch(slot.in_shape), e).square().mean().backward()
     tensors = op.full.state_dict(keep_vars=True)
-    for group, width in zip(op.groups, widths):
-        for name, dim in group.members:
+    for group in op.groups:
+        width = widths[group.name]
+        for name, dim in ((m.name, m.dim) for m in group.members):
             t = tensors[name]
             if isinstance(t, nn.Parameter):
                 assert t.grad.narrow(dim, width, t.shape[dim] - width).abs().sum() == 0, name

@@ -21,8 +21,12 @@ from timm.models.resnet import BasicBlock, Bottleneck, downsample_conv
 from timm.models.vision_transformer import Block, ResPostBlock
 from torch import nn
 
+from eta import channels as ch
 from eta import narrowing as nw
+from eta.arch import OpSpec
+from eta.elastic import SuperOp
 from eta.errors import EtaError
+from eta.families import BlockSlot
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +135,20 @@ def _groups(case, block, x):
     return nw.describe_block(block, x if case.startswith("generic") else None)
 
 
-def _prefix_index(size: int, member: nw.Member, full: int, width: int) -> torch.Tensor:
+def elastic_teacher(block, expansions, x, name=""):
+    """The teacher family's elastic super-operator of ``block`` (as the pretrain phase builds it)."""
+    with torch.no_grad():
+        out_shape = tuple(block.eval()(x[:1]).shape[1:])
+    return SuperOp([OpSpec("teacher", expansion=e) for e in expansions], BlockSlot(tuple(x.shape[1:]), out_shape, block, 0, name))
+
+
+def narrowed(block, widths, groups=None):
+    """The block narrowed to ``widths`` (group widths, or an expansion of the teacher's own width)."""
+    groups = nw.describe_block(block) if groups is None else groups
+    return ch.narrow_block(block, groups, nw.hidden_widths(groups, widths) if isinstance(widths, float) else widths)
+
+
+def _prefix_index(size: int, member: ch.Member, full: int, width: int) -> torch.Tensor:
     return torch.arange(size).reshape(member.chunks, full, member.unit)[:, :width].flatten()
 
 
@@ -146,10 +163,10 @@ def test_full_width_computes_the_teacher_block(case):
     assert (len(groups) == 0) == (case in NO_HIDDEN)
     with torch.no_grad():
         want = block(x)
-        narrow = nw.narrow_block(block, 1.0, groups)
+        narrow = narrowed(block, 1.0, groups)
         assert type(narrow) is type(block)
         torch.testing.assert_close(narrow(x), want, atol=1e-5, rtol=0)
-        elastic = nw.ElasticBlock(block, EXPANSIONS, example_input=x).eval()
+        elastic = elastic_teacher(block, EXPANSIONS, x).eval()
         torch.testing.assert_close(elastic(x, 1.0), want, atol=1e-5, rtol=0)
         torch.testing.assert_close(elastic.extract(1.0)(x), want, atol=1e-5, rtol=0)
 
@@ -157,7 +174,7 @@ def test_full_width_computes_the_teacher_block(case):
 def test_full_width_check_can_fail():
     """The comparison above sees a wrong narrowing: a permuted channel without its reader changes the output."""
     block, x = _make("timm_ir_se")
-    bad = nw.narrow_block(block, 1.0)
+    bad = narrowed(block, 1.0)
     with torch.no_grad():
         bad.conv_pw.weight.copy_(bad.conv_pw.weight.roll(1, 0))
         assert (bad(x) - block(x)).abs().max() > 1e-3
@@ -170,7 +187,7 @@ def test_full_width_check_can_fail():
 @pytest.mark.parametrize("case", list(CASES))
 def test_functional_slice_equals_extracted_block(case):
     block, x = _make(case)
-    elastic = nw.ElasticBlock(block, EXPANSIONS, example_input=x)
+    elastic = elastic_teacher(block, EXPANSIONS, x)
     elastic.sort_channels()
     for e in EXPANSIONS:
         with torch.no_grad():
@@ -183,7 +200,9 @@ def test_functional_slice_equals_extracted_block(case):
         before = {k: v.clone() for k, v in elastic.full.state_dict().items()}
         with torch.no_grad():
             torch.testing.assert_close(elastic(x, e), standalone(x), atol=1e-5, rtol=1e-5)
-        after_full = nw.sliced_tensors(elastic.full, elastic.groups, elastic.widths[e])
+        if e not in elastic.widths:  # expansion 1: the teacher's block itself, beside the super-operator
+            continue
+        after_full = ch.sliced_tensors(elastic.full, elastic.groups, elastic.widths[e])
         for k, v in standalone.state_dict().items():
             if k.endswith(("running_mean", "running_var")):
                 torch.testing.assert_close(after_full[k], v, atol=1e-6, rtol=1e-6)
@@ -200,10 +219,10 @@ def test_narrow_block_state_matches_slices_and_module_attributes(case):
     block, x = _make(case)
     groups = _groups(case, block, x)
     widths = nw.hidden_widths(groups, 0.5)
-    narrow = nw.narrow_block(block, widths, groups)
-    sliced = nw.sliced_tensors(block, groups, widths)
-    nw.check_slice_layout(narrow, sliced)
-    nw.check_slice_layout(nw.narrow_meta(block, widths, groups), sliced)
+    narrow = narrowed(block, widths, groups)
+    sliced = ch.sliced_tensors(block, groups, widths)
+    ch.check_slice_layout(narrow, sliced)
+    ch.check_slice_layout(ch.narrow_meta(block, groups, widths), sliced)
     for k, v in narrow.state_dict().items():
         torch.testing.assert_close(v, sliced[k])
 
@@ -211,13 +230,13 @@ def test_narrow_block_state_matches_slices_and_module_attributes(case):
 def test_slice_layout_check_catches_a_mismatch():
     block, x = _make("timm_basic")
     groups = nw.describe_block(block)
-    narrow = nw.narrow_block(block, 0.5, groups)
-    sliced = nw.sliced_tensors(block, groups, 0.75)
+    narrow = narrowed(block, 0.5, groups)
+    sliced = ch.sliced_tensors(block, groups, nw.hidden_widths(groups, 0.75))
     with pytest.raises(EtaError, match="conv1.weight"):
-        nw.check_slice_layout(narrow, sliced)
+        ch.check_slice_layout(narrow, sliced)
     narrow.conv2.in_channels = 99
     with pytest.raises(EtaError, match="conv2"):
-        nw.check_slice_layout(narrow, nw.sliced_tensors(block, groups, 0.5))
+        ch.check_slice_layout(narrow, ch.sliced_tensors(block, groups, nw.hidden_widths(groups, 0.5)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,12 +249,12 @@ def test_sorting_preserves_the_function_and_ranks_the_prefix(case):
     groups = _groups(case, block, x)
     with torch.no_grad():
         want = block(x)
-    before = {g.name: nw.l1_importance(block, g) for g in groups}
-    orders = nw.sort_hidden_channels(block, groups)
+    before = {g.name: ch.l1_importance(block, g) for g in groups}
+    orders = ch.sort_channels(block, groups)
     with torch.no_grad():
         torch.testing.assert_close(block(x), want, atol=1e-5, rtol=1e-5)
     for g in groups:
-        after = nw.l1_importance(block, g)
+        after = ch.l1_importance(block, g)
         torch.testing.assert_close(after, before[g.name].sort(descending=True).values)
         torch.testing.assert_close(after, before[g.name][orders[g.name]])
         # a half-width prefix holds exactly the highest-ranked units
@@ -256,7 +275,7 @@ def test_sorting_moves_gradients_and_optimizer_state_along():
     qkv = block.attn.qkv.weight
     fc1 = block.mlp.fc1.weight
     old = {"grad": qkv.grad.clone(), "avg": opt.state[qkv]["exp_avg"].clone(), "fc1_avg": opt.state[fc1]["exp_avg_sq"].clone()}
-    orders = nw.sort_hidden_channels(block, groups, optimizer=opt)
+    orders = ch.sort_channels(block, groups, optimizer=opt)
     heads, hd = block.attn.num_heads, block.attn.head_dim
     rows = torch.arange(3 * heads * hd).reshape(3, heads, hd)[:, orders["heads"]].flatten()
     torch.testing.assert_close(qkv.grad, old["grad"][rows])
@@ -268,13 +287,13 @@ def test_taylor_importance_needs_gradients_and_ranks_by_them():
     block, x = _make("timm_bottleneck")
     groups = nw.describe_block(block)
     with pytest.raises(EtaError, match="gradients"):
-        nw.taylor_importance(block, groups[0])
+        ch.taylor_importance(block, groups[0])
     with torch.no_grad():
         want = block(x)
     block(x).square().mean().backward()
-    scores = {g.name: nw.taylor_importance(block, g) for g in groups}
+    scores = {g.name: ch.taylor_importance(block, g) for g in groups}
     assert all(s.shape == (g.full,) and (s > 0).any() for g, s in zip(groups, scores.values()))
-    orders = nw.sort_hidden_channels(block, groups, importance=nw.taylor_importance)
+    orders = ch.sort_channels(block, groups, importance=ch.taylor_importance)
     for g in groups:
         assert torch.equal(orders[g.name], torch.argsort(scores[g.name], descending=True, stable=True))
     with torch.no_grad():
@@ -285,7 +304,7 @@ def test_importance_is_pluggable():
     block, x = _make("timm_basic")
     groups = nw.describe_block(block)
     reverse = lambda blk, g: torch.arange(g.full, dtype=torch.float)  # noqa: E731 - last channel most important
-    orders = nw.sort_hidden_channels(block, groups, importance=reverse)
+    orders = ch.sort_channels(block, groups, importance=reverse)
     assert torch.equal(orders["mid"], torch.arange(groups[0].full).flip(0))
 
 
@@ -298,7 +317,7 @@ def test_half_width_is_smaller_and_shaped_right(case):
     block, x = _make(case)
     groups = _groups(case, block, x)
     widths = nw.hidden_widths(groups, 0.5)
-    narrow = nw.narrow_block(block, widths, groups)
+    narrow = narrowed(block, widths, groups)
     assert sum(p.numel() for p in narrow.parameters()) < sum(p.numel() for p in block.parameters())
     tensors = narrow.state_dict()
     for g in groups:
@@ -325,7 +344,7 @@ def test_vit_narrowed_by_heads_keeps_head_dim():
     assert heads.full == 8 and heads.owner == "attn"
     widths = nw.hidden_widths(groups, 1.0, heads=2)
     assert widths == {"heads": 2, "mlp": 256}
-    narrow = nw.narrow_block(block, widths, groups)
+    narrow = narrowed(block, widths, groups)
     attn = narrow.attn
     assert (attn.num_heads, attn.head_dim, attn.attn_dim, attn.scale) == (2, 8, 16, block.attn.scale)
     assert (attn.qkv.out_features, attn.proj.in_features) == (48, 16)
@@ -342,18 +361,18 @@ def test_vit_narrowed_by_heads_keeps_head_dim():
     masked = copy.deepcopy(block)
     with torch.no_grad():
         masked.attn.proj.weight[:, 16:] = 0
-        only_heads = nw.narrow_block(block, {"heads": 2}, groups)
+        only_heads = narrowed(block, {"heads": 2}, groups)
         torch.testing.assert_close(only_heads(x), masked(x), atol=1e-5, rtol=1e-5)
 
 
 def test_width_arithmetic():
-    g = nw.HiddenGroup("g", (nw.Member("w", 0),), nw.Member("w", 0), 96)
-    h = nw.HiddenGroup("h", (nw.Member("v", 0, 3, 8),), nw.Member("v", 0, 3, 8), 12, heads=True)
+    g = ch.ChannelGroup("g", (ch.Member("w", 0),), ch.Member("w", 0), 96)
+    h = ch.ChannelGroup("h", (ch.Member("v", 0, 3, 8),), ch.Member("v", 0, 3, 8), 12, heads=True)
     assert nw.hidden_widths([g, h], 1.0) == {"g": 96, "h": 12}
     assert nw.hidden_widths([g, h], 0.25) == {"g": 24, "h": 3}
     assert nw.hidden_widths([g, h], 0.5) == {"g": 48, "h": 6}
     assert nw.hidden_widths([g, h], 0.01) == {"g": 4, "h": 1}  # at least one divisor, at least one head
-    odd = nw.HiddenGroup("o", (nw.Member("w", 0),), nw.Member("w", 0), 10)
+    odd = ch.ChannelGroup("o", (ch.Member("w", 0),), ch.Member("w", 0), 10)
     assert nw.hidden_widths([odd], 1.0) == {"o": 10}
     assert nw.hidden_widths([odd], 0.9) == {"o": 10}  # capped at the teacher's width
     assert nw.hidden_widths([odd], 0.5) == {"o": 8}
@@ -368,10 +387,10 @@ def test_widths_are_checked():
     block, _ = _make("timm_basic")
     groups = nw.describe_block(block)
     with pytest.raises(EtaError, match="unknown hidden groups"):
-        nw.narrow_block(block, {"nope": 4}, groups)
+        narrowed(block, {"nope": 4}, groups)
     with pytest.raises(EtaError, match="outside"):
-        nw.narrow_block(block, {"mid": 0}, groups)
-    elastic = nw.ElasticBlock(block, [0.5, 1.0])
+        narrowed(block, {"mid": 0}, groups)
+    elastic = elastic_teacher(block, [0.5, 1.0], torch.zeros(1, *IMG))
     with pytest.raises(EtaError, match="expansion 0.75"):
         elastic(torch.zeros(1, *IMG), 0.75)
 
@@ -383,7 +402,7 @@ def test_widths_are_checked():
 @pytest.mark.parametrize("case", ["timm_ir_se", "tv_bottleneck", "vit_block", "eta_bottleneck", "generic_residual"])
 def test_gradients_through_a_slice_reach_only_the_prefix(case):
     block, x = _make(case)
-    elastic = nw.ElasticBlock(block, [0.5, 1.0], example_input=x).train()
+    elastic = elastic_teacher(block, [0.5, 0.75], x).train()  # the widest (0.75) holds the weights; 0.5 is its prefix
     elastic(x, 0.5).square().mean().backward()
     params = dict(elastic.full.named_parameters())
     checked = 0
@@ -413,13 +432,13 @@ def test_generic_path_narrows_an_unknown_residual_block_and_keeps_its_interface(
     groups = nw.describe_block(block, x)
     by_name = {g.name: g for g in groups}
     assert set(by_name) == {"expand", "conv"}
-    assert set(by_name["expand"].members) == {nw.Member("expand.weight", 0), nw.Member("bn1.weight", 0), nw.Member("bn1.bias", 0),
-                                               nw.Member("bn1.running_mean", 0), nw.Member("bn1.running_var", 0),
-                                               nw.Member("conv.weight", 1)}
-    assert nw.Member("conv.bias", 0) in by_name["conv"].members and by_name["conv"].reader == nw.Member("project.weight", 1)
+    assert set(by_name["expand"].members) == {ch.Member("expand.weight", 0), ch.Member("bn1.weight", 0), ch.Member("bn1.bias", 0),
+                                               ch.Member("bn1.running_mean", 0), ch.Member("bn1.running_var", 0),
+                                               ch.Member("conv.weight", 1)}
+    assert ch.Member("conv.bias", 0) in by_name["conv"].members and by_name["conv"].reader == ch.Member("project.weight", 1)
     interface = {("expand.weight", 1), ("project.weight", 0), ("bn3.weight", 0)}
     assert not interface & {(m.name, m.dim) for g in groups for m in g.members}
-    narrow = nw.narrow_block(block, 0.5, groups)
+    narrow = narrowed(block, 0.5, groups)
     sizes = (narrow.expand.in_channels, narrow.expand.out_channels, narrow.conv.out_channels, narrow.project.out_channels)
     assert sizes == (16, 20, 20, 16)
     with torch.no_grad():
@@ -451,16 +470,16 @@ def test_generic_path_leaves_output_and_offset_channels_alone(caplog):
     # both branches feed the projection through a concat: a prefix of either is not a prefix of its columns
     assert groups == ()
     assert "channels of 'a' stay at full width" in caplog.text and "channels of 'b' stay at full width" in caplog.text
-    elastic = nw.ElasticBlock(two, [0.5, 1.0], example_input=x).eval()
+    elastic = elastic_teacher(two, [0.5, 1.0], x).eval()
     with torch.no_grad():
         torch.testing.assert_close(elastic(x, 0.5), two(x), atol=1e-5, rtol=0)
 
 
 def test_interface_check_refuses_a_wrong_description():
     block, x = _make("generic_residual")
-    wrong = nw.HiddenGroup("out", (nw.Member("project.weight", 0), nw.Member("bn3.weight", 0), nw.Member("bn3.bias", 0),
-                                   nw.Member("bn3.running_mean", 0), nw.Member("bn3.running_var", 0)),
-                           nw.Member("project.weight", 0), 16)
+    wrong = ch.ChannelGroup("out", (ch.Member("project.weight", 0), ch.Member("bn3.weight", 0), ch.Member("bn3.bias", 0),
+                                   ch.Member("bn3.running_mean", 0), ch.Member("bn3.running_var", 0)),
+                           ch.Member("project.weight", 0), 16)
     with pytest.raises(EtaError, match="narrowing its hidden groups"):
         nw.check_interface(block, (wrong,), x, name="blocks.3")
 
@@ -508,7 +527,7 @@ def test_every_block_of_a_teacher_narrows(teacher):
     for name, block in zip(split.block_names, split.blocks):
         with torch.no_grad():
             want = block(h)
-        elastic = nw.ElasticBlock(block, [0.5, 1.0], example_input=h, name=name).eval()
+        elastic = elastic_teacher(block, [0.5, 1.0], h, name).eval()
         with torch.no_grad():
             torch.testing.assert_close(elastic(h, 1.0), want, atol=1e-5, rtol=0)
             half = elastic.extract(0.5)

@@ -56,3 +56,40 @@ def test_corrupt_weights_and_json_are_one_line_errors(tmp_path):
         read_json(j)
     with pytest.raises(EtaError, match="not an eta run"):
         Run.open(tmp_path)
+
+
+def test_a_run_of_the_previous_format_resumes_without_redoing_anything(tmp_path):
+    """A run written by eta before the phases had one name (folders phase1/2/3, sections phase1/2/3) is
+    migrated when opened: every finished phase stays finished, nothing is recomputed, its student loads."""
+    import shutil
+
+    import eta
+    from eta.pipeline import Search
+    from eta.runs import FORMAT, PHASES
+    from eta.train import evaluate
+
+    from .conftest import REPO
+
+    root = tmp_path / "runs" / "format1"
+    shutil.copytree(REPO / "tests" / "fixtures" / "runs" / "format1", root)
+    old_front = read_json(root / "pareto.json")["front"]
+    weights = sorted(p for p in root.rglob("*.safetensors"))
+    run = Run.open(root)
+    assert run.manifest()["format"] == FORMAT
+    assert not any((root / f"phase{i}").exists() for i in (1, 2, 3)) and run.pretrain_dir.is_dir() and run.finetune_dir.is_dir()
+    assert "phase1:" not in run.space_path.read_text() and "pretrain:" in run.space_path.read_text()
+    mtimes = {p.relative_to(root).as_posix().replace("phase1/", "pretrain/").replace("phase3/", "finetune/"): p
+              for p in weights}
+    mtimes = {k: (root / k).stat().st_mtime_ns for k in mtimes}
+    search = Search(run.space(), runs_dir=root.parent, name="format1", progress=False)
+    assert all(search.done(p) for p in PHASES), run.manifest()["phases"]
+    pareto = search.run_all()
+    search.close()
+    assert [(p["arch"], p["resolution"], p["latency_ms"]) for p in pareto["front"]] == \
+        [(p["arch"], p["resolution"], p["latency_ms"]) for p in old_front]
+    assert {k: (root / k).stat().st_mtime_ns for k in mtimes} == mtimes  # nothing trained again
+    model = eta.load_student(root)
+    acc = evaluate(model, search.splits.test, resolution=model.eta_info["resolution"])
+    assert acc == pytest.approx(model.eta_info["test_acc"], abs=1e-9)
+    Run.open(root)  # opening a current run again changes nothing
+    assert run.manifest()["format"] == FORMAT

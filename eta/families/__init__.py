@@ -6,9 +6,9 @@ whether they have an integer lowering. ``register`` adds one; ``get(name)`` find
 ``ir``, ``fused``, ``basic``, ``bottleneck`` (:mod:`.conv`), ``vit`` (:mod:`.vit`), ``identity``
 (:mod:`.identity`) and ``teacher`` (:mod:`.teacher`).
 """
-from .base import BlockSlot, ChannelGroup, Family
+from .base import BlockSlot, Family
 from .registry import added_outside, build_operator, canonical, families, get, names, register, unregister
 
 from . import conv, identity, teacher, vit  # noqa: E402,F401  (built-in families register on import)
 
-__all__ = ["BlockSlot", "ChannelGroup", "Family", "added_outside", "build_operator", "canonical", "families", "get", "names", "register", "unregister"]
+__all__ = ["BlockSlot", "Family", "added_outside", "build_operator", "canonical", "families", "get", "names", "register", "unregister"]

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..channels import ChannelGroup
+
 if TYPE_CHECKING:  # OpSpec depends on the registry, not the other way round
     from ..arch import OpSpec
 
@@ -25,20 +27,6 @@ class BlockSlot:
     teacher_block: nn.Module | None = None
     index: int = 0
     name: str = ""
-
-
-@dataclass(frozen=True)
-class ChannelGroup:
-    """One set of hidden channels: the (tensor, dim) pairs indexed by it, and the tensor that reads it.
-
-    Slicing takes the same prefix along every member; sorting applies one permutation to all
-    members, which leaves the function unchanged. ``reader`` ranks channels by the L1 norm of the
-    weights that consume them. ``unit`` channels move together (an attention head's ``head_dim``).
-    """
-
-    members: tuple[tuple[str, int], ...]
-    reader: tuple[str, int]
-    unit: int = 1
 
 
 class Family:
@@ -92,13 +80,13 @@ class Family:
         return self.trainable
 
     # --- elastic width ----------------------------------------------------------------------------
-    def channel_groups(self, module: nn.Module) -> tuple[ChannelGroup, ...]:
-        """The hidden channel groups of one of this family's modules (empty: nothing to slice)."""
+    def channel_groups(self, module: nn.Module, slot: BlockSlot) -> tuple[ChannelGroup, ...]:
+        """The hidden channel groups of one of this family's modules in ``slot`` (empty: nothing to slice)."""
         return ()
 
-    def hidden_widths(self, spec: "OpSpec", slot: BlockSlot) -> tuple[int, ...] | None:
-        """Width of each channel group at ``spec``; None when ``spec`` is not a slice of the widest
-        operator (its own module, trained beside the super-operator)."""
+    def hidden_widths(self, spec: "OpSpec", slot: BlockSlot) -> dict[str, int] | None:
+        """Width of each channel group (by name) at ``spec``; None when ``spec`` is not a slice of the
+        widest operator (its own module, trained beside the super-operator)."""
         return None
 
     # --- for the tests parametrised over the registry ------------------------------------------------

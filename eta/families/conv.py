@@ -19,8 +19,10 @@ from torch import nn
 
 from ..errors import EtaError
 from ..quant.lowering import INPUT, OUTPUT, Step, Term, norm_activation, projection_shortcut, register_lowering, require_absent_or_identity
-from .base import BlockSlot, ChannelGroup, Family
-from .registry import register
+from ..channels import ChannelGroup, Member
+from ..narrowing import register_describer
+from .base import BlockSlot, Family
+from .registry import get, register
 
 CHANNEL_DIVISOR = 4
 
@@ -128,14 +130,15 @@ def depthwise_separable(in_ch: int, out_ch: int, kernel: int, stride: int, act_l
 # which tensors are indexed by hidden channels
 
 
-def _bn(name: str) -> tuple[tuple[str, int], ...]:
-    return tuple((f"{name}.{t}", 0) for t in ("weight", "bias", "running_mean", "running_var"))
+def _bn(name: str) -> tuple[Member, ...]:
+    return tuple(Member(f"{name}.{t}", 0) for t in ("weight", "bias", "running_mean", "running_var"))
 
 
-def _group(producer: str, bn: str, consumer: str) -> ChannelGroup:
-    """The hidden channels ``producer`` writes (rows), ``bn`` normalises and ``consumer`` reads (columns)."""
-    members = ((f"{producer}.weight", 0), *_bn(bn), (f"{consumer}.weight", 1))
-    return ChannelGroup(members, (f"{consumer}.weight", 1))
+def hidden_group(name: str, producer: str, bn: str, consumer: str, full: int, carriers: tuple[Member, ...] = ()) -> ChannelGroup:
+    """The hidden channels ``producer`` writes (rows), ``bn`` normalises, ``carriers`` (a depthwise conv and its
+    norm) carry, and ``consumer`` reads (columns); ranked by the consumer's weights."""
+    reader = Member(f"{consumer}.weight", 1)
+    return ChannelGroup(name, (Member(f"{producer}.weight", 0), *_bn(bn), *carriers, reader), reader, int(full))
 
 
 def conv_geometry(spec, in_shape, out_shape) -> tuple[int, int, int]:
@@ -158,7 +161,7 @@ class ConvFamily(Family):
     integer = True
     module: type = nn.Module
     reference = "in"  # expansion multiplies the input ("in") or output ("out") channels
-    groups: tuple[ChannelGroup, ...] = ()
+    group_names: tuple[str, ...] = ("hidden",)  # every group follows the one hidden width
 
     def fits(self, spec, slot: BlockSlot) -> bool:
         ins, outs = slot.in_shape, slot.out_shape
@@ -170,12 +173,10 @@ class ConvFamily(Family):
         ref = in_ch if self.reference == "in" else out_ch
         return int(make_divisible(ref * spec.expansion, divisor=CHANNEL_DIVISOR))
 
-    def hidden_widths(self, spec, slot: BlockSlot) -> tuple[int, ...] | None:
+    def hidden_widths(self, spec, slot: BlockSlot) -> dict[str, int] | None:
         in_ch, out_ch, _ = conv_geometry(spec, slot.in_shape, slot.out_shape)
-        return (self.hidden_width(spec, in_ch, out_ch),) * len(self.groups)
-
-    def channel_groups(self, module: nn.Module) -> tuple[ChannelGroup, ...]:
-        return self.groups
+        width = self.hidden_width(spec, in_ch, out_ch)
+        return {name: width for name in self.group_names}
 
     def build(self, spec, slot: BlockSlot) -> nn.Module:
         in_ch, out_ch, stride = conv_geometry(spec, slot.in_shape, slot.out_shape)
@@ -196,9 +197,11 @@ class InvertedResidualFamily(ConvFamily):
     name = "ir"
     module = InvertedResidual
     example_expansions = (1, 2, 3, 4)  # 1 has no expand conv and is held apart
-    # conv_pw writes the hidden channels, bn1 normalises them, the depthwise conv_dw and its bn2 carry them
-    groups = (ChannelGroup((("conv_pw.weight", 0), *_bn("bn1"), ("conv_dw.weight", 0), *_bn("bn2"), ("conv_pwl.weight", 1)),
-                           ("conv_pwl.weight", 1)),)
+
+    def channel_groups(self, module, slot):
+        # conv_pw writes the hidden channels, bn1 normalises them, the depthwise conv_dw and its bn2 carry them
+        return (hidden_group("hidden", "conv_pw", "bn1", "conv_pwl", module.conv_pw.out_channels,
+                             (Member("conv_dw.weight", 0), *_bn("bn2"))),)
 
     def hidden_widths(self, spec, slot):
         return None if float(spec.expansion) == 1.0 else super().hidden_widths(spec, slot)
@@ -216,7 +219,9 @@ class FusedFamily(ConvFamily):
 
     name = "fused"
     module = FusedMBConv
-    groups = (_group("conv_exp", "bn1", "conv_pwl"),)
+
+    def channel_groups(self, module, slot):
+        return (hidden_group("hidden", "conv_exp", "bn1", "conv_pwl", module.conv_exp.out_channels),)
 
 
 @register
@@ -227,7 +232,9 @@ class BasicFamily(ConvFamily):
     module = BasicBlock
     reference = "out"
     example_expansions = (0.5, 1, 1.5)
-    groups = (_group("conv1", "bn1", "conv2"),)
+
+    def channel_groups(self, module, slot):
+        return (hidden_group("hidden", "conv1", "bn1", "conv2", module.conv1.out_channels),)
 
 
 @register
@@ -238,7 +245,16 @@ class BottleneckFamily(ConvFamily):
     module = Bottleneck
     reference = "out"
     example_expansions = (0.25, 0.5, 1)
-    groups = (_group("conv1", "bn1", "conv2"), _group("conv2", "bn2", "conv3"))
+    group_names = ("hidden1", "hidden2")
+
+    def channel_groups(self, module, slot):
+        full = module.conv1.out_channels
+        return (hidden_group("hidden1", "conv1", "bn1", "conv2", full), hidden_group("hidden2", "conv2", "bn2", "conv3", full))
+
+
+for _name in ("ir", "fused", "basic", "bottleneck"):  # a teacher made of these modules narrows by the same groups
+    _family = get(_name)
+    register_describer(_family.module, lambda block, label, fam=_family: fam.channel_groups(block, None))
 
 
 # ---------------------------------------------------------------------------------------------

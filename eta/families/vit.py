@@ -11,7 +11,8 @@ from torch import nn
 
 from ..errors import EtaError
 from ..quant.lowering import register_no_lowering
-from .base import BlockSlot, ChannelGroup, Family
+from ..channels import ChannelGroup, Member
+from .base import BlockSlot, Family
 from .conv import CHANNEL_DIVISOR
 from .registry import register
 
@@ -32,7 +33,6 @@ def token_width(spec, in_shape, out_shape) -> int:
 class VitFamily(Family):
     name = "vit"
     fields = ("heads", "expansion")
-    groups = (ChannelGroup((("mlp.fc1.weight", 0), ("mlp.fc1.bias", 0), ("mlp.fc2.weight", 1)), ("mlp.fc2.weight", 1)),)
 
     def fits(self, spec, slot: BlockSlot) -> bool:
         ins, outs = slot.in_shape, slot.out_shape
@@ -43,11 +43,13 @@ class VitFamily(Family):
             raise EtaError(f"operator '{spec}' needs a positive expansion")
         return int(make_divisible(dim * spec.expansion, divisor=CHANNEL_DIVISOR))
 
-    def hidden_widths(self, spec, slot: BlockSlot) -> tuple[int, ...]:
-        return (self.hidden_width(spec, token_width(spec, slot.in_shape, slot.out_shape)),)
+    def hidden_widths(self, spec, slot: BlockSlot) -> dict[str, int]:
+        return {"mlp": self.hidden_width(spec, token_width(spec, slot.in_shape, slot.out_shape))}
 
-    def channel_groups(self, module: nn.Module):
-        return self.groups
+    def channel_groups(self, module: nn.Module, slot: BlockSlot):
+        """The MLP's hidden width (heads are part of the super-operator's key, not sliced)."""
+        reader = Member("mlp.fc2.weight", 1)
+        return (ChannelGroup("mlp", (Member("mlp.fc1.weight", 0), Member("mlp.fc1.bias", 0), reader), reader, module.mlp.fc1.out_features),)
 
     def examples(self):
         return [([{"heads": 4, "expansion": e} for e in (1, 2, 4)], BlockSlot((5, 16), (5, 16)))]
