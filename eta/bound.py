@@ -18,7 +18,7 @@ from torch import nn
 
 from . import families
 from .arch import OpSpec, arch_to_str
-from .data import load_splits
+from .data import load_splits, split_options
 from .errors import EtaError
 from .files import load_tensors
 from .families import BlockSlot
@@ -139,11 +139,7 @@ def set_seed(seed: int) -> torch.Generator:
 
 def splits_for(space: SearchSpace):
     """The data splits a search space names (train without the proxy set, proxy, test)."""
-    d = space.data
-    return load_splits(
-        d.dataset, root=d.root, proxy_fraction=d.proxy_fraction, seed=space.seed, download=d.download,
-        max_train=d.max_train, max_test=d.max_test,
-    )
+    return load_splits(space.data.dataset, **split_options(space))
 
 
 def bound_with_teacher(space: SearchSpace, splits, teacher_state: dict | None) -> BoundSpace:

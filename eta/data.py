@@ -1,13 +1,15 @@
-"""Data sets and their three splits: train (phase 1, teacher training, finetuning), proxy (phase 2's
+"""Data sets and their three splits: train (pretraining, teacher training, finetuning), proxy (the solve phase's
 quick accuracy of stitched students) and test (the reported front).
 
-Images stay at their native size and are resized per batch, so one split serves every resolution of
-elastic-resolution training without re-reading anything. Items are raw images in [0, 1];
-normalisation happens in :func:`batches` with the statistics of the training split, which every
-split carries as ``mean``/``std``. Small data sets live in memory as ``uint8`` tensors (4x smaller
-than float) and are batched by tensor indexing; image folders are read lazily, one file per item.
-The proxy split is a stratified fraction of the training split and is removed from it, so phase 2
-never scores students on images phase 1 trained them on.
+Images are stored at one size per data set (the native size of the torchvision sets; image folders
+are decoded once at the largest size the search uses) and resized per batch, so one split serves
+every resolution of elastic-resolution training without re-reading anything. Items are raw images
+in [0, 1]; normalisation happens in :func:`batches` with the statistics of the training split,
+which every split carries as ``mean``/``std``. Sets that fit in memory are ``uint8`` tensors (4x
+smaller than float) batched by tensor indexing; larger image folders are read item by item through
+DataLoader workers (:mod:`eta.loaders`). Training batches may be augmented (:mod:`eta.augment`),
+always from the batch's seed. The proxy split is a stratified fraction of the training split and is
+removed from it, so the solve phase never scores students on images pretraining trained them on.
 """
 from __future__ import annotations
 
@@ -16,14 +18,16 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 
+from . import image_folder, loaders
+from .augment import Augment
 from .errors import EtaError
 
 log = logging.getLogger(__name__)
@@ -32,56 +36,108 @@ DATASETS = ("digits", "fashion_mnist", "cifar10", "image_folder")
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                        "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
-IMAGE_FOLDER_SIZE = 224  # image folders are decoded at this square size; batches() resizes from it
+IMAGE_FOLDER_SIZE = 224  # image folders are decoded at this square size unless the caller names one
+DEVICE_COPY_MAX_BYTES = 2**30  # in-memory sets up to this size are copied to a GPU once and batched there
 DIGITS_TEST_SEED = 0  # the digits test split is the same for every run seed, so fronts compare
 
 
 class InMemoryImages(Dataset):
     """Images (N, C, H, W) stored as integers in ``[0, value_scale]``, labels, normalisation statistics.
 
-    Items are float images in [0, 1]; :func:`batches` indexes whole batches at once instead.
+    Items are float images in [0, 1]; :func:`batches` indexes whole batches at once instead. With
+    ``rows`` the items are those rows of ``images`` (a memory-mapped cache is subset without copying).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, value_scale: float,
-                 mean: tuple = (0.0,), std: tuple = (1.0,)):
-        if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+                 mean: tuple = (0.0,), std: tuple = (1.0,), rows=None):
+        self.rows = None if rows is None else torch.as_tensor(np.asarray(rows), dtype=torch.long)
+        n = len(images) if self.rows is None else len(self.rows)
+        if n != len(labels):
+            raise ValueError(f"{n} images but {len(labels)} labels")
         self.images, self.labels, self.value_scale = images, labels.long(), float(value_scale)
         self.mean, self.std = tuple(mean), tuple(std)
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def gather(self, idx, images: torch.Tensor | None = None) -> torch.Tensor:
+        """The stored integers of items ``idx`` (from ``images``, a device copy of the store, if given)."""
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        if self.rows is not None:
+            idx = self.rows[idx]
+        store = self.images if images is None else images
+        return store[idx.to(store.device)]
+
+    def raw(self, i: int) -> torch.Tensor:
+        return self.gather([int(i)])[0]
+
+    def pil(self, i: int):
+        """Item ``i`` as a PIL image (0..255), for per-image transforms."""
+        from PIL import Image
+
+        x = self.raw(i).float() * (255.0 / self.value_scale)
+        a = x.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        return Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
+
     def __getitem__(self, i):
-        return self.images[i].float() / self.value_scale, self.labels[i]
+        return self.raw(i).float() / self.value_scale, self.labels[i]
 
     def subset(self, idx) -> "InMemoryImages":
         idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+        if self.rows is not None:
+            return InMemoryImages(self.images, self.labels[idx], value_scale=self.value_scale, mean=self.mean, std=self.std,
+                                  rows=self.rows[idx])
         return InMemoryImages(self.images[idx], self.labels[idx], value_scale=self.value_scale, mean=self.mean, std=self.std)
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}  # no loaders or device copies
 
 
 class LazyImages(Dataset):
-    """Some items of a decoded-on-demand data set (e.g. torchvision's ``ImageFolder``), with their labels.
+    """Some items of a decoded-on-demand data set (e.g. an image folder), with their labels.
 
-    ``labels`` is known without decoding any image, which is all that splitting needs.
+    ``labels`` is known without decoding any image, which is all that splitting needs. ``workers``
+    is how many DataLoader processes :func:`batches` reads it with.
     """
 
-    def __init__(self, source: Dataset, indices, labels, *, mean: tuple, std: tuple):
+    def __init__(self, source: Dataset, indices, labels, *, mean: tuple, std: tuple, workers: int | None = None):
         self.source = source
         self.indices = np.asarray(indices, dtype=np.int64)
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
         self.mean, self.std = tuple(mean), tuple(std)
+        self.workers = workers
 
     def __len__(self) -> int:
         return len(self.indices)
 
+    def raw(self, i: int) -> torch.Tensor:
+        j = int(self.indices[i])
+        if hasattr(self.source, "raw"):
+            return self.source.raw(j)
+        return torch.as_tensor(self.source[j][0])
+
+    @property
+    def has_pil(self) -> bool:
+        return hasattr(self.source, "pil")
+
+    def pil(self, i: int):
+        return self.source.pil(int(self.indices[i]))
+
     def __getitem__(self, i):
-        x, _ = self.source[int(self.indices[i])]
-        return x, self.labels[i]
+        return _unit_scale(self.raw(i)), self.labels[i]
 
     def subset(self, idx) -> "LazyImages":
         idx = np.asarray(idx, dtype=np.int64)
-        return LazyImages(self.source, self.indices[idx], self.labels[torch.as_tensor(idx)], mean=self.mean, std=self.std)
+        return LazyImages(self.source, self.indices[idx], self.labels[torch.as_tensor(idx)], mean=self.mean, std=self.std,
+                          workers=self.workers)
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+
+def _unit_scale(x: torch.Tensor) -> torch.Tensor:
+    """Stored images in [0, 1]: uint8 ones are divided by 255, float ones are already there."""
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
 
 
 @dataclass
@@ -185,25 +241,43 @@ def _cifar10(root: str | None, download: bool):
             np.asarray(te.targets), 255.0)
 
 
-def _image_folder(root: str | None):
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-    from torchvision import transforms
-    from torchvision.datasets import ImageFolder
+def decode_size_for(resolution: int, resolutions: Sequence[int] = (), decode_size: int | None = None) -> int:
+    """The size image folders are decoded at: ``data.decode_size``, else the largest resolution the space uses."""
+    if decode_size:
+        return int(decode_size)
+    return int(max([int(resolution), *[int(r) for r in resolutions]]))
 
-    if not root or not (Path(root) / "train").is_dir() or not (Path(root) / "val").is_dir():
-        raise EtaError(f"image_folder needs data.root with train/ and val/ folders of class folders; got {root}")
-    decode = transforms.Compose([transforms.Resize(IMAGE_FOLDER_SIZE), transforms.CenterCrop(IMAGE_FOLDER_SIZE),
-                                 transforms.ToTensor()])
-    try:
-        train, test = (ImageFolder(str(Path(root) / s), transform=decode) for s in ("train", "val"))
-    except (FileNotFoundError, OSError) as err:
-        raise EtaError(f"image_folder {root}: {str(err).splitlines()[0]}") from None
-    if train.classes != test.classes:
-        raise EtaError(f"image_folder {root}: train/ and val/ have different class folders")
+
+def _image_folder(root: str | None, *, decode_size: int, cache: str, workers: int, cache_max_gb: float):
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from .paths import cache_subdir
+
+    indexes = image_folder.scan_splits(root)
     # decoding every image to measure statistics would read the whole set: use ImageNet's, as timm does
     stats = dict(mean=tuple(IMAGENET_DEFAULT_MEAN), std=tuple(IMAGENET_DEFAULT_STD))
-    return (LazyImages(train, np.arange(len(train)), train.targets, **stats),
-            LazyImages(test, np.arange(len(test)), test.targets, **stats), len(train.classes))
+    n_bytes = sum(len(ix.samples) for ix in indexes) * 3 * decode_size ** 2
+    mode = image_folder.choose_cache(cache, n_bytes, cache_max_gb)
+    log.info("image_folder %s: %d images at %d px (%.2f GB as uint8): %s", root, sum(len(ix.samples) for ix in indexes),
+             decode_size, n_bytes / 1e9, {"none": "read lazily"}.get(mode, f"cached ({mode})"))
+    splits = []
+    for index in indexes:
+        labels = torch.as_tensor(index.labels)
+        if mode == "none":
+            splits.append(LazyImages(image_folder.FolderImages(index, decode_size), np.arange(len(labels)), labels,
+                                     workers=workers, **stats))
+            continue
+        try:
+            where = cache_subdir("data") / "image_folder"
+            where.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            log.warning("no writable data cache (%s): decoding %s without one", err, index.root)
+            where = None
+        array = image_folder.decoded_array(index, decode_size, mode=mode, workers=workers, cache_dir=where)
+        images = image_folder.as_tensor(array)
+        rows = np.arange(len(labels)) if mode == "disk" else None
+        splits.append(InMemoryImages(images, labels, value_scale=255.0, rows=rows, **stats))
+    return splits[0], splits[1], len(indexes[0].classes)
 
 
 def _channel_stats(images: torch.Tensor, value_scale: float, chunk: int = 4096) -> tuple[tuple, tuple]:
@@ -224,14 +298,24 @@ def _channel_stats(images: torch.Tensor, value_scale: float, chunk: int = 4096) 
 
 
 def load_splits(name: str, *, root: str | None = None, proxy_fraction: float = 0.05, seed: int = 0,
-                download: bool = False, max_train: int | None = None, max_test: int | None = None) -> DataSplits:
-    """Train / proxy / test splits of a named data set; nothing is downloaded unless ``download``."""
+                download: bool = False, max_train: int | None = None, max_test: int | None = None,
+                decode_size: int | None = None, cache: str = "auto", workers: int | None = None,
+                cache_max_gb: float = image_folder.DEFAULT_CACHE_MAX_GB) -> DataSplits:
+    """Train / proxy / test splits of a named data set; nothing is downloaded unless ``download``.
+
+    Image folders are decoded at ``decode_size`` (default ``IMAGE_FOLDER_SIZE``; :func:`decode_size_for`
+    gives a space's) and kept as uint8 arrays per ``cache`` (``auto``: in memory when they fit
+    ``cache_max_gb``); ``workers`` DataLoader processes read what stays lazy.
+    """
     if name not in DATASETS:
         raise EtaError(f"unknown data set '{name}' (known: {', '.join(DATASETS)})")
     if not 0 < proxy_fraction < 1:
         raise EtaError(f"data.proxy_fraction must be in (0, 1); got {proxy_fraction}")
+    workers = loaders.default_workers() if workers is None else int(workers)
+    own_stats = name != "image_folder"
     if name == "image_folder":
-        full_train, test, num_classes = _image_folder(root)
+        full_train, test, num_classes = _image_folder(root, decode_size=int(decode_size or IMAGE_FOLDER_SIZE), cache=cache,
+                                                      workers=workers, cache_max_gb=cache_max_gb)
     else:
         if name == "digits":
             xtr, ytr, xte, yte, scale = _digits()
@@ -255,15 +339,23 @@ def load_splits(name: str, *, root: str | None = None, proxy_fraction: float = 0
     proxy_idx, train_idx = stratified_split(train_labels, n_proxy, seed)
     train, proxy = full_train.subset(train_idx), full_train.subset(proxy_idx)
 
-    if isinstance(train, InMemoryImages):
+    if own_stats and isinstance(train, InMemoryImages):
         mean, std = _channel_stats(train.images, train.value_scale)
         for ds in (train, proxy, test):
             ds.mean, ds.std = mean, std
-    x0, _ = train[0]
+    shape = tuple(train.images.shape[1:]) if isinstance(train, InMemoryImages) else (3, train.source.size, train.source.size)
     log.info("%s: %d train, %d proxy, %d test images of shape %s, %d classes", name, len(train), len(proxy), len(test),
-             tuple(x0.shape), num_classes)
-    return DataSplits(name=name, train=train, proxy=proxy, test=test, num_classes=num_classes, in_chans=int(x0.shape[0]),
-                      native_resolution=int(x0.shape[-1]), mean=train.mean, std=train.std)
+             shape, num_classes)
+    return DataSplits(name=name, train=train, proxy=proxy, test=test, num_classes=num_classes, in_chans=int(shape[0]),
+                      native_resolution=int(shape[-1]), mean=train.mean, std=train.std)
+
+
+def split_options(space) -> dict:
+    """:func:`load_splits` keywords for a search space (decode size from every resolution it uses)."""
+    d = space.data
+    return dict(root=d.root, proxy_fraction=d.proxy_fraction, seed=space.seed, download=d.download, max_train=d.max_train,
+                max_test=d.max_test, decode_size=decode_size_for(d.resolution, space.resolutions, d.decode_size),
+                cache=d.cache, workers=d.workers, cache_max_gb=d.cache_max_gb)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,22 +385,94 @@ def normalize(x: torch.Tensor, dataset) -> torch.Tensor:
         std, dtype=x.dtype, device=x.device).view(shape)
 
 
+def _batch_seed(seed: int, k: int) -> int:
+    return (int(seed) * 1_000_003 + int(k) * 7_919 + 17) % 2**62
+
+
+def _item_seed(seed: int, position: int) -> int:
+    return (int(seed) * 998_244_353 + int(position) * 104_729 + 91) % 2**62
+
+
+def _on_device(dataset: InMemoryImages, device) -> torch.Tensor | None:
+    """A copy of a small in-memory store on a GPU, made once, so batches are gathered there."""
+    device = torch.device(device)
+    if device.type == "cpu" or dataset.rows is not None or dataset.images.numel() > DEVICE_COPY_MAX_BYTES:
+        return None
+    copies = dataset.__dict__.setdefault("_device_copies", {})
+    if device not in copies:
+        copies[device] = dataset.images.to(device)
+    return copies[device]
+
+
+def _per_image_source(dataset) -> bool:
+    return isinstance(dataset, InMemoryImages) or getattr(dataset, "has_pil", False)
+
+
 def batches(dataset, batch_size: int, *, resolution: int | None = None, shuffle: bool = False, seed: int = 0,
-            drop_last: bool = False, device="cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            drop_last: bool = False, device="cpu", augment: Augment | None = None,
+            workers: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of (normalised float images resized to ``resolution``, labels) on ``device``.
 
-    Shuffling is seeded (same ``seed``, same order); in-memory data is indexed a batch at a time,
-    moved to ``device`` as integers and converted there.
+    Shuffling and ``augment`` are seeded (same ``seed``, same batches); in-memory data is indexed a
+    batch at a time, moved to ``device`` as integers and converted there. Lazily read sets (and
+    per-image augmentation such as RandAugment) go through DataLoader workers (``workers``, default
+    the set's own). With mixup/cutmix the labels are soft targets (N, classes).
     """
     n = len(dataset)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
     stop = (n // batch_size) * batch_size if drop_last else n
-    for start in range(0, stop, batch_size):
-        idx = order[start: start + batch_size]
-        if isinstance(dataset, InMemoryImages):
-            x = dataset.images[idx].to(device).float() / dataset.value_scale
-            y = dataset.labels[idx]
-        else:
-            x, y = default_collate([dataset[int(i)] for i in idx])
-            x = x.to(device).float()
-        yield normalize(resize(x, resolution), dataset), torch.as_tensor(y).to(device)
+    starts = range(0, stop, batch_size)
+    aug = augment if augment is not None and augment.active else None
+    per_image = aug is not None and aug.per_image and _per_image_source(dataset)
+    batch_aug = None if aug is None else (aug.after_images() if per_image else aug)
+    device = torch.device(device)
+
+    def finish(k, x, y):
+        x = resize(x, resolution)
+        if batch_aug is not None:
+            x = batch_aug.geometric(x, _batch_seed(seed, k))
+        x = normalize(x, dataset)
+        y = torch.as_tensor(y).to(device)
+        if aug is not None and aug.mixes:
+            x, y = aug.mix(x, y, _batch_seed(seed, k) + 1)
+        return x, y
+
+    if isinstance(dataset, InMemoryImages) and not per_image:
+        store = _on_device(dataset, device)
+        for k, start in enumerate(starts):
+            idx = order[start: start + batch_size]
+            x = dataset.gather(idx, store).to(device, non_blocking=True).float() / dataset.value_scale
+            yield finish(k, x, dataset.labels[idx])
+        return
+
+    if workers is None:
+        workers = getattr(dataset, "workers", None)
+    workers = loaders.default_workers() if workers is None else int(workers)
+    size = resolution or _stored_size(dataset)
+    reader = _detached(dataset)  # what workers hold: never the loaders kept on the data set itself
+    if per_image:
+        key = ("augment", aug, size)
+        transform = aug.image_transform(size, dataset.mean)
+        make = lambda: loaders.SeededItems(reader.raw, reader.labels, open_pil=reader.pil, transform=transform)  # noqa: E731
+    else:
+        key = ("raw",)
+        make = lambda: loaders.SeededItems(reader.raw, reader.labels)  # noqa: E731
+    loader = loaders.loader_for(dataset, key, make, workers=workers, pin_memory=device.type == "cuda")
+    plan = [[(int(i), _item_seed(seed, start + j)) for j, i in enumerate(order[start: start + batch_size].tolist())]
+            for start in starts]
+    for k, (x, y) in enumerate(loader.run(plan)):
+        yield finish(k, _unit_scale(x.to(device, non_blocking=True)), y)
+
+
+def _detached(dataset):
+    """A shallow copy of a data set without its loaders and device copies (workers that hold a loader
+    they did not start wait for it at exit)."""
+    clone = object.__new__(type(dataset))
+    clone.__dict__.update(dataset.__getstate__())
+    return clone
+
+
+def _stored_size(dataset) -> int:
+    if isinstance(dataset, InMemoryImages):
+        return int(dataset.images.shape[-1])
+    return int(getattr(dataset.source, "size", 0)) or int(dataset.raw(0).shape[-1])

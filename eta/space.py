@@ -64,7 +64,7 @@ class DataConfig(_Strict):
         mixup: Optional[float] = Field(None, ge=0, description="mixup alpha (timm Mixup); 0 = off")
         cutmix: Optional[float] = Field(None, ge=0, description="cutmix alpha; 0 = off")
         label_smoothing: Optional[float] = Field(None, ge=0, lt=1)
-        phase1: Optional[bool] = Field(None, description="also augment phase 1's distillation batches")
+        pretrain: Optional[bool] = Field(None, description="also augment the pretrain phase's distillation batches")
 
     dataset: str
     root: Optional[str] = None
@@ -169,6 +169,7 @@ class PretrainConfig(_Strict):
     sort_every: int = Field(100, ge=1, description="re-rank hidden channels every N steps")
     num_cpus: float = Field(1, gt=0, description="CPUs per Ray task")
     num_gpus: float = Field(0, ge=0, description="GPUs (or fractions) per Ray task")
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="mixed precision on CUDA (auto: bf16 where supported)")
     tasks: Optional[int] = Field(None, ge=1, description="number of block groups; None = one per available CPU slot")
 
 
@@ -210,6 +211,7 @@ class FinetuneConfig(_Strict):
     max_students: int = Field(8, ge=1)
     num_cpus: float = Field(1, gt=0)
     num_gpus: float = Field(0, ge=0)
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="mixed precision on CUDA (auto: bf16 where supported)")
 
 
 class TrackingConfig(_Strict):
@@ -224,7 +226,7 @@ class SearchSpace(_Strict):
     data: DataConfig
     pool: list[PoolEntry] = Field(..., min_length=1)
     bits: list[int] = Field(default_factory=lambda: [32])
-    resolutions: list[int] = Field(default_factory=list, description="phase 3 elastic resolutions; empty = data.resolution only")
+    resolutions: list[int] = Field(default_factory=list, description="the finetune phase's elastic resolutions; empty = data.resolution only")
     latency: LatencyConfig = Field(default_factory=LatencyConfig)
     budgets: list[Union[float, str]] = Field(..., min_length=1)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)

@@ -6,11 +6,14 @@ family's own code runs the head (timm's ``forward_head``), the piece runs that s
 options such as pooling type or prefix tokens keep working without eta restating them.
 
 Cut automatically: eta's convention (``stem``/``blocks``/``head`` attributes), timm ResNets,
-EfficientNets / MobileNetV2s, MobileNetV3s and Vision Transformers. An explicit list of dotted block
-paths may regroup those blocks, or name consecutive children of ``nn.Sequential`` containers.
+EfficientNets / MobileNetV2s, MobileNetV3s and Vision Transformers by their own code; any other
+model from its torch.fx graph (:mod:`eta.graph_cut`), which finds the residual blocks of e.g.
+torchvision's ResNets, MobileNets, EfficientNets, RegNets and ConvNeXts. An explicit list of dotted
+block paths may regroup the automatic blocks of a known family, or name any chain of module calls.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import importlib
 import inspect
@@ -21,7 +24,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .errors import EtaError
+from . import graph_cut
+from .errors import EtaError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -31,24 +35,11 @@ log = logging.getLogger(__name__)
 
 
 def build_teacher(model: str, *, num_classes: int, in_chans: int, kwargs: dict | None = None) -> nn.Module:
-    """A timm model by name (untrained), or ``package.module:callable`` called with num_classes and in_chans."""
+    """A timm model by name (untrained), or ``package.module:callable`` called with num_classes (and in_chans
+    where its signature names it; otherwise its first convolution is adapted to ``in_chans``)."""
     kwargs = dict(kwargs or {})
     if ":" in model:
-        module_name, _, fn_name = model.partition(":")
-        try:
-            fn = getattr(importlib.import_module(module_name), fn_name)
-        except (ImportError, AttributeError) as err:
-            raise EtaError(f"teacher.model '{model}': cannot import it ({err})") from None
-        try:
-            inspect.signature(fn).bind(num_classes=num_classes, in_chans=in_chans, **kwargs)
-        except TypeError as err:
-            raise EtaError(f"teacher.model '{model}' must accept num_classes=, in_chans= and teacher.kwargs ({err})") from None
-        except ValueError:  # no signature to check (a builtin): let the call decide
-            pass
-        built = fn(num_classes=num_classes, in_chans=in_chans, **kwargs)
-        if not isinstance(built, nn.Module):
-            raise EtaError(f"teacher.model '{model}' returned a {type(built).__name__}, not a torch nn.Module")
-        return built
+        return _build_callable(model, num_classes=num_classes, in_chans=in_chans, kwargs=kwargs)
     import timm
 
     if not timm.is_model(model):
@@ -59,6 +50,84 @@ def build_teacher(model: str, *, num_classes: int, in_chans: int, kwargs: dict |
         return timm.create_model(model, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
     except TypeError as err:
         raise EtaError(f"teacher.model '{model}': bad teacher.kwargs ({str(err).splitlines()[0]})") from None
+
+
+def _names_parameter(fn, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params and params[name].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def _build_callable(model: str, *, num_classes: int, in_chans: int, kwargs: dict) -> nn.Module:
+    module_name, _, fn_name = model.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), fn_name)
+    except (ImportError, AttributeError) as err:
+        raise EtaError(f"teacher.model '{model}': cannot import it ({err})") from None
+    except Exception as err:  # noqa: BLE001 - the user's module failed while importing
+        raise EtaError(f"teacher.model '{model}': importing {module_name} failed ({type(err).__name__}: "
+                       f"{first_line(err)})") from None
+    if not callable(fn):
+        raise EtaError(f"teacher.model '{model}' is a {type(fn).__name__}, not a callable")
+    # torchvision's builders take num_classes only (in_chans would reach the model class and fail)
+    takes_in_chans = _names_parameter(fn, "in_chans") or "in_chans" in kwargs
+    args = {"num_classes": num_classes, **({"in_chans": in_chans} if takes_in_chans else {}), **kwargs}
+    try:
+        inspect.signature(fn).bind(**args)
+    except TypeError as err:
+        raise EtaError(f"teacher.model '{model}' must accept num_classes= (in_chans= where it can) and teacher.kwargs "
+                       f"({err})") from None
+    except ValueError:  # no signature to check (a builtin): let the call decide
+        pass
+    try:
+        built = fn(**args)
+    except Exception as err:  # noqa: BLE001 - whatever the user's code raises becomes one line
+        given = ", ".join(f"{k}={v!r}" for k, v in args.items())
+        raise EtaError(f"teacher.model '{model}' failed when called with {given}: {type(err).__name__}: "
+                       f"{first_line(err)}") from None
+    if not isinstance(built, nn.Module):
+        raise EtaError(f"teacher.model '{model}' returned a {type(built).__name__}, not a torch nn.Module")
+    if not takes_in_chans:
+        adapt_input_channels(built, in_chans, model)
+    return built
+
+
+def _first_conv(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
+    return next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+
+
+@torch.no_grad()
+def adapt_input_channels(model: nn.Module, in_chans: int, name: str) -> None:
+    """Give a model built for another channel count a first convolution taking ``in_chans`` channels.
+
+    Its weights are the old ones summed over input channels (one channel) or repeated and rescaled,
+    so a pretrained filter keeps its response to a grey or multi-band image of the same brightness.
+    """
+    found = _first_conv(model)
+    if found is None:
+        raise EtaError(f"teacher.model '{name}' does not take in_chans= and has no nn.Conv2d to adapt to the data's "
+                       f"{in_chans} channels; make it accept in_chans=")
+    path, conv = found
+    if conv.in_channels == in_chans:
+        return
+    if conv.groups != 1:
+        raise EtaError(f"teacher.model '{name}': its first conv '{path}' is grouped ({conv.groups} groups) and takes "
+                       f"{conv.in_channels} channels, the data has {in_chans}; make the model accept in_chans=")
+    weight = conv.weight
+    if in_chans == 1:
+        adapted = weight.sum(dim=1, keepdim=True)
+    else:
+        repeats = -(-in_chans // conv.in_channels)
+        adapted = weight.repeat(1, repeats, 1, 1)[:, :in_chans] * (conv.in_channels / in_chans)
+    new = copy.deepcopy(conv)
+    new.in_channels = in_chans
+    new.weight = nn.Parameter(adapted.contiguous(), requires_grad=weight.requires_grad)
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+    log.info("teacher.model %s: first conv '%s' took %d channels, the data has %d; replaced by a %d-channel conv",
+             name, path, conv.in_channels, in_chans, in_chans)
 
 
 def pretrained_state(model: str, bound) -> dict:
@@ -335,9 +404,7 @@ def _cut(model: nn.Module, blocks) -> TeacherSplit:
     auto = _auto_split(model)
     if isinstance(blocks, str) and blocks == "auto":
         if auto is None:
-            raise EtaError(f"cannot split teacher {type(model).__name__} into blocks automatically: list them under "
-                           "teacher.blocks (dotted paths of consecutive nn.Sequential children), or give the model "
-                           "stem/blocks/head attributes")
+            return _graph_split(model, graph_cut.find_blocks(model))
         return auto
     names = [blocks] if isinstance(blocks, str) else [str(b) for b in blocks]
     if not names:
@@ -346,7 +413,15 @@ def _cut(model: nn.Module, blocks) -> TeacherSplit:
         raise EtaError(f"teacher.blocks lists a block twice: {', '.join(names)}")
     if auto is not None:
         return _regroup(model, auto, names)
-    return _split_sequential_chain(model, names)
+    try:  # plain nn.Sequential chains keep their nn.Sequential stem and head
+        return _split_sequential_chain(model, names)
+    except EtaError:
+        return _graph_split(model, names)
+
+
+def _graph_split(model: nn.Module, names: list[str]) -> TeacherSplit:
+    stem, blocks, head = graph_cut.cut(model, names)
+    return TeacherSplit(stem, blocks, head, names)
 
 
 # ---------------------------------------------------------------------------------------------

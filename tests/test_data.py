@@ -157,7 +157,7 @@ def test_image_folder_is_lazy_and_stratified(tmp_path):
             (tmp_path / split / c).mkdir(parents=True)
             for i in range(n):
                 Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(tmp_path / split / c / f"{i}.png")
-    s = load_splits("image_folder", root=str(tmp_path), proxy_fraction=0.2)
+    s = load_splits("image_folder", root=str(tmp_path), proxy_fraction=0.2, cache="none", workers=0)
     assert isinstance(s.train, LazyImages) and (s.num_classes, s.in_chans, s.native_resolution) == (2, 3, 224)
     assert len(s.train) == 16 and np.array_equal(np.bincount(s.proxy.labels.numpy()), [2, 2]) and len(s.test) == 6
     assert not set(s.train.indices) & set(s.proxy.indices)

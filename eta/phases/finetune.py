@@ -18,6 +18,8 @@ import torch
 from .. import faults
 from ..arch import arch_from_str
 from ..bound import BoundSpace, rebuild
+from ..augment import for_space
+from ..devices import pick_device
 from ..files import load_tensors, read_json, save_tensors, write_json
 from ..mixed_precision import quantize_stitched
 from ..pareto import FRONT_COLUMNS, pareto_front
@@ -50,7 +52,8 @@ def finetune_student(bound: BoundSpace, bank: OperatorBank, splits, arch, *, dev
         student = quantize_stitched(bound, student, arch, splits, device=device)
     history = fit(student, splits.train, epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,
                   resolutions=space.resolutions, teacher=bound.teacher, kd_weight=cfg.kd_weight, temperature=cfg.temperature,
-                  seed=space.seed, device=device, on_epoch=on_epoch, desc="finetune", progress=progress)
+                  seed=space.seed, device=device, on_epoch=on_epoch, desc="finetune", progress=progress,
+                  augment=for_space(space, splits.num_classes), amp="off" if is_quantized(arch) else cfg.amp)
     accs = {int(r): evaluate(student, splits.test, resolution=r, device=device) for r in space.resolutions}
     return student, history, accs
 
@@ -60,7 +63,7 @@ def finetune_trial(config: dict) -> None:
     from ray import tune
 
     config["context"].install()
-    device = "cuda" if torch.cuda.is_available() and config["num_gpus"] > 0 else "cpu"
+    device = pick_device(config["num_gpus"])
     run = Run(Path(config["run_root"]))
     bound, splits = rebuild(config["space"], load_tensors(config["teacher_path"]))
     bank = OperatorBank(bound, load_block_states(run, bound))

@@ -21,7 +21,9 @@ from tqdm.auto import tqdm
 
 from .. import faults
 from ..bound import BoundSpace, rebuild, set_seed
+from ..augment import for_space
 from ..data import batches, num_batches
+from ..devices import autocast, grad_scaler, pick_device
 from ..elastic import super_op_name
 from ..files import load_tensors, read_json, save_tensors, write_json
 from ..raycluster import Task, completed, cpu_slots
@@ -55,31 +57,41 @@ def pretrain_group(bound: BoundSpace, splits, blocks: list[int], *, seed: int = 
     total = steps_per_epoch * cfg.epochs
     sched = CosineLRScheduler(opt, t_initial=total, lr_min=cfg.lr * 0.02, t_in_epochs=False)
     res = bound.space.data.resolution
+    aug = for_space(bound.space, splits.num_classes)
+    augment = aug if aug.pretrain else None
+    scaler = grad_scaler(device, cfg.amp)
     history = {b: [] for b in trainable}
     step = 0
     bar = tqdm(total=total, desc=f"pretrain blocks {blocks}", disable=not progress, leave=False)
     for epoch in range(cfg.epochs):
-        for x, _ in batches(splits.train, cfg.batch_size, resolution=res, shuffle=True, seed=seed * 1000 + epoch, drop_last=True, device=device):
+        for x, _ in batches(splits.train, cfg.batch_size, resolution=res, shuffle=True, seed=seed * 1000 + epoch, drop_last=True,
+                            device=device, augment=augment):
             if step % cfg.sort_every == 0:
                 for b in trainable:
                     for op in ops[b].values():
                         op.sort_channels(optimizer=opt)
             x = x.contiguous(memory_format=torch.channels_last)
-            with torch.no_grad():
-                feats = features_at_blocks(teacher, x, trainable)  # one teacher forward for the whole group
-            loss = 0.0
-            for b in trainable:
-                t_in, t_out = feats[b]
-                block_loss = 0.0
-                for op in ops[b].values():
-                    op.train()
-                    e = op.sample_expansion(gens[b]) if cfg.elastic else None
-                    block_loss = block_loss + F.mse_loss(op(t_in, e), t_out)
-                history[b].append(block_loss.item() / len(ops[b]))
-                loss = loss + block_loss
+            with autocast(device, cfg.amp):
+                with torch.no_grad():
+                    feats = features_at_blocks(teacher, x, trainable)  # one teacher forward for the whole group
+                loss = 0.0
+                for b in trainable:
+                    t_in, t_out = feats[b]
+                    block_loss = 0.0
+                    for op in ops[b].values():
+                        op.train()
+                        e = op.sample_expansion(gens[b]) if cfg.elastic else None
+                        block_loss = block_loss + F.mse_loss(op(t_in, e).float(), t_out.float())
+                    history[b].append(block_loss.item() / len(ops[b]))
+                    loss = loss + block_loss
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
             step += 1
             sched.step_update(step)
             bar.update(1)
@@ -117,12 +129,12 @@ def evaluate_block(bound: BoundSpace, block: int, ops, splits, *, device="cpu", 
     return {k: float(np.mean(v)) for k, v in errs.items()}
 
 
-def pretrain_task(space_dict: dict, teacher_state: dict, blocks: list[int], seed: int, use_gpu: bool) -> dict:
+def pretrain_task(space_dict: dict, teacher_state: dict, blocks: list[int], seed: int) -> dict:
     """Ray task body: rebuild everything from plain data so it runs on any node (and again, when retried)."""
     import ray
 
-    device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
     bound, splits = rebuild(space_dict, teacher_state)
+    device = pick_device(bound.space.pretrain.num_gpus)
     t0 = time.time()
     out = pretrain_group(bound, splits, blocks, seed=seed, device=device)
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
@@ -204,7 +216,7 @@ def run(ctx: PhaseContext) -> tuple[dict, dict]:
             use_gpu = cfg.num_gpus > 0
             task = Task(pretrain_task, threads=None if use_gpu else 1, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
                         max_retries=3, retry_exceptions=False)
-            refs = [task.submit(space.to_dict(), teacher_ref, g, space.seed, use_gpu) for g in groups]
+            refs = [task.submit(space.to_dict(), teacher_ref, g, space.seed) for g in groups]
             for _, result in completed(refs, desc="pretrain (blocks)", total=len(pending), progress=ctx.progress, count=len):
                 for b, (state, m) in sorted(result.items()):
                     save_tensors(run_dir.block_weights(b), state, {"block": b, "space": space.fingerprint()})

@@ -22,6 +22,7 @@ from .. import faults
 from ..accuracy_predictor import MLPPredictor, index_encode, one_hot_encode, spearman, train_predictor
 from ..arch import arch_to_str
 from ..bound import BoundSpace, rebuild
+from ..devices import pick_device
 from ..files import read_json, write_json
 from ..mixed_precision import expand_first_layer, float_projection, is_mixed, project, quantization_terms, quantize_stitched
 from ..optimize import SearchProblem, sample_under_budget, solve_budgets
@@ -89,7 +90,7 @@ def proxy_accuracy_task(space_dict, teacher_state, block_states, choices_list, s
     """Ray task body: the proxy accuracy of a chunk of sampled students, rebuilt from plain data."""
     bound, splits = rebuild(space_dict, teacher_state)
     bank = OperatorBank(bound, block_states)
-    device = "cuda" if torch.cuda.is_available() and bound.space.solve.num_gpus > 0 else "cpu"
+    device = pick_device(bound.space.solve.num_gpus)
     accs = proxy_accuracy(bank, splits, choices_list, seed=seed, device=device)
     faults.maybe_die(NAME, f"{len(choices_list)} students from {arch_to_str(bound.arch(choices_list[0]))}")
     return accs

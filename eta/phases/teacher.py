@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
+from ..augment import for_space
+from ..devices import pick_device
 from ..files import save_tensors
 from ..teachers import pretrained_state
 from ..train import evaluate, fit
@@ -32,9 +34,11 @@ def run(ctx: PhaseContext) -> dict:
     else:
         tc = space.teacher.train
         log.info("teacher: training %s on %s (%d epochs)", space.teacher.model, space.data.dataset, tc.epochs)
+        device = pick_device(1)  # the driver's GPU, when it has one
         fit(bound.teacher, ctx.splits.train, epochs=tc.epochs, lr=tc.lr, weight_decay=tc.weight_decay, batch_size=tc.batch_size,
             resolutions=[space.data.resolution], label_smoothing=tc.label_smoothing, seed=space.seed, desc="teacher",
-            progress=ctx.progress)
+            progress=ctx.progress, augment=for_space(space, ctx.splits.num_classes), amp=tc.amp, device=device)
+        bound.teacher.cpu()
         save_tensors(ctx.teacher_path, bound.teacher.state_dict(), {"model": space.teacher.model})
     acc = {str(r): evaluate(bound.teacher, ctx.splits.test, resolution=r) for r in space.resolutions}
     with ctx.tracker(NAME) as tr:
