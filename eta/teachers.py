@@ -26,6 +26,7 @@ from torch import nn
 
 from . import graph_cut
 from .errors import EtaError, first_line
+from .network import StemBlocksHead
 
 log = logging.getLogger(__name__)
 
@@ -201,42 +202,23 @@ class ModelPart(nn.Module):
         return self._run(self, x)
 
 
-class TeacherSplit(nn.Module):
-    """Stem, replaceable blocks and head of a teacher; ``block_names`` are the blocks' dotted paths in it."""
-
-    def __init__(self, stem: nn.Module, blocks: list[nn.Module], head: nn.Module, block_names: list[str]):
-        super().__init__()
-        if len(blocks) != len(block_names):
-            raise ValueError(f"{len(blocks)} blocks but {len(block_names)} names")
-        self.stem = stem
-        self.blocks = nn.ModuleList(blocks)
-        self.head = head
-        self.block_names = list(block_names)
-
-    def forward(self, x):
-        x = self.stem(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
-
-
 # ---------------------------------------------------------------------------------------------
 # automatic cuts, one per family; each returns None for a model it does not know
 
 
-def _split_convention(model: nn.Module) -> TeacherSplit | None:
+def _split_convention(model: nn.Module) -> StemBlocksHead | None:
     parts = [getattr(model, a, None) for a in ("stem", "blocks", "head")]
     if not all(isinstance(p, nn.Module) for p in parts) or not isinstance(parts[1], (nn.Sequential, nn.ModuleList)):
         return None
     names = [f"blocks.{n}" for n, _ in model.blocks.named_children()]
-    return TeacherSplit(model.stem, list(model.blocks), model.head, names)
+    return StemBlocksHead(model.stem, list(model.blocks), model.head, names)
 
 
 def _resnet_stem(part, x):
     return part.maxpool(part.act1(part.bn1(part.conv1(x))))
 
 
-def _split_timm_resnet(model: nn.Module) -> TeacherSplit | None:
+def _split_timm_resnet(model: nn.Module) -> StemBlocksHead | None:
     from timm.models.resnet import ResNet
 
     if not isinstance(model, ResNet):
@@ -248,7 +230,7 @@ def _split_timm_resnet(model: nn.Module) -> TeacherSplit | None:
         for n, block in getattr(model, layer).named_children():
             blocks.append(block)
             names.append(f"{layer}.{n}")
-    return TeacherSplit(stem, blocks, head, names)
+    return StemBlocksHead(stem, blocks, head, names)
 
 
 def _efficientnet_stem(part, x):
@@ -260,7 +242,7 @@ def _efficientnet_head(part, x):
     return part._model_class.forward_head(part, part.bn2(part.conv_head(x)))
 
 
-def _split_timm_efficientnet(model: nn.Module) -> TeacherSplit | None:
+def _split_timm_efficientnet(model: nn.Module) -> StemBlocksHead | None:
     from timm.models.efficientnet import EfficientNet
     from timm.models.mobilenetv3 import MobileNetV3
 
@@ -276,7 +258,7 @@ def _split_timm_efficientnet(model: nn.Module) -> TeacherSplit | None:
         for b, block in stage.named_children():
             blocks.append(block)
             names.append(f"blocks.{s}.{b}")
-    return TeacherSplit(stem, blocks, head, names)
+    return StemBlocksHead(stem, blocks, head, names)
 
 
 VIT_STEM_CHILDREN = ("patch_embed", "pos_drop", "patch_drop", "norm_pre")
@@ -290,7 +272,7 @@ def _vit_head(part, x):
     return part._model_class.forward_head(part, part.norm(x))
 
 
-def _split_timm_vit(model: nn.Module) -> TeacherSplit | None:
+def _split_timm_vit(model: nn.Module) -> StemBlocksHead | None:
     from timm.models.vision_transformer import VisionTransformer
 
     if not isinstance(model, VisionTransformer):
@@ -300,13 +282,13 @@ def _split_timm_vit(model: nn.Module) -> TeacherSplit | None:
     head_children = [n for n, _ in model.named_children() if n not in VIT_STEM_CHILDREN + ("blocks",)]
     head = ModelPart(model, head_children, [], _vit_head)
     names = [f"blocks.{n}" for n, _ in model.blocks.named_children()]
-    return TeacherSplit(stem, list(model.blocks), head, names)
+    return StemBlocksHead(stem, list(model.blocks), head, names)
 
 
 AUTO_SPLITTERS = (_split_convention, _split_timm_resnet, _split_timm_efficientnet, _split_timm_vit)
 
 
-def _auto_split(model: nn.Module) -> TeacherSplit | None:
+def _auto_split(model: nn.Module) -> StemBlocksHead | None:
     for splitter in AUTO_SPLITTERS:
         split = splitter(model)
         if split is not None:
@@ -318,7 +300,7 @@ def _auto_split(model: nn.Module) -> TeacherSplit | None:
 # explicit block lists
 
 
-def _regroup(model: nn.Module, auto: TeacherSplit, names: list[str]) -> TeacherSplit:
+def _regroup(model: nn.Module, auto: StemBlocksHead, names: list[str]) -> StemBlocksHead:
     """Blocks named by the user as whole automatic blocks, or containers holding a run of them."""
     spans = []
     for name in names:
@@ -347,14 +329,14 @@ def _regroup(model: nn.Module, auto: TeacherSplit, names: list[str]) -> TeacherS
     first, last = spans[0][0], spans[-1][1]
     stem = auto.stem if first == 0 else nn.Sequential(auto.stem, *auto.blocks[:first])
     head = auto.head if last == len(auto.blocks) - 1 else nn.Sequential(*auto.blocks[last + 1:], auto.head)
-    return TeacherSplit(stem, blocks, head, names)
+    return StemBlocksHead(stem, blocks, head, names)
 
 
 def _runs_children_in_order(module: nn.Module) -> bool:
     return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
 
 
-def _split_sequential_chain(model: nn.Module, names: list[str]) -> TeacherSplit:
+def _split_sequential_chain(model: nn.Module, names: list[str]) -> StemBlocksHead:
     """Blocks that are consecutive children of a ``nn.Sequential`` reached through ``nn.Sequential``s from
     the model: what runs before them is the stem, what runs after is the head."""
     parents = {name.rpartition(".")[0] for name in names}
@@ -389,10 +371,10 @@ def _split_sequential_chain(model: nn.Module, names: list[str]) -> TeacherSplit:
     before += [m for _, m in children[: idx[0]]]
     after = [m for _, m in children[idx[-1] + 1:]] + after
     blocks = [m for _, m in children[idx[0]: idx[-1] + 1]]
-    return TeacherSplit(nn.Sequential(*before), blocks, nn.Sequential(*after), names)
+    return StemBlocksHead(nn.Sequential(*before), blocks, nn.Sequential(*after), names)
 
 
-def split_teacher(model: nn.Module, blocks: str | list[str] = "auto") -> TeacherSplit:
+def split_teacher(model: nn.Module, blocks: str | list[str] = "auto") -> StemBlocksHead:
     """Cut ``model`` into stem, replaceable blocks and head (``"auto"``, or a list of dotted block paths).
 
     The split starts in the model's train/eval mode; afterwards its mode is its own (``split.eval()``).
@@ -400,7 +382,7 @@ def split_teacher(model: nn.Module, blocks: str | list[str] = "auto") -> Teacher
     return _cut(model, blocks).train(model.training)
 
 
-def _cut(model: nn.Module, blocks) -> TeacherSplit:
+def _cut(model: nn.Module, blocks) -> StemBlocksHead:
     auto = _auto_split(model)
     if isinstance(blocks, str) and blocks == "auto":
         if auto is None:
@@ -419,9 +401,9 @@ def _cut(model: nn.Module, blocks) -> TeacherSplit:
         return _graph_split(model, names)
 
 
-def _graph_split(model: nn.Module, names: list[str]) -> TeacherSplit:
+def _graph_split(model: nn.Module, names: list[str]) -> StemBlocksHead:
     stem, blocks, head = graph_cut.cut(model, names)
-    return TeacherSplit(stem, blocks, head, names)
+    return StemBlocksHead(stem, blocks, head, names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +416,7 @@ def _first_param_device(module: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def block_io_shapes(split: TeacherSplit, input_shape: tuple) -> list[tuple[tuple, tuple]]:
+def block_io_shapes(split: StemBlocksHead, input_shape: tuple) -> list[tuple[tuple, tuple]]:
     """(input, output) shape of every block, without the batch dimension, for one input of ``input_shape``."""
     was_training = split.training
     split.eval()
@@ -453,7 +435,7 @@ def block_io_shapes(split: TeacherSplit, input_shape: tuple) -> list[tuple[tuple
     return shapes
 
 
-def features_at_blocks(split: TeacherSplit, x: torch.Tensor, block_indices) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def features_at_blocks(split: StemBlocksHead, x: torch.Tensor, block_indices) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """The teacher's input and output of each asked block, from one forward pass that stops after the last."""
     wanted = {int(i) for i in block_indices}
     if not wanted:
