@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -277,14 +278,26 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("ray", "gekko", "matplotlib", "PIL", "urllib3", "wandb"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)  # a terminated search unwinds like Ctrl-C: locks and Ray released
     try:
         return args.func(args)
     except EtaError as err:
         print(f"eta: error: {err}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("eta: terminated (SIGTERM); finished work is on disk, run the same command again to resume", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
-        print("eta: interrupted; run the same command again to resume", file=sys.stderr)
+        print("eta: interrupted; finished work is on disk, run the same command again to resume", file=sys.stderr)
         return 130
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM, so the command stops as it would on Ctrl-C."""
+
+
+def _stop_on_sigterm(signum, frame):
+    raise Terminated()
 
 
 if __name__ == "__main__":

@@ -122,3 +122,30 @@ def test_the_registry_tests_pass_for_the_new_family(toy_family):
         checks.test_channel_groups_cover_exactly_the_width_dependent_tensors("toy", specs, slot)
         checks.test_sort_channels_preserves_function_and_ranks_by_importance("toy", specs, slot)
         checks.test_narrow_training_touches_only_the_prefix("toy", specs, slot)
+
+
+def test_the_readme_example_family_works():
+    """The README's "Adding an operator family" code registers a family whose operators slice exactly."""
+    import re
+
+    from eta.arch import OpSpec
+
+    from . import test_elastic as checks
+    from .conftest import REPO
+
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("#### Adding an operator family"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace = {"__name__": "readme_example"}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the project's own documentation
+    try:
+        slot = BlockSlot((8, 8, 8), (16, 4, 4))
+        specs = [OpSpec("mixer", kernel=3, expansion=e) for e in (1, 2)]
+        checks.test_operators_fit_their_slot_and_map_its_shapes("mixer", specs, slot)
+        checks.test_super_op_slice_equals_extracted_module("mixer", specs, slot, "train")
+        checks.test_channel_groups_cover_exactly_the_width_dependent_tensors("mixer", specs, slot)
+        d = tiny_space_dict()
+        d["pool"] = [{"family": "mixer", "kernel": [3, 5], "expansion": [1, 2]}, {"family": "teacher"}]
+        assert "mixer_k5_e2" in {str(s) for s in parse_space(d).op_specs()}
+    finally:
+        families.unregister("mixer")
