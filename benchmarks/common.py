@@ -1,4 +1,4 @@
-"""What every benchmark does first: logging, then a space (bound, with its latency backend) or a solved run."""
+"""What every benchmark does first: logging, then a space (bound, with its latency measurer) or a solved run."""
 from __future__ import annotations
 
 import logging
@@ -10,31 +10,39 @@ def setup_logging() -> None:
 
 
 def load_bound_space(path: str):
-    """(space, bound space, latency backend) of a search-space YAML, with the benchmarks' logging set up."""
-    from eta import lut
+    """(space, bound space, latency measurer) of a search-space YAML, with the benchmarks' logging set up.
+
+    The measurer (:func:`eta.phases.latency.measurer`) carries the space's ``protocol``, ``target``,
+    ``device`` and ``backend`` name.
+    """
     from eta.bound import bind, splits_for
+    from eta.phases.latency import measurer
     from eta.space import load_space
 
     setup_logging()
     space = load_space(path)
     bound = bind(space, splits_for(space))
-    return space, bound, lut.Backend.from_space(bound)
+    return space, bound, measurer(space)
 
 
 def load_solved_run(run_dir: Path):
-    """(search, latency info, operator bank, search problem with the run's predictor) of a run past phase 2."""
+    """(search, latency info, operator bank, search problem with the run's predictor) of a run past the solve phase.
+
+    ``info`` is the run's :class:`eta.records.LatencyInfo`; the problem's option latencies are calibrated.
+    """
+    from eta.accuracy_predictor import MLPPredictor
     from eta.errors import EtaError
+    from eta.phases.pretrain import load_block_states
+    from eta.phases.solve import predictor_problem
     from eta.pipeline import Search
-    from eta.predictor import MLPPredictor
-    from eta.selection import search_problem
     from eta.student import OperatorBank
 
     search = Search.from_run(run_dir, progress=False)
     for phase in ("latency", "pretrain", "solve"):
         if not search.done(phase):
             raise EtaError(f"{run_dir}: phase {phase} has not finished; run 'eta search' (or 'eta solve') first")
-    search._ensure_teacher()
-    info = search.phase_latency()
-    bank = OperatorBank(search.bound, search.run.root / "phase1")
-    predictor = MLPPredictor.load(search.run.root / "phase2" / "predictor.pt")
-    return search, info, bank, search_problem(search.bound, info, predictor)
+    search.phase("teacher")  # loads the teacher's weights (or trains it, if that phase never ran)
+    info = search.phase("latency")
+    bank = OperatorBank(search.bound, load_block_states(search.run, search.bound), where=search.run.pretrain_dir)
+    predictor = MLPPredictor.load(search.run.predictor_weights)
+    return search, info, bank, predictor_problem(search.bound, info, predictor)

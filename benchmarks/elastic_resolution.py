@@ -29,16 +29,18 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", help="student to use (default: the run's most accurate front student)")
     args = ap.parse_args(argv)
     setup_logging()
-    from eta.runs import read_json
+    from eta.files import read_json
+    from eta.phases import latency
 
     search, info, bank, _ = load_solved_run(args.run)
     bound, space = search.bound, search.space
-    cfg, res = space.phase3, space.data.resolution
-    pareto = read_json(search.run.root / "pareto.json")
+    cfg, res = space.finetune, space.data.resolution
+    pareto = read_json(search.run.pareto_json)
     arch = arch_from_str(args.arch or max(pareto["front"], key=lambda p: p["test_acc"])["arch"])
-    _, table, _ = search.latency_backend()
-    student_ms = search.measure_network_all_resolutions(table, arch)
-    teacher_ms = info["teacher_ms"]
+    with search.ctx.latency_session():
+        m, table = latency.opened_table(search.ctx)
+        student_ms = latency.network_latency(bound, table, arch, m.executor())
+    teacher_ms = info.teacher_ms
     rows = {r: {"resolution": r, "teacher_ms": teacher_ms[str(r)], "student_ms": student_ms[str(r)],
                 "teacher": evaluate(bound.teacher, search.splits.test, resolution=r)} for r in space.resolutions}
     for label, resolutions in (("fixed", [res]), ("progressive", space.resolutions)):
@@ -50,7 +52,7 @@ def main(argv=None) -> int:
         for r in space.resolutions:
             rows[r][label] = evaluate(student, search.splits.test, resolution=r)
     print(f"\n{search.run.root.name}: student {'-'.join(map(str, arch))}, {cfg.epochs} finetune epochs each; "
-          f"latency end to end ({info['backend']}, {info['device']})\n")
+          f"latency end to end ({info.backend}, {info.device})\n")
     print(format_table(list(rows.values()), [("resolution", "res", "d"), ("teacher_ms", "teacher ms", ".3f"), ("teacher", "teacher acc", ".4f"),
                                              ("student_ms", "student ms", ".3f"), ("fixed", f"student, {res}px only", ".4f"),
                                              ("progressive", "student, progressive", ".4f")]))

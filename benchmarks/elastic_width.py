@@ -19,11 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from eta import families
 from eta.arch import arch_to_str
+from eta.families.conv import ConvFamily
 from eta.bound import bound_with_teacher, splits_for
-from eta.distill import pretrain_group
+from eta.files import load_tensors, save_tensors
 from eta.pareto import format_table
-from eta.runs import load_tensors, save_tensors
+from eta.phases.pretrain import pretrain_group
 from eta.space import load_space, parse_space
 from eta.student import OperatorBank
 from eta.train import evaluate, fit, recalibrate_bn
@@ -35,7 +37,7 @@ def extreme_student(bound, pick=max):
     """Per block the widest (``pick=max``) or narrowest option of the first conv family offered there."""
     arch = []
     for opts in bound.options:
-        conv = [o for o in opts if o.family not in ("teacher", "identity")]
+        conv = [o for o in opts if isinstance(families.get(o.family), ConvFamily)]
         same = [o for o in conv if o.super_key == conv[0].super_key] if conv else []
         arch.append(pick(same, key=lambda o: o.expansion) if same else opts[-1])
     return tuple(arch)
@@ -61,7 +63,7 @@ def main(argv=None):
     if args.max_train:
         d["data"]["max_train"] = args.max_train
     if args.epochs:
-        d["phase1"]["epochs"] = args.epochs
+        d["pretrain"]["epochs"] = args.epochs
     space = parse_space(d)
     splits = splits_for(space)
     work = Path(args.work)
@@ -82,7 +84,7 @@ def main(argv=None):
     archs = {"widest": extreme_student(bound, max), "narrowest": extreme_student(bound, min)}
     for elastic in (False, True):
         d2 = space.to_dict()
-        d2["phase1"]["elastic"] = elastic
+        d2["pretrain"]["elastic"] = elastic
         sp = parse_space(d2)
         b2 = bound_with_teacher(sp, splits, {k: v.cpu() for k, v in bound.teacher.state_dict().items()})
         if args.device.startswith("cuda"):
@@ -94,15 +96,15 @@ def main(argv=None):
         wall = time.time() - t0
         errs = [v for b in blocks for v in result[b][1]["candidates"].values()]
         n_ops = sum(len(b2.trainable_specs(b)) for b in blocks)
-        bank = OperatorBank.from_states(b2, [result[b][0] for b in blocks])
+        bank = OperatorBank(b2, [result[b][0] for b in blocks])
         entry = {"wall_s": wall, "candidates": n_ops, "mean_rel_mse": float(np.mean(errs))}
         for name, arch in archs.items():
             student = bank.stitch(arch).to(args.device)
             recalibrate_bn(student, splits.train, resolution=res, num_batches_=8, device=args.device)
             stitched = evaluate(student, splits.test, resolution=res, device=args.device)
-            fit(student, splits.train, epochs=args.finetune_epochs, lr=space.phase3.lr, weight_decay=space.phase3.weight_decay,
-                batch_size=space.phase3.batch_size, resolutions=[res], teacher=b2.teacher, kd_weight=space.phase3.kd_weight,
-                temperature=space.phase3.temperature, seed=space.seed, device=args.device, progress=False)
+            fit(student, splits.train, epochs=args.finetune_epochs, lr=space.finetune.lr, weight_decay=space.finetune.weight_decay,
+                batch_size=space.finetune.batch_size, resolutions=[res], teacher=b2.teacher, kd_weight=space.finetune.kd_weight,
+                temperature=space.finetune.temperature, seed=space.seed, device=args.device, progress=False)
             entry[f"{name}_stitched_acc"] = stitched
             entry[f"{name}_finetuned_acc"] = evaluate(student, splits.test, resolution=res, device=args.device)
         mode = "elastic" if elastic else "separate"

@@ -17,7 +17,7 @@ import copy
 import logging
 from pathlib import Path
 
-from eta.lut import _signature
+from eta.latency.table import Workload, workload_signature
 from eta.pareto import format_table
 from eta.train import evaluate, fit
 
@@ -39,46 +39,49 @@ def main(argv=None) -> int:
     ap.add_argument("--widths", type=float, nargs="+", default=[0.5, 0.75])
     args = ap.parse_args(argv)
     setup_logging()
-    from eta.runs import read_json
+    from eta.files import read_json
+    from eta.phases.latency import opened_table
     from eta.teachers import build_teacher
 
     search, info, _, _ = load_solved_run(args.run)
     bound, space = search.bound, search.space
-    res, tc, p3 = space.data.resolution, space.teacher, space.phase3
-    front = read_json(search.run.root / "pareto.json")["front"]
-    _, table, executor = search.latency_backend()
+    res, tc, p3 = space.data.resolution, space.teacher, space.finetune
+    front = read_json(search.run.pareto_json)["front"]
 
     def latency(model, r):
-        shape = (space.latency.batch_size, bound.in_chans, r, r)
-        sig = _signature("network", model)
-        table.measure_many([(sig, lambda: model, shape, 32)], progress=False, executor=executor)
+        shape = bound.input_shape(r, batch=space.latency.batch_size)
+        sig = workload_signature("network", model)
+        table.measure_many([Workload(sig, lambda: model, shape, 32)], progress=False, executor=executor)
         return table.get(sig, shape, 32)
 
-    rows = []
-    for w in args.widths:
-        model = build_teacher(tc.model, num_classes=bound.num_classes, in_chans=bound.in_chans, kwargs={**tc.kwargs, "width_mult": w})
-        log.info("training the %.2fx-width teacher with distillation (%d epochs)", w, tc.train.epochs)
-        fit(model, search.splits.train, epochs=tc.train.epochs, lr=tc.train.lr, weight_decay=tc.train.weight_decay,
-            batch_size=tc.train.batch_size, resolutions=[res], teacher=bound.teacher, kd_weight=p3.kd_weight,
-            temperature=p3.temperature, seed=space.seed, progress=False)
-        rows.append({"model": f"teacher x{w:g} width", "resolution": res, "latency_ms": latency(model.eval(), res),
-                     "test_acc": evaluate(model, search.splits.test, resolution=res)})
-    for r in space.resolutions:
-        if r == res:
-            continue
-        model = copy.deepcopy(bound.teacher)
-        log.info("finetuning the teacher at %d px (%d epochs)", r, p3.epochs)
-        fit(model, search.splits.train, epochs=p3.epochs, lr=p3.lr, weight_decay=p3.weight_decay, batch_size=p3.batch_size,
-            resolutions=[r], teacher=bound.teacher, kd_weight=p3.kd_weight, temperature=p3.temperature, seed=space.seed, progress=False)
-        rows.append({"model": f"teacher at {r} px", "resolution": r, "latency_ms": latency(model.eval(), r),
-                     "test_acc": evaluate(model, search.splits.test, resolution=r)})
-    rows.append({"model": "teacher", "resolution": res, "latency_ms": info["teacher_ms"][str(res)],
+    with search.ctx.latency_session():  # a Ray session when a named node measures
+        m, table = opened_table(search.ctx)
+        executor = m.executor()
+        rows = []
+        for w in args.widths:
+            model = build_teacher(tc.model, num_classes=bound.num_classes, in_chans=bound.in_chans, kwargs={**tc.kwargs, "width_mult": w})
+            log.info("training the %.2fx-width teacher with distillation (%d epochs)", w, tc.train.epochs)
+            fit(model, search.splits.train, epochs=tc.train.epochs, lr=tc.train.lr, weight_decay=tc.train.weight_decay,
+                batch_size=tc.train.batch_size, resolutions=[res], teacher=bound.teacher, kd_weight=p3.kd_weight,
+                temperature=p3.temperature, seed=space.seed, progress=False)
+            rows.append({"model": f"teacher x{w:g} width", "resolution": res, "latency_ms": latency(model.eval(), res),
+                         "test_acc": evaluate(model, search.splits.test, resolution=res)})
+        for r in space.resolutions:
+            if r == res:
+                continue
+            model = copy.deepcopy(bound.teacher)
+            log.info("finetuning the teacher at %d px (%d epochs)", r, p3.epochs)
+            fit(model, search.splits.train, epochs=p3.epochs, lr=p3.lr, weight_decay=p3.weight_decay, batch_size=p3.batch_size,
+                resolutions=[r], teacher=bound.teacher, kd_weight=p3.kd_weight, temperature=p3.temperature, seed=space.seed, progress=False)
+            rows.append({"model": f"teacher at {r} px", "resolution": r, "latency_ms": latency(model.eval(), r),
+                         "test_acc": evaluate(model, search.splits.test, resolution=r)})
+    rows.append({"model": "teacher", "resolution": res, "latency_ms": info.teacher_latency(res),
                  "test_acc": search.run.phase_info("teacher")["test_acc"][str(res)]})
     for r in rows:
         r.update(compare(r, front))
     print(f"\n{search.run.root.name}: eta's front ({len(front)} points, "
           f"{min(p['latency_ms'] for p in front):.3f}-{max(p['latency_ms'] for p in front):.3f} ms) against the teacher family; "
-          f"latency end to end ({info['backend']}, {info['device']})\n")
+          f"latency end to end ({info.backend}, {info.device})\n")
     print(format_table(rows, [("model", "baseline", "s"), ("resolution", "res", "d"), ("latency_ms", "latency ms", ".3f"),
                               ("test_acc", "test acc", ".4f"), ("gain", "eta at equal latency (points)", "+.2f"),
                               ("speedup", "eta speed-up at equal accuracy", ".2f")]))

@@ -16,13 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
+from eta import families
 from eta.arch import arch_to_str
 from eta.errors import EtaError
 from eta.latency import torch_backend, tvm_backend
 from eta.pareto import format_table
 
-from .common import load_bound_space
 from eta.student import skeleton
+
+from .common import load_bound_space
 
 log = logging.getLogger("benchmarks.latency_backends")
 
@@ -40,9 +42,8 @@ def pick_students(bound, seed: int = 0) -> list[tuple[str, tuple]]:
 
 
 def _params(bound, block, spec) -> int:
-    from eta.student import _standalone
-
-    return 0 if spec.family == "identity" else sum(p.numel() for p in _standalone(bound, block, spec).parameters())
+    """Parameters of one option of ``block``, built standalone (an identity has none)."""
+    return 0 if not families.get(spec.family).costs_latency else sum(p.numel() for p in bound.operator(block, spec).parameters())
 
 
 def measure_all(model, shape, target, protocol, tune_trials: int, work: Path) -> dict:
@@ -67,8 +68,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="runs/bench-latency-backends")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    space, bound, backend = load_bound_space(args.space)
-    cfg, protocol, target = space.latency, backend.protocol, backend.target
+    space, bound, measurer = load_bound_space(args.space)
+    cfg, protocol, target = space.latency, measurer.protocol, measurer.target
     shape = bound.input_shape(batch=cfg.batch_size)
     nets = [("teacher", "the teacher", bound.teacher)]
     nets += [(name, arch_to_str(bound.arch(c)), skeleton(bound, bound.arch(c))) for name, c in pick_students(bound, args.seed)]

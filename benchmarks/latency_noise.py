@@ -14,9 +14,9 @@ import logging
 
 import numpy as np
 
-from eta import lut
 from eta.latency import tvm_backend
 from eta.pareto import format_table
+from eta.phases.latency import space_workloads
 
 from .common import load_bound_space
 
@@ -30,13 +30,13 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    space, bound, backend = load_bound_space(args.space)
-    protocol, target = backend.protocol, backend.target
-    items = [it for it in lut.table_items(bound) if it[3] == 32]
+    space, bound, measurer = load_bound_space(args.space)
+    protocol, target = measurer.protocol, measurer.target
+    items = [w for w in space_workloads(bound) if w.bits == 32]
     pick = np.random.default_rng(args.seed).choice(len(items), size=min(args.entries, len(items)), replace=False)
     rows = []
     for i in sorted(pick):
-        sig, factory, shape, _ = items[i]
+        sig, factory, shape = items[i].signature, items[i].factory, items[i].input_shape
         runs = [tvm_backend.measure(factory(), shape, target, protocol) for _ in range(args.runs)]
         med = np.array([m.median_ms for m in runs])
         rows.append({"op": sig.split("#")[0], "shape": "x".join(map(str, shape[1:])), "ms": float(np.median(med)),

@@ -20,15 +20,17 @@ measured end to end as one integer TVM network with the run's backend.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from pathlib import Path
 
 from eta.arch import OpSpec, arch_from_str, arch_to_str
 from eta.errors import EtaError
+from eta.files import read_json
 from eta.optimize import InfeasibleBudget, additive_ilp, solve_inlp
 from eta.pareto import format_table
-from eta.runs import read_json
-from eta.selection import search_problem
+from eta.phases.latency import budgets_ms, network_latency, opened_table
+from eta.phases.solve import predictor_problem
 
 from .common import load_solved_run, setup_logging
 
@@ -48,36 +50,38 @@ def main(argv=None) -> int:
     ap.add_argument("run", type=Path)
     args = ap.parse_args(argv)
     setup_logging()
-    from eta.finetune import run_phase3, student_id
+    from eta.accuracy_predictor import MLPPredictor
+    from eta.phases.finetune import finetune_all, student_id
+    from eta.space import parse_space
 
     search, info, _, _ = load_solved_run(args.run)
     bound, space = search.bound, search.space
-    qpath = search.run.root / "phase2" / "quantization.json"
+    qpath = search.run.quantization
     if not qpath.exists():
-        raise EtaError(f"{args.run}: no phase2/quantization.json; this benchmark needs a run whose space has bits below 32")
+        raise EtaError(f"{args.run}: no {search.run.relative(qpath)}; this benchmark needs a run whose space has bits below 32")
     penalty = read_json(qpath)["penalty"]
-    from eta.predictor import MLPPredictor
-
-    predictor = MLPPredictor.load(search.run.root / "phase2" / "predictor.pt")
-    problem = search_problem(bound, info, predictor, penalty)
-    budgets = search.budgets_ms(info)
+    predictor = MLPPredictor.load(search.run.predictor_weights)
+    problem = predictor_problem(bound, info, predictor, penalty)
+    budgets = budgets_ms(space, info)
     res = space.data.resolution
-    teacher_ms = info["teacher_ms"][str(res)]
-    limits = {"max_size_mb": space.phase2.max_size_mb, "max_gbops": space.phase2.max_gbops}
+    teacher_ms = info.teacher_latency(res)
+    limits = {"max_size_mb": space.solve.max_size_mb, "max_gbops": space.solve.max_gbops}
 
     # what each method returns at each budget: choices, or None where it has no feasible answer
     tc = bound.teacher_choices()
     picks: dict[tuple[str, float], tuple | None] = {}
-    teacher_bits = sorted({s.bits for opts in bound.options for s in opts if s.family == "teacher"} - {32}, reverse=True)
+    own = OpSpec("teacher")  # the teacher's own block, at its own width
+
+    teacher_bits = sorted({s.bits for opts in bound.options for s in opts if s.with_bits(32) == own} - {32}, reverse=True)
     if tc is None or not teacher_bits or any(OpSpec("teacher", bits=b) not in opts for b in teacher_bits for opts in bound.options):
         raise EtaError("this benchmark quantizes the teacher: the pool needs {family: teacher} with integer-lowerable blocks")
     for bits in teacher_bits:
         uniform = tuple(bound.options[b].index(bound.options[b][j].with_bits(bits)) for b, j in enumerate(tc))
         for budget in budgets:
             picks[(f"teacher uniform {bits}-bit", budget)] = uniform
-    teacher_only, kept_t = problem.restricted(keep_options(bound, lambda s: s.family == "teacher"))
+    teacher_only, kept_t = problem.restricted(keep_options(bound, lambda s: s.with_bits(32) == own))
     float_only, kept_f = problem.restricted(keep_options(bound, lambda s: s.bits == 32))
-    solved = read_json(search.run.root / "phase2" / "solved.json")["budgets"]
+    solved = read_json(search.run.solved)["budgets"]
     for budget in budgets:
         for name, sub, kept, solve in (
             ("bits-only ILP (HAWQV3)", teacher_only, kept_t, lambda p, b: additive_ilp(p.option_penalty, p, b)),
@@ -93,12 +97,15 @@ def main(argv=None) -> int:
 
     archs = list(dict.fromkeys(arch_to_str(bound.arch(c)) for c in picks.values() if c is not None))
     log.info("%d distinct students to finetune (phase-3 trials; finished ones are reused)", len(archs))
-    with search._ray_session():
-        metrics = {m["arch"]: m for m in run_phase3(search.run, bound, archs, search.teacher_path, wandb_mode="disabled",
-                                                      wandb_project=space.tracking.project, progress=True)}
-    with search._latency_session():
-        _, table, executor = search.latency_backend()
-        measured = {a: search.measure_network_all_resolutions(table, arch_from_str(a), executor)[str(res)] for a in archs}
+    d = space.to_dict()
+    d["tracking"]["wandb"] = "disabled"  # the benchmark's trials log nothing to W&B
+    ctx = dataclasses.replace(search.ctx, space=parse_space(d, "benchmark"), progress=True)
+    with ctx.ray():
+        metrics = {m["arch"]: m for m in finetune_all(ctx, archs)}
+    with ctx.latency_session():
+        measurer, table = opened_table(ctx)
+        executor = measurer.executor()
+        measured = {a: network_latency(bound, table, arch_from_str(a), executor)[str(res)] for a in archs}
 
     rows = []
     for (method, budget), choices in picks.items():
@@ -116,7 +123,7 @@ def main(argv=None) -> int:
     rows.sort(key=lambda r: (r["budget"], r["method"]))
     t_acc = search.run.phase_info("teacher")["test_acc"][str(res)]
     print(f"\n{search.run.root.name}: float teacher {teacher_ms:.3f} ms (measured), test accuracy {t_acc:.4f}; limits {limits}; "
-          f"latency backend {info['backend']} on {info['device']}\n")
+          f"latency backend {info.backend} on {info.device}\n")
     print(format_table(rows, [("budget", "budget ms", ".3f"), ("method", "method", "s"), ("bits", "bits per block", "s"),
                               ("size_mb", "MB", ".3f"), ("table_ms", "table ms", ".3f"), ("measured_ms", "measured ms", ".3f"),
                               ("test_acc", "test acc", ".4f"), ("meets_table", "fits (table)", "s"),

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from eta.accuracy_predictor import index_encode, one_hot_encode, spearman, train_predictor
+from eta.files import read_json, write_json
 from eta.pareto import format_table
-from eta.predictor import index_encode, one_hot_encode, spearman, train_predictor
-from eta.runs import read_json, write_json
 
 from .common import load_solved_run, setup_logging
 
@@ -35,30 +35,27 @@ log = logging.getLogger("benchmarks.predictor_ablation")
 
 def evaluate_cached(search, choices: list[tuple], cache: Path) -> dict:
     """Proxy accuracy of each architecture (Ray tasks of 25), cached in ``cache`` as it arrives."""
-    import ray
-
-    from eta.distill import load_block_states
-    from eta.raycluster import ray_session
-    from eta.selection import _remote_proxy_accuracy
+    from eta.phases.pretrain import load_block_states
+    from eta.phases.solve import proxy_accuracy_task
+    from eta.raycluster import Task, completed
 
     done = {tuple(s[0]): s[1] for s in (read_json(cache) if cache.exists() else [])}
     todo = [c for c in dict.fromkeys(choices) if c not in done]
     if todo:
         bound = search.bound
-        with ray_session(num_cpus=search.num_cpus):
+        with search.ctx.ray() as ray:
             teacher = ray.put({k: v.cpu() for k, v in bound.teacher.state_dict().items()})
             states = ray.put(load_block_states(search.run, bound))
-            task = ray.remote(_remote_proxy_accuracy).options(num_cpus=1, max_retries=3)
+            task = Task(proxy_accuracy_task, threads=1, num_cpus=1, num_gpus=bound.space.solve.num_gpus, max_retries=3)
             chunks = [todo[i:i + 25] for i in range(0, len(todo), 25)]
-            refs = {task.remote(bound.space.to_dict(), teacher, states, ch, bound.space.seed): ch for ch in chunks}
-            remaining = list(refs)
-            t0 = time.time()
-            while remaining:
-                ready, remaining = ray.wait(remaining, num_returns=1)
-                for c, acc in zip(refs[ready[0]], ray.get(ready[0])):
+            refs = {task.submit(bound.space.to_dict(), teacher, states, ch, bound.space.seed): ch for ch in chunks}
+            n_done, t0 = 0, time.time()
+            for ref, accs in completed(list(refs), desc="proxy accuracy", total=len(todo), progress=False, count=len):
+                for c, acc in zip(refs[ref], accs):
                     done[c] = float(acc)
+                n_done += len(refs[ref])
                 write_json(cache, [[list(c), a] for c, a in done.items()])
-                log.info("proxy accuracy: %d/%d students (%.0f s)", len(todo) - sum(len(refs[r]) for r in remaining), len(todo), time.time() - t0)
+                log.info("proxy accuracy: %d/%d students (%.0f s)", n_done, len(todo), time.time() - t0)
     return done
 
 
@@ -85,19 +82,21 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     setup_logging()
     from eta.optimize import evolutionary, sample_under_budget
-    from eta.selection import sample_architectures
+    from eta.phases.latency import budgets_ms
+    from eta.phases.solve import sample_architectures
 
     search, info, _, problem = load_solved_run(args.run)
     bound, seed = search.bound, search.space.seed
-    cfg = search.space.phase2.predictor
+    cfg = search.space.solve.predictor
     n_max = max(args.sizes + [args.default_size])
     held = sample_architectures(bound, problem, args.holdout, args.levels, seed + 101)
     multi = [c for c in sample_architectures(bound, problem, n_max + args.holdout, args.levels, seed + 202) if c not in set(held)][:n_max]
-    budget = search.budgets_ms(info)[len(search.budgets_ms(info)) // 2]
+    budgets = budgets_ms(search.space, info)
+    budget = budgets[len(budgets) // 2]
     band = (budget * 0.9, budget)  # one budget: students just under it, as a single-budget search would sample
     single = [c for c in sample_under_budget(problem, band[1], args.default_size + args.holdout, np.random.default_rng(seed + 303),
                                              lower_ms=band[0]) if c not in set(held)][:args.default_size]
-    acc = evaluate_cached(search, held + multi + single, search.run.root / "bench" / "predictor_samples.json")
+    acc = evaluate_cached(search, held + multi + single, search.run.benchmarks_dir / "predictor_samples.json")
     y = lambda cs: np.array([acc[c] for c in cs])  # noqa: E731
 
     def encode(cs, enc):

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from eta.errors import EtaError
+from eta.files import read_json
 from eta.pareto import format_table
-from eta.runs import read_json
 
 from .common import load_solved_run, setup_logging
 
@@ -29,14 +29,14 @@ log = logging.getLogger("benchmarks.predictor_output")
 
 def phase2_samples(search, info) -> list[dict]:
     """The students phase 2 trained its predictor on, read back from the run's cache."""
-    from eta.selection import phase2_choices
+    from eta.phases.solve import sampled_choices
 
-    choices = phase2_choices(search.bound, info)
-    cached = {tuple(s["choices"]): s for s in read_json(search.run.root / "phase2" / "samples.json")}
+    choices = sampled_choices(search.bound, info)
+    cached = {tuple(s["choices"]): s for s in read_json(search.run.samples)}
     missing = [c for c in choices if c not in cached]
     if missing:
-        raise EtaError(f"{search.run.root}: {len(missing)} of phase 2's {len(choices)} students are not in phase2/samples.json; "
-                       f"run 'eta solve {search.run.root} --rerun' first")
+        raise EtaError(f"{search.run.root}: {len(missing)} of phase 2's {len(choices)} students are not in "
+                       f"{search.run.relative(search.run.samples)}; run 'eta solve {search.run.root} --rerun' first")
     return [cached[c] for c in choices]
 
 
@@ -48,23 +48,24 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     setup_logging()
     from eta.arch import arch_to_str
-    from eta.bound import splits_for
     from eta.optimize import solve_budgets
-    from eta.selection import fit_predictor, proxy_accuracy, search_problem
+    from eta.phases.latency import budgets_ms
+    from eta.phases.solve import fit_predictor, predictor_problem, proxy_accuracy
 
     search, info, bank, _ = load_solved_run(args.run)
     bound, seed = search.bound, search.space.seed
     samples = phase2_samples(search, info)
-    qpath = search.run.root / "phase2" / "quantization.json"
+    qpath = search.run.quantization
     penalty = read_json(qpath)["penalty"] if qpath.exists() else None
-    splits = splits_for(search.space)
+    splits = search.splits
+    budgets = budgets_ms(search.space, info)
     rows = []
     measured = {}  # the same student is evaluated once
     for output in args.outputs:
         for s in range(seed, seed + args.seeds):
             predictor, metrics = fit_predictor(bound, samples, s, output=output)
-            problem = search_problem(bound, info, predictor, penalty)
-            for budget in search.budgets_ms(info):
+            problem = predictor_problem(bound, info, predictor, penalty)
+            for budget in budgets:
                 sol = solve_budgets(problem, [budget], k_per_budget=1, seed=seed)[budget][0]
                 if sol.choices not in measured:
                     measured[sol.choices] = proxy_accuracy(bank, splits, [sol.choices], seed=seed)[0]
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
                              "budget": budget, "arch": arch_to_str(bound.arch(sol.choices)), "latency": sol.latency,
                              "promised": sol.objective, "proxy": acc, "gap": sol.objective - acc})
                 log.info("%s output, seed %d, budget %.3f ms: promised %.4f, proxy accuracy %.4f", output, s, budget, sol.objective, acc)
-    print(f"\n{search.run.root.name}: predictor fit on {len(samples)} phase-2 students (held-out share {search.space.phase2.holdout}); "
+    print(f"\n{search.run.root.name}: predictor fit on {len(samples)} phase-2 students (held-out share {search.space.solve.holdout}); "
           f"the solver's student at each budget, measured on the proxy split\n")
     print(format_table(rows, [("output", "output", "s"), ("seed", "seed", "d"), ("rho", "Spearman", ".3f"), ("mae", "MAE", ".4f"), ("budget", "budget ms", ".3f"),
                               ("latency", "table ms", ".3f"), ("promised", "promised", ".4f"), ("proxy", "proxy acc", ".4f"),
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
     if args.seeds > 1:
         means = []
         for output in args.outputs:
-            for budget in search.budgets_ms(info):
+            for budget in budgets:
                 sel = [r for r in rows if r["output"] == output and r["budget"] == budget]
                 means.append({"output": output, "budget": budget, "rho": np.mean([r["rho"] for r in sel]),
                               "promised": np.mean([r["promised"] for r in sel]), "proxy": np.mean([r["proxy"] for r in sel]),

@@ -21,6 +21,7 @@ from scipy import stats
 from eta.bound import bind
 from eta.mixed_precision import quantization_terms
 from eta.pareto import format_table
+from eta.phases.pretrain import load_block_states
 from eta.space import parse_space
 from eta.student import OperatorBank
 
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
     d["bits"] = sorted(set([32, *args.bits]), reverse=True)
     bound = bind(parse_space(d, "benchmark"), search.splits)
     bound.load_teacher_weights(search.teacher_path)
-    bank = OperatorBank(bound, search.run.root / "phase1")
+    bank = OperatorBank(bound, load_block_states(search.run, bound), where=search.run.pretrain_dir)
     terms = quantization_terms(bound, bank, search.splits, measure_bits=tuple(args.bits))
     rows = [r for opts in terms["rows"] for r in opts if r]
     out = []

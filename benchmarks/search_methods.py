@@ -31,7 +31,7 @@ log = logging.getLogger("benchmarks.search_methods")
 
 def hant_drops(search, bank) -> tuple[list[np.ndarray], float]:
     """Proxy-accuracy drop of each option, swapped alone into the teacher (HANT eq. 14.5); and the time it took."""
-    from eta.selection import proxy_accuracy
+    from eta.phases.solve import proxy_accuracy
 
     bound = search.bound
     teacher = bound.teacher_choices()
@@ -67,15 +67,17 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     setup_logging()
-    from eta.selection import proxy_accuracy
+    from eta.phases.latency import budgets_ms
+    from eta.phases.solve import proxy_accuracy
 
     search, info, bank, problem = load_solved_run(args.run)
+    budgets = budgets_ms(search.space, info)
     bound = search.bound
     drops, hant_s = hant_drops(search, bank)
     log.info("HANT: %d single-block swaps evaluated in %.1f s", sum(bound.options_per_block) - bound.num_blocks, hant_s)
     space_size = int(np.prod(problem.sizes, dtype=np.float64))
     rows = []
-    for bi, budget in enumerate(search.budgets_ms(info)):
+    for bi, budget in enumerate(budgets):
         sols = [solve_inlp(problem, budget, seed=args.seed)]
         ten_x = 10 * sols[0].wall_s
         sols.append(additive_ilp(drops, problem, budget))
@@ -90,7 +92,7 @@ def main(argv=None) -> int:
             rows.append({"budget_i": bi, "budget": budget, "method": s.method, "wall": s.wall_s, "predicted": s.objective,
                          "proxy": proxy, "latency": s.latency, "arch": arch_to_str(bound.arch(s.choices)), "choices": s.choices})
     if args.finetune:
-        from eta.finetune import finetune_student
+        from eta.phases.finetune import finetune_student
 
         res = str(bound.space.data.resolution)
         picked = [r for r in rows if r["budget_i"] == args.finetune_budget]
@@ -101,7 +103,7 @@ def main(argv=None) -> int:
                 _, _, accs = finetune_student(bound, bank, search.splits, bound.arch(r["choices"]))
                 cache[r["choices"]] = float(accs[int(res)])
             r["final"] = cache[r["choices"]]
-    print(f"\n{search.run.root.name}: {space_size:,} architectures, {len(search.budgets_ms(info))} budgets; "
+    print(f"\n{search.run.root.name}: {space_size:,} architectures, {len(budgets)} budgets; "
           f"HANT's per-block drops took {hant_s:.1f} s to measure (not in its wall time below)\n")
     cols = [("budget", "budget ms", ".3f"), ("method", "method", "s"), ("wall", "wall s", ".2f"), ("predicted", "predicted", ".4f"),
             ("proxy", "proxy acc", ".4f"), ("latency", "latency ms", ".3f")]

@@ -14,7 +14,7 @@ Layout (one folder per phase, named as the phase)::
     pretrain/block_<b>.safetensors  pretrain/metrics.json
     solve/samples.json  solve/predictor.pt  solve/predictor.json  solve/quantization.json  solve/solved.json  solve/solutions.json
     finetune/<student id>/weights.safetensors  finetune/<student id>/metrics.json  finetune/tune/
-    wandb/
+    wandb/  benchmarks/
 """
 from __future__ import annotations
 
@@ -169,6 +169,11 @@ class Run:
     @property
     def wandb_dir(self) -> Path:
         return self.root / "wandb"
+
+    @property
+    def benchmarks_dir(self) -> Path:
+        """What benchmarks compute from a finished run and keep, so a rerun of a benchmark resumes."""
+        return self.root / "benchmarks"
 
     def relative(self, path: Path) -> str:
         """A path inside the run as the run's files record it (relative, so a run can move)."""

@@ -13,7 +13,6 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 
 from .. import faults
 from ..arch import arch_from_str

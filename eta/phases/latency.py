@@ -34,6 +34,7 @@ from ..plots import plot_calibration
 from ..quant.qop import quantize_operator
 from ..records import LatencyInfo
 from ..student import latency_network
+from ..runs import Run
 from .context import PhaseContext
 
 log = logging.getLogger(__name__)
@@ -156,10 +157,14 @@ def calibration_archs(bound: BoundSpace, n_students: int, seed: int, stored: dic
     return archs
 
 
+def model_workload(bound: BoundSpace, model, resolution: int | None = None) -> Workload:
+    """Any whole network (a width-scaled teacher, a pruned one) at one resolution of the space."""
+    return Workload(workload_signature("network", model), lambda m=model: m, bound.input_shape(resolution, bound.space.latency.batch_size))
+
+
 def network_workload(bound: BoundSpace, arch, resolution: int | None = None) -> Workload:
     """A whole network (the teacher when ``arch`` is None) at one resolution, float or integer as its bits say."""
-    model = bound.teacher if arch is None else latency_network(bound, arch, resolution)
-    return Workload(workload_signature("network", model), lambda m=model: m, bound.input_shape(resolution, bound.space.latency.batch_size))
+    return model_workload(bound, bound.teacher if arch is None else latency_network(bound, arch, resolution), resolution)
 
 
 def calibrate(bound: BoundSpace, table: LatencyTable, base: float, per_block: list[np.ndarray], *, n_students: int, seed: int,
@@ -247,16 +252,17 @@ def check_budgets(bound: BoundSpace, info: LatencyInfo) -> None:
 
 
 # --- the phase ---------------------------------------------------------------------------------------
-def read_info(ctx: PhaseContext) -> LatencyInfo:
-    data = read_json(ctx.run.latency_info)
+def read_info(run: Run) -> LatencyInfo:
+    """The run's ``latency.json`` as a record; one line naming the file when it is not one."""
+    data = read_json(run.latency_info)
     try:
         return LatencyInfo.from_dict(data)
     except (KeyError, TypeError) as err:
-        raise EtaError(f"{ctx.run.latency_info}: not a latency record of this eta (missing {err})") from None
+        raise EtaError(f"{run.latency_info}: not a latency record of this eta (missing {err})") from None
 
 
 def load(ctx: PhaseContext) -> LatencyInfo:
-    info = read_info(ctx)
+    info = read_info(ctx.run)
     check_budgets(ctx.bound, info)
     return info
 
@@ -272,7 +278,7 @@ def run(ctx: PhaseContext) -> tuple[LatencyInfo, dict, bool]:
                        calibration=cal, teacher_ms=teacher, io={"in_chans": bound.in_chans, "num_classes": bound.num_classes})
     ctx.run.latency_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(table.path, ctx.run.latency_table_copy)
-    previous = read_info(ctx) if ctx.run.latency_info.exists() else None
+    previous = read_info(ctx.run) if ctx.run.latency_info.exists() else None
     write_json(ctx.run.latency_info, info.to_dict())
     changed = previous is not None and any(getattr(previous, k) != getattr(info, k)
                                            for k in ("option_ms", "calibration", "teacher_ms", "base_ms"))

@@ -16,7 +16,6 @@ import logging
 import time
 
 import numpy as np
-import torch
 
 from .. import faults
 from ..accuracy_predictor import MLPPredictor, index_encode, one_hot_encode, spearman, train_predictor
