@@ -8,7 +8,8 @@ import numpy as np
 from .latency.calibrate import Calibration
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on a non-interactive backend (plots are written to files)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -18,7 +19,7 @@ def _pyplot():
 
 
 def plot_front(points: list[dict], front: list[dict], teacher: list[dict], path: Path, title: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     if points:
         ax.scatter([p["latency_ms"] for p in points], [p["test_acc"] for p in points], s=14, c="0.7", label="finetuned students × resolution")
@@ -41,7 +42,7 @@ def plot_front(points: list[dict], front: list[dict], teacher: list[dict], path:
 
 def plot_calibration(cal: dict, path: Path, title: str) -> None:
     """Measured against predicted latency, before and after calibration (HAO fig. 13.5's view)."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = cal["students"]
     pred = np.array([r["table_sum_ms"] for r in rows])
     meas = np.array([r["measured_ms"] for r in rows])

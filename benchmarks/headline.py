@@ -1,0 +1,349 @@
+"""eta's front against what a user would try first, on the same teacher, data split and latency backend.
+
+From a finished run, each baseline is built from the same teacher and trained with the same
+distillation recipe as the finetune phase (KD from the teacher's logits + cross-entropy, the
+finetune phase's learning rate, weight decay, temperature and augmentation) for the same total
+training budget as eta's pretrain and finetune phases together (their epochs over the same train
+split), then measured end to end on the backend and evaluated on the test split:
+
+- ``width``: the teacher's family at a width multiplier (from scratch: it gets the teacher's own
+  epochs as well, more than the budget, so as not to starve it);
+- ``resolution``: the teacher itself at each lower resolution of the space (finetuned there);
+- ``tp-magnitude-uniform`` / ``tp-magnitude-global`` / ``tp-taylor-uniform`` / ``tp-taylor-global``:
+  Torch-Pruning's dependency-graph pruning of the trained teacher, magnitude (L1) or Taylor
+  importance, one ratio for every layer or a global ranking; each at ratios chosen (from measured
+  latencies of a ratio sweep) so that it lands near a latency of eta's front;
+- ``fastnas``: NVIDIA Model-Optimizer's FastNAS (``nvidia-modelopt``) under FLOPs limits matched to
+  eta's front students, on the CPU;
+- ``int8``: the teacher with every block quantized to 8 bits (calibrated), where the backend
+  executes integers (TVM).
+
+It prints one table (method, measured latency, test accuracy, eta's accuracy at that latency, eta's
+speed-up at that accuracy), writes it as JSON under ``docs/measurements/`` and draws every front on
+one plot. Each baseline point is kept in the run's ``benchmarks/headline/`` folder, so a rerun
+resumes. ``--backend torch`` measures everything, eta's front included, with eager PyTorch.
+
+    python -m benchmarks.headline runs/fashion --baselines width resolution tp fastnas int8
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from eta.errors import EtaError, first_line
+from eta.files import read_json, write_json
+from eta.pareto import format_table, pareto_front
+from eta.train import evaluate, fit
+
+from .common import load_solved_run, setup_logging
+
+log = logging.getLogger("benchmarks.headline")
+
+BASELINES = ("width", "resolution", "tp", "fastnas", "int8")
+TP_VARIANTS = [(imp, scope) for imp in ("magnitude", "taylor") for scope in ("uniform", "global")]
+
+
+class Bench:
+    """The run, its budget and recipe, and a latency table on the chosen backend."""
+
+    def __init__(self, run_dir: Path, backend: str | None):
+        from eta.augment import for_space
+        from eta.latency.backends import schedule_policy
+        from eta.latency.measurer import Measurer
+        from eta.phases import latency
+
+        self.search, self.info, _, _ = load_solved_run(run_dir)
+        self.space, self.bound, self.splits = self.search.space, self.search.bound, self.search.splits
+        self.res = self.space.data.resolution
+        self.budget = self.space.pretrain.epochs + self.space.finetune.epochs
+        self.augment = for_space(self.space, self.splits.num_classes)
+        cfg = self.space.latency
+        if backend is None or backend == cfg.backend:
+            self.measurer, self.table = latency.opened_table(self.search.ctx)
+        else:
+            protocol = latency.measurer(self.space).protocol
+            self.measurer = Measurer.create(backend, "cpu" if backend == "torch" else cfg.target, protocol, schedule_policy(backend))
+            self.table = self.measurer.open_table()
+        self.cache = self.search.run.benchmarks_dir / "headline" / self.measurer.backend
+        self.cache.mkdir(parents=True, exist_ok=True)
+
+    def latency(self, model: nn.Module, resolution: int) -> float:
+        from eta.phases.latency import model_workload
+
+        w = model_workload(self.bound, model.eval(), resolution)
+        self.table.measure_many([w], progress=False, executor=self.measurer.executor())
+        ms = self.table.get(w.signature, w.input_shape, w.bits)
+        if ms is None:
+            raise EtaError(f"{type(model).__name__} at {resolution} px: {self.table.entry(w.signature, w.input_shape).get('reason')}")
+        return ms
+
+    def distil(self, model: nn.Module, epochs: int, resolution: int | None = None) -> nn.Module:
+        """The finetune phase's recipe: KD from the teacher + cross-entropy, its optimiser settings and augmentation."""
+        ft = self.space.finetune
+        fit(model, self.splits.train, epochs=epochs, lr=ft.lr, weight_decay=ft.weight_decay, batch_size=ft.batch_size,
+            resolutions=[resolution or self.res], teacher=self.bound.teacher, kd_weight=ft.kd_weight, temperature=ft.temperature,
+            seed=self.space.seed, progress=False, augment=self.augment)
+        return model.eval()
+
+    def accuracy(self, model: nn.Module, resolution: int | None = None) -> float:
+        return evaluate(model, self.splits.test, resolution=resolution or self.res)
+
+    def cached(self, key: str, compute) -> dict:
+        """One baseline point, computed once and kept in the run (``compute() -> dict``)."""
+        path = self.cache / f"{key}.json"
+        if path.exists():
+            return read_json(path)
+        log.info("baseline %s", key)
+        point = {"method": key, **compute()}
+        write_json(path, point)
+        return point
+
+    def eta_front(self) -> list[dict]:
+        """eta's front, re-measured on this backend when it is not the run's."""
+        from eta.export import build_student
+        from eta.runs import Run
+
+        front = read_json(self.search.run.pareto_json)["all"]
+        if self.measurer.backend == self.info.backend:
+            return pareto_front(front)
+        run = Run(self.search.run.root)
+        points = []
+        for p in front:
+            point = self.cached(f"eta-{p['id']}-{p['resolution']}", lambda p=p: {
+                "latency_ms": self.latency(build_student(run, p), p["resolution"]), "test_acc": p["test_acc"]})
+            points.append({**p, **{k: point[k] for k in ("latency_ms", "test_acc")}})
+        return pareto_front(points)
+
+
+# --- baselines ---------------------------------------------------------------------------------------
+def width_points(b: Bench, widths) -> list[dict]:
+    from eta.teachers import build_teacher
+
+    tc = b.space.teacher
+    epochs = max(tc.train.epochs, b.budget)
+    out = []
+    for w in widths:
+        def compute(w=w):
+            torch.manual_seed(b.space.seed)
+            model = build_teacher(tc.model, num_classes=b.bound.num_classes, in_chans=b.bound.in_chans,
+                                  kwargs={**tc.kwargs, "width_mult": w})
+            b.distil(model, epochs)
+            return {"resolution": b.res, "latency_ms": b.latency(model, b.res), "test_acc": b.accuracy(model), "epochs": epochs,
+                    "params": sum(p.numel() for p in model.parameters())}
+        out.append(b.cached(f"width-{w:g}", compute))
+    return out
+
+
+def resolution_points(b: Bench) -> list[dict]:
+    out = []
+    for r in b.space.resolutions:
+        if r == b.res:
+            continue
+
+        def compute(r=r):
+            model = b.distil(copy.deepcopy(b.bound.teacher), b.budget, r)
+            return {"resolution": r, "latency_ms": b.latency(model, r), "test_acc": b.accuracy(model, r), "epochs": b.budget}
+        out.append(b.cached(f"resolution-{r}", compute))
+    return out
+
+
+def _classifier(model: nn.Module) -> list[nn.Module]:
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1:]
+
+
+def tp_prune(b: Bench, importance: str, scope: str, ratio: float) -> nn.Module:
+    """The trained teacher pruned by Torch-Pruning at ``ratio`` (the classifier's outputs kept)."""
+    import torch_pruning as tp
+
+    model = copy.deepcopy(b.bound.teacher).eval()
+    example = torch.randn(*b.bound.input_shape(b.res, batch=2))
+    imp = tp.importance.MagnitudeImportance(p=1) if importance == "magnitude" else tp.importance.TaylorImportance()
+    pruner = tp.pruner.MetaPruner(model, example, importance=imp, pruning_ratio=ratio, global_pruning=scope == "global",
+                                  ignored_layers=_classifier(model))
+    if importance == "taylor":  # first-order Taylor needs gradients of the task loss
+        from eta.data import batches
+
+        model.train()
+        for i, (x, y) in enumerate(batches(b.splits.train, 64, resolution=b.res, shuffle=True, seed=b.space.seed)):
+            if i == 4:
+                break
+            nn.functional.cross_entropy(model(x), y).backward()
+    pruner.step()
+    model.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+def tp_points(b: Bench, targets_ms: list[float], ratios=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)) -> list[dict]:
+    """Each variant swept over ``ratios`` (latency only), then pruned at the ratio that lands on each target and trained."""
+    out = []
+    for importance, scope in TP_VARIANTS:
+        name = f"tp-{importance}-{scope}"
+        sweep = b.cached(f"{name}-sweep", lambda: {"ratios": list(ratios), "latency_ms": [
+            b.latency(tp_prune(b, importance, scope, r), b.res) for r in ratios]})
+        lat = np.array(sweep["latency_ms"])
+        for target in targets_ms:
+            order = np.argsort(lat)
+            ratio = float(np.interp(target, lat[order], np.array(sweep["ratios"])[order]))
+
+            def compute(ratio=ratio):
+                model = b.distil(tp_prune(b, importance, scope, ratio), b.budget)
+                return {"resolution": b.res, "ratio": ratio, "latency_ms": b.latency(model, b.res), "test_acc": b.accuracy(model),
+                        "epochs": b.budget, "params": sum(p.numel() for p in model.parameters())}
+            out.append(b.cached(f"{name}-{ratio:.3f}", compute))
+    return out
+
+
+def fastnas_points(b: Bench, flops_limits: list[float]) -> list[dict]:
+    """Model-Optimizer's FastNAS on the trained teacher under each FLOPs limit, scored on the proxy split."""
+    import modelopt.torch.prune as mtp
+
+    from eta.data import batches
+
+    score_data = [(x, y) for _, (x, y) in zip(range(4), batches(b.splits.proxy, 64, resolution=b.res))]
+
+    def score(model):
+        return evaluate(model, b.splits.proxy, resolution=b.res)
+
+    out = []
+    for limit in flops_limits:
+        def compute(limit=limit):
+            model = copy.deepcopy(b.bound.teacher).eval()
+            dummy = torch.randn(*b.bound.input_shape(b.res))
+            try:
+                model, _ = mtp.prune(model=model, mode=[("fastnas", {"nn.Conv2d": {"*": {"channel_divisor": 4}},
+                                                                   "nn.Linear": {"*": {"feature_divisor": 4}}})],
+                                     constraints={"flops": limit}, dummy_input=dummy,
+                                     config={"data_loader": score_data, "score_func": score,
+                                             "checkpoint": str(b.cache / f"fastnas-{limit:.0f}.pth")})
+            except Exception as err:  # noqa: BLE001 - FastNAS raises many types for models it cannot convert
+                return {"error": f"{type(err).__name__}: {first_line(err)}"}
+            b.distil(model, b.budget)
+            return {"resolution": b.res, "flops_limit": limit, "latency_ms": b.latency(model, b.res), "test_acc": b.accuracy(model),
+                    "epochs": b.budget}
+        out.append(b.cached(f"fastnas-{limit:.0f}", compute))
+    return out
+
+
+def int8_points(b: Bench) -> list[dict]:
+    from eta.data import batches
+    from eta.quant.network import quantize_student
+
+    def compute():
+        teacher = b.bound.split
+        calib = [x for _, (x, _) in zip(range(4), batches(b.splits.train, 64, resolution=b.res, shuffle=True, seed=b.space.seed))]
+        try:
+            q = quantize_student(teacher, [8] * len(teacher.blocks), calib)
+        except EtaError as err:
+            return {"error": str(err)}
+        return {"resolution": b.res, "latency_ms": b.latency(q, b.res), "test_acc": b.accuracy(q), "epochs": 0}
+    return [b.cached("int8", compute)]
+
+
+def flops(model: nn.Module, shape) -> float:
+    from eta.student import count_macs
+
+    return 2.0 * sum(count_macs(model, shape).values())
+
+
+# --- comparison ----------------------------------------------------------------------------------------
+def compare(point: dict, front: list[dict]) -> dict:
+    """eta's accuracy gain at the baseline's latency (its best front point no slower) and its speed-up at the
+    baseline's accuracy (the baseline's latency over eta's fastest front point no less accurate)."""
+    faster = [p for p in front if p["latency_ms"] <= point["latency_ms"]]
+    better = [p for p in front if p["test_acc"] >= point["test_acc"]]
+    return {"eta_acc": max(p["test_acc"] for p in faster) if faster else None,
+            "gain": (max(p["test_acc"] for p in faster) - point["test_acc"]) * 100 if faster else None,
+            "speedup": point["latency_ms"] / min(p["latency_ms"] for p in better) if better else None}
+
+
+def plot(front: list[dict], rows: list[dict], teacher: dict, path: Path, title: str) -> None:
+    from eta.plots import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
+    ax.plot([p["latency_ms"] for p in front], [p["test_acc"] for p in front], "o-", lw=2, c="tab:blue", label="eta front")
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["method"].rsplit("-", 1)[0] if r["method"].startswith(("tp-", "width", "resolution", "fastnas")) else r["method"],
+                          []).append(r)
+    for name, pts in sorted(groups.items()):
+        pts = sorted(pts, key=lambda p: p["latency_ms"])
+        ax.plot([p["latency_ms"] for p in pts], [p["test_acc"] for p in pts], "s--", ms=4, lw=0.8, label=name)
+    ax.plot([teacher["latency_ms"]], [teacher["test_acc"]], "k*", ms=12, label="teacher")
+    ax.set_xlabel("measured latency (ms)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--baselines", nargs="+", default=list(BASELINES), choices=BASELINES)
+    ap.add_argument("--widths", type=float, nargs="+", default=[0.5, 0.75])
+    ap.add_argument("--targets", type=int, default=3, help="latencies of eta's front the pruning baselines aim at")
+    ap.add_argument("--backend", choices=["tvm", "torch"], help="measure on this backend (default: the run's)")
+    ap.add_argument("--out", type=Path, default=Path("docs/measurements"), help="folder for the JSON table and the plot")
+    args = ap.parse_args(argv)
+    setup_logging()
+
+    b = Bench(args.run, args.backend)
+    front = b.eta_front()
+    picks = [front[int(i)] for i in np.unique(np.linspace(0, len(front) - 1, min(args.targets, len(front))).round())]
+    rows = []
+    with b.search.ctx.latency_session():
+        if "width" in args.baselines:
+            rows += width_points(b, args.widths)
+        if "resolution" in args.baselines:
+            rows += resolution_points(b)
+        if "tp" in args.baselines:
+            rows += tp_points(b, [p["latency_ms"] for p in picks])
+        if "fastnas" in args.baselines:
+            from eta.export import build_student
+            from eta.runs import Run
+
+            run = Run(b.search.run.root)
+            rows += fastnas_points(b, [flops(build_student(run, p), b.bound.input_shape(b.res)) for p in picks])
+        if "int8" in args.baselines:
+            if b.measurer.backend == "tvm":
+                rows += int8_points(b)
+            else:
+                log.info("int8 baseline skipped: backend %s has no integer kernels", b.measurer.backend)
+        teacher = b.cached("teacher", lambda: {"resolution": b.res, "latency_ms": b.latency(b.bound.teacher, b.res),
+                                               "test_acc": b.accuracy(b.bound.teacher)})
+    failed = [r for r in rows if "error" in r]
+    rows = [r for r in rows if "error" not in r] + [teacher]
+    for r in rows:
+        r.update(compare(r, front))
+    name = b.search.run.root.name
+    where = f"{b.measurer.backend} ({b.measurer.schedule}) on {b.measurer.device}"
+    print(f"\n{name}: eta's front ({len(front)} points, {front[0]['latency_ms']:.3f}-{front[-1]['latency_ms']:.3f} ms) against "
+          f"the baselines; latency measured end to end with {where}; training budget {b.budget} epochs per baseline\n")
+    print(format_table(rows, [("method", "baseline", "s"), ("latency_ms", "latency ms", ".3f"), ("test_acc", "test acc", ".4f"),
+                              ("eta_acc", "eta acc at that latency", ".4f"), ("gain", "eta gain (points)", "+.2f"),
+                              ("speedup", "eta speed-up at that accuracy", ".2f")]))
+    for r in failed:
+        print(f"\n{r['method']}: did not run: {r['error']}")
+    print("\neta front:\n" + format_table(front, [("arch", "architecture", "s"), ("resolution", "res", "d"),
+                                                  ("latency_ms", "latency ms", ".3f"), ("test_acc", "test acc", ".4f")]))
+    out = args.out / f"headline-{name}-{b.measurer.backend}.json"
+    write_json(out, {"run": name, "backend": where, "budget_epochs": b.budget, "front": front, "baselines": rows, "failed": failed})
+    plot(front, rows, teacher, args.out.parent / "figures" / f"headline-{name}-{b.measurer.backend}.png", f"{name}: {where}")
+    print(f"\nwritten: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
