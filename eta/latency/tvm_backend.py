@@ -3,11 +3,15 @@
 Path: ``torch.export`` → ``from_exported_program`` → ``tvm.compile`` → Relax VM, timed with TVM's
 own ``time_evaluator``. Untuned schedules unless a MetaSchedule database is given; the same
 policy must be used for the table and for the students compiled from it.
+
+Compiling once and re-loading is ``compile_cache``; tuning a whole space under one budget is
+``tuning``; the exported library is ``deploy``. This module is what they share.
 """
 from __future__ import annotations
 
 import logging
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -75,28 +79,96 @@ def apply_database(mod, tvm_target, database_dir):
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
 
+    load_tensor_intrinsics(tvm_target.kind.name)  # a record may tensorize with an intrinsic registered there
     mod = lower_for_tuning(mod)
     with ms.database.JSONDatabase(work_dir=str(database_dir)), tvm_target:
         return relax.transform.MetaScheduleApplyDatabase()(mod)
 
 
+def extract_tasks(lowered, tvm_target) -> list:
+    """MetaSchedule's tuning tasks of a lowered module (``lower_for_tuning``), one per distinct TIR workload."""
+    from tvm.s_tir import meta_schedule as ms
+
+    with tvm_target:
+        return list(ms.relax_integration.extract_tasks(lowered, tvm_target))
+
+
+def workload_hash(task) -> str:
+    """The structural hash MetaSchedule's database keys a task's workload on (``database_workload.json``)."""
+    import tvm_ffi
+
+    return str(tvm_ffi.structural_hash(task.dispatched[0]))
+
+
+def _tuned_count(mod) -> int:
+    import tvm
+
+    return sum(1 for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None
+               and bool(f.attrs.get("tirx.is_scheduled", False)))
+
+
+def build_executable(module: torch.nn.Module, input_shape: tuple, target: dict, database_dir: Path | None = None,
+                     relax_mod=None) -> tuple:
+    """(Relax executable, number of TIR functions with a tuned schedule) of a module at one input shape.
+
+    ``relax_mod`` skips the import when the caller already has ``to_relax(module, input_shape)``.
+    """
+    import tvm
+
+    mod = relax_mod if relax_mod is not None else to_relax(module, input_shape)
+    tvm_target = tvm.target.Target(target)
+    if database_dir is not None:
+        mod = apply_database(mod, tvm_target, database_dir)
+    # how many TIR functions run a tuned schedule (0: TVM's untuned defaults throughout)
+    tuned = _tuned_count(mod)
+    try:
+        return tvm.compile(mod, target=tvm_target), tuned
+    except Exception as err:  # LLVM and TVM raise many types for a target they cannot build
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[-1][:200]
+        raise EtaError(f"TVM cannot build {type(module).__name__} for target {target}: {reason}") from None
+
+
+def device_of(target: dict):
+    import tvm
+
+    return tvm.cuda() if target.get("kind") == "cuda" else tvm.cpu()
+
+
 class CompiledModule:
-    """A module compiled for one input shape; ``run`` for outputs, ``time`` for latency."""
+    """A module compiled for one input shape; ``run`` for outputs, ``time`` for latency.
+
+    Built here from the module, or (``from_executable``) around an executable re-loaded from the
+    compiled-module cache; ``cache_hit`` says which, ``path`` names the cache entry if any, and
+    ``compile_s`` is what compiling it cost (on a hit: when the entry was made).
+    """
+
+    cache_hit = False
+    path: Path | None = None
+    load_s = 0.0
+    schedules: str | None = None  # set by the cache: digest of the schedules applied
 
     def __init__(self, module: torch.nn.Module, input_shape: tuple, target: dict, database_dir: Path | None = None):
-        import tvm
-
         t0 = time.perf_counter()
-        mod = to_relax(module, input_shape)
-        tvm_target = tvm.target.Target(target)
-        if database_dir is not None:
-            mod = apply_database(mod, tvm_target, database_dir)
-        # how many TIR functions run a tuned schedule (0: TVM's untuned defaults throughout)
-        self.tuned_functions = sum(1 for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None
-                                   and bool(f.attrs.get("tirx.is_scheduled", False)))
-        self.executable, self.device, self.vm = load_vm(mod, target)
-        self.input_shape = tuple(input_shape)
+        executable, self.tuned_functions = build_executable(module, input_shape, target, database_dir)
+        self._attach(executable, input_shape, target)
         self.compile_s = time.perf_counter() - t0
+
+    @classmethod
+    def from_executable(cls, executable, input_shape: tuple, target: dict, *, compile_s: float, tuned_functions: int,
+                        cache_hit: bool = False, path: Path | None = None, load_s: float = 0.0) -> "CompiledModule":
+        self = cls.__new__(cls)
+        self._attach(executable, input_shape, target)
+        self.compile_s, self.tuned_functions = float(compile_s), int(tuned_functions)
+        self.cache_hit, self.path, self.load_s = cache_hit, path, float(load_s)
+        return self
+
+    def _attach(self, executable, input_shape, target) -> None:
+        import tvm
+        from tvm import relax
+
+        self.executable, self.device = executable, device_of(target)
+        self.vm = relax.VirtualMachine(executable, self.device)
+        self.input_shape = tuple(input_shape)
         self._input = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(input_shape).astype("float32"), self.device)
 
     def run(self, x: np.ndarray) -> np.ndarray:
@@ -116,7 +188,7 @@ def load_vm(mod, target: dict):
     from tvm import relax
 
     executable = tvm.compile(mod, target=tvm.target.Target(target))
-    device = tvm.cuda() if target.get("kind") == "cuda" else tvm.cpu()
+    device = device_of(target)
     return executable, device, relax.VirtualMachine(executable, device)
 
 
@@ -133,12 +205,18 @@ def time_vm(vm, device, tensor_input, protocol: Protocol | None = None, compile_
     return m
 
 
-def compile_module(module, input_shape, target: dict, database_dir=None) -> CompiledModule:
+def compile_module(module, input_shape, target: dict, database_dir=None, *, key: str | None = None) -> CompiledModule:
+    """Compile the module; with ``key`` (a weight-independent workload key) through the compiled-module cache."""
+    if key is not None:
+        from .compile_cache import compiled_module
+
+        return compiled_module(module, input_shape, target, key=key, database_dir=database_dir)
     return CompiledModule(module, input_shape, target, database_dir)
 
 
-def measure(module, input_shape, target: dict, protocol: Protocol | None = None, database_dir=None) -> Measurement:
-    return compile_module(module, input_shape, target, database_dir).time(protocol)
+def measure(module, input_shape, target: dict, protocol: Protocol | None = None, database_dir=None, *,
+            key: str | None = None) -> Measurement:
+    return compile_module(module, input_shape, target, database_dir, key=key).time(protocol)
 
 
 # apache-tvm-ffi releases known to crash inside MetaSchedule (tvm::ffi::ToJSONGraph segfault)
@@ -175,37 +253,92 @@ def tune(module, input_shape, target: dict, work_dir, trials: int, *, max_worker
     ``work_dir`` holds a JSON database that ``compile_module(database_dir=work_dir)`` applies, so
     a table and the students compiled later share the same schedules. Workloads that already have
     a tuning record there are skipped (MetaSchedule keys them by structural hash), so identical
-    layers of different table entries are tuned once.
+    layers of different table entries are tuned once. One module's case of
+    :func:`eta.latency.tuning.tune_space`, which tunes a whole space under one budget.
     """
-    import os
+    from .tuning import tune_space
 
-    import tvm
-    from tvm.s_tir import meta_schedule as ms
-
-    _check_tuning_runtime()
     if trials < 1:
         raise EtaError(f"tuning needs at least one trial per workload, got {trials}")
-    tvm_target = tvm.target.Target(target)
-    mod = lower_for_tuning(to_relax(module, input_shape))
-    Path(work_dir).mkdir(parents=True, exist_ok=True)
-    database = ms.database.JSONDatabase(work_dir=str(work_dir))
-    t0 = time.perf_counter()
+    tune_space([(module, tuple(input_shape))], target, work_dir, trials_per_task=trials, max_workers=max_workers,
+               seed=seed, progress=False)
+
+
+# the intrinsic sets each target kind can tensorize with; importing all of them (CUDA's above all)
+# costs about 35 s of CPU on a 2-core machine, and MetaSchedule does it before every tuning run
+_INTRINSICS = {"llvm": ("x86", "arm_cpu"), "cuda": ("cuda",), "rocm": ("rocm",), "metal": ("metal",)}
+
+
+def load_tensor_intrinsics(kind: str) -> None:
+    """Register the tensor intrinsics of one target kind only, so MetaSchedule skips its import of them all.
+
+    ``tvm.s_tir.tensor_intrin`` registers every intrinsic set TVM has on import. Standing in for that
+    package (submodules stay importable from its path) with only this kind's sets makes the import
+    MetaSchedule's TuneContext does free; another kind's sets load when a target of that kind asks.
+    """
+    import importlib
+    import importlib.util
+    import sys
+    import types
+
+    name = "tvm.s_tir.tensor_intrin"
+    if name not in sys.modules:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            return
+        package = types.ModuleType(name, "TVM tensor intrinsics, registered per target kind by eta")
+        package.__path__ = list(spec.submodule_search_locations)
+        package.__spec__ = spec
+        package.__package__ = name
+        package.__file__ = spec.origin
+        sys.modules[name] = package
+    for sub in _INTRINSICS.get(kind, ()):
+        if kind == "llvm" and sub == "arm_cpu" and not platform.machine().lower().startswith(("arm", "aarch")):
+            continue
+        try:
+            importlib.import_module(f"{name}.{sub}")
+        except Exception as err:  # noqa: BLE001 - an intrinsic set that fails to register only loses tensorization
+            log.debug("tensor intrinsics %s not registered: %s", sub, err)
+
+
+# ISA extensions (as LLVM names them) that code compiled for a CPU may use; tuning flags are not among them
+_ISA_FEATURE = re.compile(r"^(sse|ssse|avx|fma|f16c|bmi|amx|vaes|vpclmul|gfni|sha|aes|pclmul|popcnt|lzcnt|movbe|adx|"
+                          r"evex512|neon|sve|dotprod|i8mm|bf16|fp16|fullfp16)")
+
+
+def check_target(target: dict, *, runs_here: bool = True) -> None:
+    """Raise a one-line EtaError unless TVM can build for ``target`` (and, with ``runs_here``, this machine can run it).
+
+    TVM accepts any ``mcpu`` and silently compiles for a generic CPU when LLVM does not know it;
+    code for a CPU with instructions this one lacks (AVX-512 on an AVX2 machine) builds, then
+    crashes when timed.
+    """
+    import tvm
+    from tvm import te
+
     try:
-        with tvm_target:
-            tasks = [t for t in ms.relax_integration.extract_tasks(mod, tvm_target)
-                     if database.query_tuning_record(t.dispatched[0], tvm_target, t.task_name) is None]
-            if not tasks:
-                log.info("tune %s: every workload already has a tuned schedule in %s", type(module).__name__, work_dir)
-                return
-            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(tasks, work_dir=str(work_dir), seed=seed)
-            if not contexts:  # every remaining function was scheduled already (e.g. by a library dispatch)
-                return
-            builder = ms.builder.LocalBuilder(max_workers=max_workers or int(target.get("num-cores") or os.cpu_count() or 1),
-                                              f_build=build_candidate)
-            ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir), max_trials_global=trials * len(contexts),
-                               max_trials_per_task=trials, num_trials_per_iter=min(64, trials), builder=builder,
-                               runner=ms.runner.LocalRunner(), database=database, cost_model="xgb")
-    except Exception as err:  # MetaSchedule surfaces TVM and Python errors of many types
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise EtaError(f"MetaSchedule tuning of {type(module).__name__} failed: {reason}") from None
-    log.info("tuned %d workloads of %s (%d trials each) in %.0f s", len(contexts), type(module).__name__, trials, time.perf_counter() - t0)
+        tvm_target = tvm.target.Target(target)
+    except Exception as err:  # noqa: BLE001 - TVM raises ValueError or TVMError for a bad config
+        raise EtaError(f"TVM does not accept target {target}: {str(err).strip().splitlines()[0][:160]}") from None
+    kind = tvm_target.kind.name
+    if kind == "llvm":
+        codegen = tvm.target.codegen
+        mcpu = target.get("mcpu")
+        if mcpu and mcpu not in {str(c) for c in codegen.llvm_get_cpu_archlist(tvm_target)}:
+            raise EtaError(f"target {target}: LLVM {codegen.llvm_version_major()} knows no CPU named {mcpu!r} "
+                           f"(this machine is {codegen.llvm_get_system_cpu()})")
+        if runs_here and mcpu:
+            host = tvm.target.Target({"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu())})
+            have = {str(f) for f in codegen.llvm_get_cpu_features(host)}
+            missing = sorted(f for f in map(str, codegen.llvm_get_cpu_features(tvm_target)) if _ISA_FEATURE.match(f) and f not in have)
+            if missing:
+                raise EtaError(f"target {target} uses instructions this machine ({codegen.llvm_get_system_cpu()}) lacks: "
+                               f"{', '.join(missing[:6])}; tune and time it on a machine that has them")
+    if runs_here and kind == "cuda" and not tvm.cuda().exist:
+        raise EtaError(f"target {target}: no CUDA GPU is visible on this machine")
+    a = te.placeholder((4,), name="a")
+    probe = te.create_prim_func([a, te.compute((4,), lambda i: a[i] + 1.0, name="b")])
+    try:
+        tvm.compile(tvm.IRModule({"main": probe}), target=tvm_target)
+    except Exception as err:  # noqa: BLE001 - a missing toolchain or device library surfaces as many types
+        raise EtaError(f"TVM cannot build for target {target}: {(str(err).strip().splitlines() or ['?'])[-1][:160]}") from None

@@ -1,0 +1,347 @@
+"""Compile once: every compiled float module is kept as a shared library in the cache, and re-loaded.
+
+Compilation is most of what measuring costs (96 % of a first table pass on a 2-core machine), and
+latency depends on a module's structure and shapes, not its weights. So a compiled module is
+stored under ``<cache>/compiled/<target slug>/<digest>.so`` with a JSON sidecar, the digest taken
+over the caller's workload key (weight-independent, e.g. the table's ``signature|shape|bits``), the
+input shape, the target JSON, the TVM version and the digest of the schedules applied (None when
+untuned; for a tuned module the best record of each of its workloads, see
+``schedules.schedule_digest``). The second timing pass, later runs and calibration load it in a
+few milliseconds instead of compiling again.
+
+An entry holds the weights of the module that filled it: reuse it for latency, not for outputs of
+another module with the same key (``export.export_library`` keys on the weights too).
+
+``compile_many`` fills the misses of many jobs in a process pool while nothing is timed; the
+caller then times each job alone, loading it from here.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import EtaError
+from . import schedules
+from .tvm_backend import CompiledModule
+
+log = logging.getLogger(__name__)
+
+FORMAT = "eta-compiled/1"
+
+
+@dataclass
+class CompileJob:
+    """One module to compile: ``key`` names its workload (structure, shape, bits; never its weights)."""
+
+    key: str
+    module: object  # torch.nn.Module (pickled to a pool worker)
+    input_shape: tuple
+    target: dict
+    database_dir: str | None = None
+
+
+@dataclass
+class CompileResult:
+    """Where a job's library is. ``compile_s``: what building it cost (when it was built, on a hit)."""
+
+    key: str
+    path: Path | None
+    compile_s: float
+    hit: bool
+    error: str | None = None
+
+
+def _shape(input_shape) -> list[int]:
+    return [int(d) for d in input_shape]
+
+
+def _root(target: dict) -> Path:
+    from ..paths import cache_subdir
+
+    path = cache_subdir("compiled") / schedules.target_slug(target)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _identity(key: str, input_shape, target: dict, schedule_digest: str | None) -> dict:
+    return {"key": key, "input_shape": _shape(input_shape), "target": schedules.canonical_target(target),
+            "tvm_version": schedules.tvm_version(), "schedules": schedule_digest}
+
+
+def _digest(identity: dict) -> str:
+    return hashlib.sha256(json.dumps([FORMAT, identity], sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _workloads_path(key: str, input_shape, target: dict) -> Path:
+    return _root(target) / "workloads" / f"{_digest(_identity(key, input_shape, target, 'workloads'))}.json"
+
+
+def module_workloads(module, input_shape, target: dict, key: str, relax_mod=None) -> list[str]:
+    """The structural hashes of a module's TIR workloads, remembered per key (they depend on structure only)."""
+    path = _workloads_path(key, input_shape, target)
+    try:
+        return list(json.loads(path.read_text())["workloads"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        pass
+    import tvm
+
+    from .tvm_backend import extract_tasks, lower_for_tuning, to_relax, workload_hash
+
+    mod = relax_mod if relax_mod is not None else to_relax(module, input_shape)
+    hashes = sorted({workload_hash(t) for t in extract_tasks(lower_for_tuning(mod), tvm.target.Target(target))})
+    from ..files import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"key": key, "input_shape": _shape(input_shape), "workloads": hashes}))
+    return hashes
+
+
+def schedule_digest_of(module, input_shape, target: dict, key: str, database_dir, relax_mod=None) -> str | None:
+    """None when untuned; else the digest of the schedules the module's workloads would be compiled with."""
+    if database_dir is None:
+        return None
+    return schedules.schedule_digest(database_dir, module_workloads(module, input_shape, target, key, relax_mod))
+
+
+def entry_path(key: str, input_shape, target: dict, schedule_digest: str | None = None) -> Path:
+    """Where the library of this (workload, shape, target, TVM, schedules) lives; its sidecar is ``.json`` beside it."""
+    return _root(target) / f"{_digest(_identity(key, input_shape, target, schedule_digest))}.so"
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def _valid(path: Path, identity: dict) -> dict | None:
+    """The sidecar of a complete, intact entry for ``identity``; None when absent or damaged (then removed)."""
+    side = _sidecar(path)
+    if not side.is_file():
+        return None
+    try:
+        meta = json.loads(side.read_text())
+        ok = meta.get("format") == FORMAT and all(meta.get(k) == v for k, v in identity.items())
+        ok = ok and path.is_file() and path.stat().st_size == meta["so_bytes"] and _file_sha(path) == meta["so_sha256"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        log.warning("compiled-module cache entry %s is damaged or stale; rebuilding it", path)
+        _remove(path)
+        return None
+    return meta
+
+
+def _remove(path: Path) -> None:
+    for p in (_sidecar(path), path):
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _store(executable, path: Path, identity: dict, compile_s: float, tuned_functions: int, database_dir) -> dict:
+    """Export the library beside its final name, then rename it and its sidecar into place."""
+    from ..files import atomic_path
+
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.so")  # ends in .so: export_library links a shared object
+    try:
+        executable.export_library(str(tmp))
+        size, sha = tmp.stat().st_size, _file_sha(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    meta = {"format": FORMAT, **identity, "database_dir": None if database_dir is None else str(database_dir),
+            "compile_s": round(float(compile_s), 4), "tuned_functions": int(tuned_functions), "so_bytes": size,
+            "so_sha256": sha, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    with atomic_path(_sidecar(path)) as tmp:
+        tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
+def _build(module, input_shape, target: dict, key: str, database_dir, relax_mod=None, import_s: float = 0.0) -> tuple[Path, dict]:
+    """Compile and store one entry (after a miss); returns its path and sidecar (``import_s``: import time spent before)."""
+    from .tvm_backend import build_executable, to_relax
+
+    t0 = time.perf_counter() - import_s
+    relax_mod = relax_mod if relax_mod is not None else to_relax(module, input_shape)
+    digest = schedule_digest_of(module, input_shape, target, key, database_dir, relax_mod)
+    executable, tuned = build_executable(module, input_shape, target, None if database_dir is None else Path(database_dir), relax_mod)
+    compile_s = time.perf_counter() - t0
+    path = entry_path(key, input_shape, target, digest)
+    meta = _store(executable, path, _identity(key, input_shape, target, digest), compile_s, tuned, database_dir)
+    log.debug("compiled %s %s in %.2f s -> %s", key, tuple(input_shape), compile_s, path.name)
+    return path, meta
+
+
+def lookup(key: str, input_shape, target: dict, database_dir=None, module=None, relax_mod=None) -> tuple[Path, dict] | None:
+    """(path, sidecar) of an intact cache entry, or None.
+
+    For a tuned job the workloads of the module must be known (remembered from an earlier compile,
+    or found from ``module``); without either the answer is None.
+    """
+    if database_dir is not None and module is None and not _workloads_path(key, input_shape, target).is_file():
+        return None
+    digest = schedule_digest_of(module, input_shape, target, key, database_dir, relax_mod)
+    path = entry_path(key, input_shape, target, digest)
+    meta = _valid(path, _identity(key, input_shape, target, digest))
+    return (path, meta) if meta else None
+
+
+def _load(path: Path, meta: dict, input_shape, target: dict, hit: bool) -> CompiledModule:
+    import tvm
+
+    t0 = time.perf_counter()
+    executable = tvm.runtime.load_module(str(path))
+    compiled = CompiledModule.from_executable(executable, input_shape, target, compile_s=meta["compile_s"],
+                                              tuned_functions=meta.get("tuned_functions", 0), cache_hit=hit, path=path,
+                                              load_s=time.perf_counter() - t0)
+    compiled.schedules = meta.get("schedules")  # the digest of the schedules applied (None: untuned)
+    return compiled
+
+
+def _import_if_needed(module, input_shape, target: dict, key: str, database_dir):
+    """(Relax module, seconds) when a tuned lookup needs the module's workloads first; (None, 0) otherwise.
+
+    The import is then reused by the compile of a miss instead of being done twice.
+    """
+    if database_dir is None or _workloads_path(key, input_shape, target).is_file():
+        return None, 0.0
+    from .tvm_backend import to_relax
+
+    t0 = time.perf_counter()
+    return to_relax(module, input_shape), time.perf_counter() - t0
+
+
+def compiled_module(module, input_shape, target: dict, *, key: str, database_dir=None) -> CompiledModule:
+    """The module compiled for ``target`` at ``input_shape``: loaded from the cache, or compiled and stored there.
+
+    ``key`` names the workload and must not depend on weights (the table's ``signature|shape|bits``).
+    An entry that does not load is rebuilt, with one warning.
+    """
+    input_shape = tuple(int(d) for d in input_shape)
+    relax_mod, import_s = _import_if_needed(module, input_shape, target, key, database_dir)
+    found = lookup(key, input_shape, target, database_dir, module, relax_mod)
+    if found is not None:
+        try:
+            return _load(*found, input_shape, target, hit=True)
+        except Exception as err:  # noqa: BLE001 - a library that no longer loads (other TVM build, damaged file)
+            log.warning("compiled-module cache entry %s does not load (%s); rebuilding it", found[0],
+                        (str(err).strip().splitlines() or [type(err).__name__])[-1][:120])
+            _remove(found[0])
+    path, meta = _build(module, input_shape, target, key, database_dir, relax_mod, import_s)
+    return _load(path, meta, input_shape, target, hit=False)
+
+
+def _ensure(job: CompileJob) -> CompileResult:
+    """A pool worker's job: make sure the entry exists (no VM is created, nothing is timed)."""
+    try:
+        relax_mod, import_s = _import_if_needed(job.module, job.input_shape, job.target, job.key, job.database_dir)
+        found = lookup(job.key, job.input_shape, job.target, job.database_dir, job.module, relax_mod)
+        if found is not None:
+            return CompileResult(job.key, found[0], float(found[1]["compile_s"]), True)
+        path, meta = _build(job.module, job.input_shape, job.target, job.key, job.database_dir, relax_mod, import_s)
+        return CompileResult(job.key, path, float(meta["compile_s"]), False)
+    except EtaError as err:
+        return CompileResult(job.key, None, 0.0, False, str(err))
+
+
+def _worker_init() -> None:
+    """One compile per core: torch.export single-threaded; a first tiny compile pays TVM's and torch's
+    one-time start-up (about 5 s here) before any job, so each job's ``compile_s`` is its own."""
+    import torch
+
+    from .tvm_backend import to_relax
+
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        import tvm
+
+        tvm.compile(to_relax(torch.nn.Linear(2, 2), (1, 2)), target=tvm.target.Target({"kind": "llvm"}))
+    except Exception:  # noqa: BLE001 - only a warm-up
+        pass
+
+
+def compile_many(jobs: list[CompileJob], workers: int | None = None, *, progress: bool = False,
+                 desc: str = "compiling") -> list[CompileResult]:
+    """Fill the cache for every job (misses compiled ``workers`` at a time in spawned processes); one result per job.
+
+    Jobs with the same (key, shape, target, database) are compiled once. A job TVM cannot compile
+    comes back with ``error`` set (its timing will raise the same error); a worker that dies takes
+    only its own jobs with it. Call it from a ``if __name__ == "__main__"`` guarded script:
+    spawned workers re-import the main module.
+    """
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+    from multiprocessing import get_context
+
+    from tqdm.auto import tqdm
+
+    def ident(job):
+        return (job.key, tuple(_shape(job.input_shape)), schedules.target_json(job.target), job.database_dir and str(job.database_dir))
+
+    done: dict[tuple, CompileResult] = {}
+    todo: dict[tuple, CompileJob] = {}
+    for job in jobs:
+        k = ident(job)
+        if k in done or k in todo:
+            continue
+        found = lookup(job.key, job.input_shape, job.target, job.database_dir)  # cheap: no module import here
+        if found is not None:
+            done[k] = CompileResult(job.key, found[0], float(found[1]["compile_s"]), True)
+        else:
+            todo[k] = job
+    workers = max(1, int(workers or os.cpu_count() or 1))
+    bar = tqdm(total=len(todo), desc=desc, disable=not progress or not todo, dynamic_ncols=True, leave=False)
+    if todo:
+        log.info("%s: %d of %d modules to compile (%d cached), %d at a time", desc, len(todo), len(done) + len(todo), len(done),
+                 min(workers, len(todo)))
+    if workers == 1 or len(todo) == 1:
+        for k, job in todo.items():
+            done[k] = _ensure(job)
+            bar.update()
+    elif todo:
+        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=get_context("spawn"),
+                                 initializer=_worker_init) as pool:
+            futures = {pool.submit(_ensure, job): k for k, job in todo.items()}
+            for fut in as_completed(futures):
+                k = futures[fut]
+                try:
+                    done[k] = fut.result()
+                except BrokenProcessPool:
+                    done[k] = CompileResult(todo[k].key, None, 0.0, False, "the compile worker died")
+                bar.update()
+    bar.close()
+    return [done[ident(job)] for job in jobs]
+
+
+def prune(max_age_days: float | None = None) -> int:
+    """Remove entries no lookup can hit any more (another TVM version, no sidecar, left-over temporaries), and,
+    with ``max_age_days``, entries older than that. Returns how many files went."""
+    from ..paths import cache_subdir
+
+    removed, now, version = 0, time.time(), schedules.tvm_version()
+    for lib in cache_subdir("compiled").glob("*/*.so"):
+        side = _sidecar(lib)
+        try:
+            meta = json.loads(side.read_text()) if side.is_file() else None
+        except (OSError, json.JSONDecodeError):
+            meta = None
+        old = max_age_days is not None and now - lib.stat().st_mtime > max_age_days * 86400
+        if lib.name.startswith(".") or meta is None or meta.get("tvm_version") != version or old:
+            removed += sum(p.exists() for p in (lib, side))
+            _remove(lib)
+    return removed

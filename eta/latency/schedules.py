@@ -1,0 +1,201 @@
+"""A MetaSchedule schedule database as eta keeps it: one directory per target, with provenance.
+
+The directory holds MetaSchedule's own ``JSONDatabase`` files (``database_workload.json``,
+``database_tuning_record.json``) plus ``eta_schedules.json``: the TVM version and target the
+records were tuned for, the trials spent on each task, and the tuning runs that spent them. A
+record tuned for another target or TVM version says nothing true about this one, so such a
+directory is refused, never mixed with new records.
+
+``schedule_digest`` names the schedules a module would be compiled with: the best record of each
+of its workloads, which is what ``MetaScheduleApplyDatabase`` applies. Tuning that adds records for
+other workloads, or worse records for these, leaves the digest (and so the compiled-module cache
+entry) unchanged; a better record changes it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from pathlib import Path
+
+from ..errors import EtaError
+
+log = logging.getLogger(__name__)
+
+WORKLOADS = "database_workload.json"
+RECORDS = "database_tuning_record.json"
+STATE = "eta_schedules.json"
+FORMAT = "eta-schedules/1"
+# a failed candidate is recorded with this run time (MetaSchedule's MAX_FAIL_COST)
+FAILED_S = 1e9
+
+# target keys compared with what a record says it was tuned for
+TARGET_KEYS = ("kind", "mcpu", "mtriple", "mattr", "arch", "num-cores")
+
+
+def tvm_version() -> str:
+    import importlib.metadata as md
+
+    try:
+        return md.version("apache-tvm")
+    except md.PackageNotFoundError:
+        import tvm
+
+        return str(tvm.__version__)
+
+
+def canonical_target(target: dict) -> dict:
+    """The target as compared and hashed: keys sorted, ``num-cores`` an int."""
+    out = {k: target[k] for k in sorted(target)}
+    if "num-cores" in out:
+        out["num-cores"] = int(out["num-cores"])
+    return out
+
+
+def target_json(target: dict) -> str:
+    return json.dumps(canonical_target(target), sort_keys=True, separators=(",", ":"))
+
+
+def target_slug(target: dict) -> str:
+    """A directory name for the target (``llvm-rocketlake-2c``); its full JSON lives in the files."""
+    parts = [str(target.get(k)) for k in ("kind", "mcpu", "arch") if target.get(k)]
+    if target.get("num-cores"):
+        parts.append(f"{int(target['num-cores'])}c")
+    return re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")[:80] or "target"
+
+
+def has_records(database_dir) -> bool:
+    path = Path(database_dir) / RECORDS
+    return path.is_file() and path.stat().st_size > 0
+
+
+def read_state(database_dir) -> dict | None:
+    path = Path(database_dir) / STATE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise EtaError(f"corrupt schedule database provenance {path}: {err.msg} at line {err.lineno}") from None
+
+
+def write_state(database_dir, state: dict) -> None:
+    from ..files import atomic_path
+
+    with atomic_path(Path(database_dir) / STATE) as tmp:
+        tmp.write_text(json.dumps(state, indent=1) + "\n")
+
+
+def _record_targets(database_dir) -> set[str]:
+    """The distinct targets (as compared) that the records of a database say they were tuned for."""
+    seen = set()
+    for rec in _iter_records(Path(database_dir) / RECORDS):
+        tgt = rec[1][2] if len(rec[1]) > 2 and isinstance(rec[1][2], dict) else {}
+        seen.add(json.dumps({k: tgt.get(k) for k in TARGET_KEYS if k in tgt}, sort_keys=True))
+    return seen
+
+
+def _matches(record_target: dict, target: dict) -> bool:
+    return all(record_target.get(k) == canonical_target(target).get(k) for k in TARGET_KEYS
+               if k in record_target or k in target)
+
+
+def open_database(database_dir, target: dict, *, create: bool = True) -> dict:
+    """Check that ``database_dir`` holds schedules for ``target`` and this TVM; return its state.
+
+    A directory with eta's provenance for another target or TVM version is refused (one line). One
+    with MetaSchedule records but no provenance (written by plain ``tune_relax``) is adopted when
+    every record names this target, refused otherwise. ``create`` writes fresh provenance.
+    """
+    database_dir = Path(database_dir)
+    state = read_state(database_dir)
+    want = {"tvm_version": tvm_version(), "target": canonical_target(target)}
+    if state is not None:
+        if state.get("format") != FORMAT:
+            raise EtaError(f"schedule database {database_dir}: unknown format {state.get('format')!r}")
+        got = {"tvm_version": state.get("tvm_version"), "target": canonical_target(state.get("target") or {})}
+        if got != want:
+            what = [k for k in want if got[k] != want[k]]
+            raise EtaError(f"schedule database {database_dir} was tuned for {target_json(got['target'])} with TVM "
+                           f"{got['tvm_version']}, not {target_json(want['target'])} with TVM {want['tvm_version']} "
+                           f"(different {'/'.join(what)}): use another directory or move it aside")
+        return state
+    if has_records(database_dir):
+        foreign = [t for t in _record_targets(database_dir) if not _matches(json.loads(t), target)]
+        if foreign:
+            raise EtaError(f"schedule database {database_dir} has records tuned for another target ({foreign[0]}) and no "
+                           f"provenance: use another directory or move it aside")
+        log.info("schedule database %s has no provenance; its records name this target, adopting it", database_dir)
+    state = {"format": FORMAT, **want, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "tasks": {}, "runs": {}}
+    if create:
+        database_dir.mkdir(parents=True, exist_ok=True)
+        write_state(database_dir, state)
+    return state
+
+
+def _iter_json_lines(path: Path):
+    """Parsed lines of a JSON-lines file; a line being written (or torn) is skipped."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            continue
+
+
+def _iter_records(path: Path):
+    for rec in _iter_json_lines(path):
+        if isinstance(rec, list) and len(rec) == 2 and isinstance(rec[1], list) and rec[1]:
+            yield rec
+
+
+_BEST_CACHE: dict[str, tuple] = {}
+
+
+def best_records(database_dir) -> dict[str, str]:
+    """Workload structural hash -> the JSON of its fastest valid record (what TVM applies).
+
+    Re-read only when a database file changed (size or modification time).
+    """
+    database_dir = Path(database_dir)
+    wl_path, rec_path = database_dir / WORKLOADS, database_dir / RECORDS
+    stamp = tuple((p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else None for p in (wl_path, rec_path))
+    cached = _BEST_CACHE.get(str(database_dir))
+    if cached and cached[0] == stamp:
+        return cached[1]
+    hashes = [w[0] if isinstance(w, list) and w else None for w in _iter_json_lines(wl_path)]
+    best: dict[str, tuple[float, str]] = {}
+    for index, record in _iter_records(rec_path):
+        run_secs = record[1] if len(record) > 1 else None
+        if not isinstance(index, int) or index >= len(hashes) or not run_secs:
+            continue
+        if not all(isinstance(s, (int, float)) and s < FAILED_S for s in run_secs):
+            continue
+        mean = sum(run_secs) / len(run_secs)
+        h = str(hashes[index])
+        if h not in best or mean < best[h][0]:  # ties: the earlier record, as TVM's sorted set keeps it
+            best[h] = (mean, json.dumps(record[0], separators=(",", ":")))
+    out = {h: trace for h, (_, trace) in best.items()}
+    _BEST_CACHE[str(database_dir)] = (stamp, out)
+    return out
+
+
+def schedule_digest(database_dir, workload_hashes) -> str:
+    """A digest of the schedules that apply to these workloads (their best records, or none)."""
+    best = best_records(database_dir)
+    h = hashlib.sha256()
+    for w in sorted(set(str(x) for x in workload_hashes)):
+        h.update(f"{w}={best.get(w, '-')}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def tuned_hashes(database_dir) -> set[str]:
+    """Workloads with at least one valid record."""
+    return set(best_records(database_dir))

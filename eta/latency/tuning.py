@@ -1,0 +1,299 @@
+"""Tuning at the scale of a space: every workload's MetaSchedule tasks, deduplicated, under one budget.
+
+Tuning each table entry on its own (``tvm_backend.tune`` per module, a fixed number of trials
+each) costs about two hours per space on 2 cores, and spends as much on a 1x1 convolution of
+0.01 ms as on the block that dominates the network. Here the tasks of every table entry and
+calibration network are extracted, deduplicated by structural hash within the space and against
+the target's database (shared by every space), weighted by how often they occur, and tuned in
+one ``tune_tasks`` call whose gradient task scheduler (Ansor's) gives trials to the tasks whose
+improvement lowers the weighted total most.
+
+The database directory is resumable: records are appended as candidates are measured, and
+``eta_schedules.json`` counts the trials each task and each run has spent, so an interrupted run
+continues with the budget it has left, and a larger budget later adds to what was spent.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import EtaError
+from . import schedules
+from .tvm_backend import (_check_tuning_runtime, build_candidate, check_target, extract_tasks, load_tensor_intrinsics,
+                          lower_for_tuning, to_relax, workload_hash)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SpaceTask:
+    """One distinct tuning task of a space: its workload hash, a name, and how often the space runs it."""
+
+    hash: str
+    name: str
+    weight: int
+    mod: object  # the TIR IRModule MetaSchedule tunes (ExtractedTask.dispatched[0])
+    target: object
+
+
+@dataclass
+class TuningSummary:
+    """What a ``tune_space`` call found and did."""
+
+    database_dir: str
+    tasks_found: int  # tasks of all workloads, counted once per workload
+    distinct: int  # distinct workloads among them
+    already_tuned: int  # distinct tasks that had records before this run began (another space, an earlier run)
+    tuned: int  # tasks this call gave trials to
+    trials_run: int  # trials measured in this call
+    trials_spent: int  # trials this run has measured over all its calls
+    trials_budget: int  # the run's total budget
+    seconds: float
+    extract_s: float
+    stopped: str  # "budget" (spent), "done" (every task at its cap), "time" (max_seconds), "nothing to tune"
+    run: str = ""
+    tasks: list = field(default_factory=list)  # per task: hash, name, weight, trials (all runs)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def space_tasks(workloads, target: dict) -> tuple[list[SpaceTask], int]:
+    """(distinct tasks with summed weights, number of tasks found) of ``(module, input_shape)`` workloads."""
+    import tvm
+
+    tvm_target = tvm.target.Target(target)
+    distinct: dict[str, SpaceTask] = {}
+    found = 0
+    for workload in workloads:
+        module, input_shape = workload[0], tuple(workload[1])
+        for task in extract_tasks(lower_for_tuning(to_relax(module, input_shape)), tvm_target):
+            if task.mod.attrs is not None and task.mod.attrs.get("tirx.is_scheduled", False):
+                continue  # scheduled already (a library dispatch): nothing to tune
+            found += 1
+            h = workload_hash(task)
+            if h in distinct:
+                distinct[h].weight += int(task.weight)
+            else:
+                distinct[h] = SpaceTask(h, str(task.task_name), int(task.weight), task.dispatched[0], task.target)
+    return list(distinct.values()), found
+
+
+def _run_key(hashes) -> str:
+    return hashlib.sha256("\n".join(sorted(hashes)).encode()).hexdigest()[:16]
+
+
+class _Stop(Exception):
+    """Raised from the measure callback to end tuning early (time limit); the records so far stay."""
+
+
+STOP_MESSAGE = "eta: tuning time limit reached"
+
+
+def _callback(on_batch):
+    """A MetaSchedule MeasureCallback calling ``on_batch(task_id, n_trials)`` after each measured batch."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+    @derived_object
+    class _Count(PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            on_batch(int(task_id), len(measure_candidates))
+
+    return _Count()
+
+
+def _scheduler(weights: list[float], seed: int, alpha: float = 0.2, window: int = 3):
+    """MetaSchedule's gradient task scheduler (Ansor's), joining each batch before choosing the next task.
+
+    TVM's ``GradientBased`` sends every task's first batch to the runner before joining any, so
+    nothing is committed to the database (nor counted) until all tasks have been searched once:
+    an hour for a space of 94 tasks on 2 cores, all lost on an interruption, and each batch is
+    timed while the next task's search loads the CPU. Here the last batch is joined first (its
+    records are saved and counted at once, and it is timed with the CPU otherwise idle), then
+    the next task is chosen as TVM does: each task once in turn, then the largest weighted
+    gradient of the best latency over a window of batches (``alpha`` mixes in latency / batches).
+    """
+    import random
+
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.task_scheduler import PyTaskScheduler
+
+    @derived_object
+    class _GradientInOrder(PyTaskScheduler):
+        def __init__(self):
+            super().__init__()
+            self.picked: int | None = None
+            self.turn = 0
+            self.best: dict[int, float] = {}
+            self.history: dict[int, list[float]] = {}
+            self.rng = random.Random(seed)
+
+        def _join_last(self, outer) -> None:
+            i, self.picked = self.picked, None
+            if i is None or outer.tasks_[i].is_terminated:  # terminated when picked: nothing was sent
+                return
+            results = self.join_running_task(i)
+            for r in results:
+                secs = list(r.run_secs) if r.error_msg is None and r.run_secs else None
+                ms = 1e3 * sorted(float(getattr(x, "value", x)) for x in secs)[len(secs) // 2] if secs else 1e9
+                self.best[i] = min(self.best.get(i, 1e9), ms)
+            if i in self.best:
+                self.history.setdefault(i, []).append(self.best[i])
+
+        def next_task_id(self) -> int:
+            outer = self._outer()
+            self._join_last(outer)
+            alive = [i for i in range(len(outer.tasks_)) if not outer.tasks_[i].is_terminated]
+            if not alive:
+                return -1
+            fresh = [i for i in alive if i >= self.turn]
+            if fresh and self.turn < len(outer.tasks_):  # every task once, in order
+                self.picked = fresh[0]
+                self.turn = fresh[0] + 1
+                return self.picked
+            grads = []
+            for i in alive:
+                h = self.history.get(i, [])
+                if h and h[-1] < 1e9:
+                    g1 = (h[-1 - window] - h[-1]) / window if len(h) >= 1 + window else 0.0
+                    grads.append((alpha * g1 + (1 - alpha) * h[-1] / len(h)) * weights[i])
+                else:
+                    grads.append(-1e9)  # no valid candidate yet: last
+            top = max(grads)
+            self.picked = alive[grads.index(top)] if top != min(grads) else self.rng.choice(alive)
+            return self.picked
+
+    return _GradientInOrder()
+
+
+def _contexts(tasks: list[SpaceTask], work_dir: str, seed: int, num_threads: int, population: int):
+    """One TuneContext per task, named uniquely (names repeat across modules; the logs are per name)."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.logging import get_loggers_from_work_dir
+    from tvm.s_tir.meta_schedule.utils import fork_seed
+
+    names = [f"{t.name}_{t.hash[-6:]}" for t in tasks]
+    # MetaSchedule's loggers print its task table to stdout at the level of its root logger (DEBUG when unset);
+    # the table goes to <work_dir>/logs/ in full, the console gets warnings unless eta itself logs at DEBUG
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.WARNING)
+    out = []
+    for t, name, logger, rand_state in zip(tasks, names, get_loggers_from_work_dir(work_dir, names), fork_seed(seed, n=len(tasks))):
+        strategy = ms.search_strategy.EvolutionarySearch(population_size=population)
+        out.append(ms.TuneContext(mod=t.mod, target=t.target, space_generator="post-order-apply", search_strategy=strategy,
+                                  task_name=name, logger=logger, rand_state=rand_state, num_threads=num_threads).clone())
+    return out
+
+
+def tune_space(workloads, target: dict, database_dir, *, total_trials: int | None = None, trials_per_task: int | None = None,
+               num_trials_per_iter: int = 8, max_workers: int | None = None, population: int = 512, seed: int = 0,
+               max_seconds: float | None = None, progress: bool = True, run: str | None = None) -> TuningSummary:
+    """Tune every distinct task of ``workloads`` (``(torch module, input shape)`` pairs) into ``database_dir``.
+
+    ``total_trials``: the budget of the whole run, allocated across tasks by the gradient scheduler
+    (default ``trials_per_task`` times the tasks to tune). ``trials_per_task``: a cap on any one task
+    (over all calls). Tasks that had records before the run began are not tuned again. A run is
+    named by its set of tasks (or ``run``); calling again resumes it with the budget left, or tops
+    it up to a larger ``total_trials``. ``max_seconds`` ends it early, keeping what was measured.
+    Small ``num_trials_per_iter`` spreads a small budget over many tasks (each task first gets one
+    batch); MetaSchedule's default of 64 spent a 256-trial budget on a handful of tasks.
+    """
+    from tqdm.auto import tqdm
+    from tvm.s_tir import meta_schedule as ms
+
+    _check_tuning_runtime()
+    if total_trials is None and trials_per_task is None:
+        raise EtaError("tuning needs a budget: total trials or trials per task")
+    if (total_trials is not None and total_trials < 1) or (trials_per_task is not None and trials_per_task < 1):
+        raise EtaError(f"tuning budget must be positive (total {total_trials}, per task {trials_per_task})")
+    check_target(target)
+    database_dir = Path(database_dir)
+    state = schedules.open_database(database_dir, target)
+    load_tensor_intrinsics(target["kind"])
+    t0 = time.perf_counter()
+    tasks, found = space_tasks(workloads, target)
+    extract_s = time.perf_counter() - t0
+    run_key = run or _run_key(t.hash for t in tasks)
+    tuned_before = schedules.tuned_hashes(database_dir)
+    record = state["runs"].get(run_key)
+    if record is None:
+        record = {"tasks": sorted(t.hash for t in tasks if t.hash not in tuned_before), "trials_spent": 0,
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    # the run's own tasks: those it found untuned when it began, and any task nobody has tuned yet (a space that grew)
+    own = set(record["tasks"]) | {t.hash for t in tasks if t.hash not in tuned_before}
+    record["tasks"] = sorted(own)
+    record["total_trials"] = int(total_trials if total_trials is not None else trials_per_task * len(own))
+    record["trials_per_task"] = trials_per_task
+    state["runs"][run_key] = record
+    schedules.write_state(database_dir, state)
+    counts = state["tasks"]
+    for t in tasks:
+        counts.setdefault(t.hash, {"name": t.name, "trials": 0})["weight"] = t.weight
+
+    def spent(t):
+        return int(counts[t.hash]["trials"])
+
+    eligible = [t for t in tasks if t.hash in own and (trials_per_task is None or spent(t) < trials_per_task)]
+    # the scheduler gives each task one batch in this order first: the least tuned first (a resumed run carries on
+    # where it stopped), the most frequent first among equals (an interrupted first pass covers what the space runs most)
+    eligible.sort(key=lambda t: (spent(t), -t.weight))
+    left = record["total_trials"] - int(record["trials_spent"])
+
+    def summary(trials_run, stopped, tuned=0):
+        schedules.write_state(database_dir, state)
+        return TuningSummary(str(database_dir), found, len(tasks), len(tasks) - len(own), tuned, trials_run,
+                             int(record["trials_spent"]), record["total_trials"], round(time.perf_counter() - t0, 1),
+                             round(extract_s, 1), stopped, run_key,
+                             [{"hash": t.hash, "name": t.name, "weight": t.weight, "trials": spent(t)} for t in tasks])
+
+    if left <= 0 or not eligible:
+        log.info("tuning %s: nothing to tune (%d distinct tasks, %d tuned before, budget left %d)", database_dir, len(tasks),
+                 len(tasks) - len(own), max(left, 0))
+        return summary(0, "budget" if left <= 0 else "done" if own else "nothing to tune")
+    # MetaSchedule caps every task at one number of trials in this call; a resumed task may pass its cap by what it spent before
+    per_task = (trials_per_task - min(spent(t) for t in eligible)) if trials_per_task else left
+    cores = int(target.get("num-cores") or os.cpu_count() or 1)
+    this_run = {"trials": 0, "tasks": set()}
+    bar = tqdm(total=left, desc=f"tuning {len(eligible)} tasks", unit="trial", disable=not progress, dynamic_ncols=True)
+
+    def on_batch(task_id, n):
+        t = eligible[task_id]
+        counts[t.hash]["trials"] = spent(t) + n
+        record["trials_spent"] = int(record["trials_spent"]) + n
+        record["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        this_run["trials"] += n
+        this_run["tasks"].add(t.hash)
+        schedules.write_state(database_dir, state)  # after MetaSchedule committed the batch's records: resumable here
+        bar.update(n)
+        if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+            raise _Stop(STOP_MESSAGE)
+
+    stopped = "budget"
+    log.info("tuning %d of %d distinct tasks (%d found, %d tuned before) with %d trials, at most %d per task", len(eligible),
+             len(tasks), found, len(tasks) - len(own), left, per_task)
+    try:
+        contexts = _contexts(eligible, str(database_dir), seed, cores, population)
+        builder = ms.builder.LocalBuilder(max_workers=max_workers or cores, f_build=build_candidate)
+        callbacks = list(ms.MeasureCallback.create("default")) + [_callback(on_batch)]
+        ms.tune.tune_tasks(tasks=contexts, task_weights=[float(t.weight) for t in eligible], work_dir=str(database_dir),
+                           max_trials_global=left, max_trials_per_task=per_task, num_trials_per_iter=min(num_trials_per_iter, per_task),
+                           builder=builder, runner=ms.runner.LocalRunner(), database=ms.database.JSONDatabase(work_dir=str(database_dir)),
+                           cost_model="xgb", measure_callbacks=callbacks,
+                           task_scheduler=_scheduler([float(t.weight) for t in eligible], seed))
+    except Exception as err:  # MetaSchedule surfaces TVM and Python errors of many types; _Stop arrives wrapped
+        if STOP_MESSAGE not in str(err):
+            bar.close()
+            schedules.write_state(database_dir, state)
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise EtaError(f"MetaSchedule tuning into {database_dir} failed: {reason}") from None
+        stopped = "time"
+    bar.close()
+    if stopped != "time" and record["trials_spent"] < record["total_trials"]:
+        stopped = "done"
+    out = summary(this_run["trials"], stopped, len(this_run["tasks"]))
+    log.info("tuned %d tasks with %d trials in %.0f s (%s)", out.tuned, out.trials_run, out.seconds, stopped)
+    return out

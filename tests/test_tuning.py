@@ -1,0 +1,117 @@
+"""Tuning a space: tasks deduplicated across modules, one resumable budget, foreign databases refused."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from eta.errors import EtaError
+from eta.latency import compile_cache as cc
+from eta.latency import schedules, tuning, tvm_backend
+
+SHAPE = (1, 4, 8, 8)
+# small searches: a test measures that budgets are kept, not that schedules are good
+FAST = dict(num_trials_per_iter=2, population=16, progress=False)
+
+
+def shared_conv():
+    return nn.Conv2d(4, 4, 3, padding=1)
+
+
+def module_a():
+    torch.manual_seed(0)
+    return nn.Sequential(shared_conv(), nn.ReLU(), nn.Conv2d(4, 8, 1)).eval()
+
+
+def module_b():
+    torch.manual_seed(1)  # other weights, same structure: the same task
+    return nn.Sequential(shared_conv(), nn.ReLU()).eval()
+
+
+def module_c():
+    torch.manual_seed(2)
+    return nn.Sequential(shared_conv(), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, stride=2)).eval()
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tvm_backend.host_target(num_cores=1)
+
+
+def test_tasks_are_deduplicated_across_modules_and_weighted(target):
+    tasks, found = tuning.space_tasks([(module_a(), SHAPE), (module_b(), SHAPE), (module_b(), (1, 4, 16, 16))], target)
+    assert found == 4 and len(tasks) == 3  # conv3x3+relu at 8x8 twice, conv1x1, conv3x3+relu at 16x16
+    assert sorted(t.weight for t in tasks) == [1, 1, 2]
+
+
+def test_foreign_database_is_refused(tmp_path, target):
+    db = tmp_path / "db"
+    schedules.open_database(db, target)
+    state = json.loads((db / schedules.STATE).read_text())
+    assert state["target"] == schedules.canonical_target(target) and state["tvm_version"] == schedules.tvm_version()
+    schedules.open_database(db, target)  # the same target and TVM: accepted
+    with pytest.raises(EtaError, match="tuned for .* not"):
+        schedules.open_database(db, {**target, "mcpu": "x86-64-v3"})
+    (db / schedules.STATE).write_text(json.dumps({**state, "tvm_version": "0.1.0"}))
+    with pytest.raises(EtaError, match="TVM 0.1.0"):
+        tuning.tune_space([(module_b(), SHAPE)], target, db, total_trials=2, **FAST)
+    # records without provenance are adopted only when they name this target
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / schedules.RECORDS).write_text(json.dumps([0, [[], [1e-3], {"kind": "llvm", "mcpu": "znver1"}, []]]) + "\n")
+    with pytest.raises(EtaError, match="another target"):
+        schedules.open_database(bare, target)
+
+
+def test_a_target_tvm_cannot_build_for_is_one_line(tmp_path, target):
+    for bad, match in (({"kind": "nosuch"}, "does not accept"), ({"kind": "llvm", "mcpu": "notacpu"}, "knows no CPU")):
+        with pytest.raises(EtaError, match=match) as err:
+            tuning.tune_space([(module_b(), SHAPE)], bad, tmp_path / "db", total_trials=2, **FAST)
+        assert "\n" not in str(err.value)
+    with pytest.raises(EtaError, match="budget"):
+        tuning.tune_space([(module_b(), SHAPE)], target, tmp_path / "db")
+
+
+def test_interrupted_run_resumes_with_the_budget_left(tmp_path, target):
+    db = tmp_path / "db"
+    space = [(module_a(), SHAPE), (module_b(), SHAPE)]
+    # interrupted after its first measured batch (a time limit stops it the way Ctrl-C would)
+    first = tuning.tune_space(space, target, db, total_trials=6, max_seconds=0, **FAST)
+    assert (first.tasks_found, first.distinct, first.already_tuned) == (3, 2, 0)
+    assert first.stopped == "time" and first.trials_run == first.trials_spent == 2
+    # the batch was joined (saved, counted) before another task was searched: one batch went to the builder in all
+    log = next((db / "logs").glob("*task_scheduler.log")).read_text()
+    assert log.count("to builder") == 1
+    # resumed: only the budget left is spent, and the counts add up
+    second = tuning.tune_space(space, target, db, total_trials=6, **FAST)
+    assert second.run == first.run and second.trials_run == 4 and second.trials_spent == 6
+    per_task = {t["hash"]: t["trials"] for t in second.tasks}
+    assert sum(per_task.values()) == 6 and all(n >= 2 for n in per_task.values()), per_task
+    state = json.loads((db / schedules.STATE).read_text())
+    assert state["runs"][second.run]["trials_spent"] == 6
+    assert {h: t["trials"] for h, t in state["tasks"].items()} == per_task
+    # spent: calling again costs nothing; a larger budget adds to what was spent
+    assert tuning.tune_space(space, target, db, total_trials=6, **FAST).trials_run == 0
+    more = tuning.tune_space(space, target, db, total_trials=8, **FAST)
+    assert more.trials_run == 2 and more.trials_spent == 8
+
+
+def test_a_task_tuned_for_one_space_is_not_tuned_again_for_another(tmp_path, target, monkeypatch):
+    monkeypatch.setenv("ETA_CACHE_DIR", str(tmp_path / "cache"))
+    db = tmp_path / "db"
+    first = tuning.tune_space([(module_b(), SHAPE)], target, db, trials_per_task=2, **FAST)
+    assert (first.distinct, first.tuned, first.trials_run) == (1, 1, 2)
+    [shared] = [t["hash"] for t in first.tasks]
+    other = tuning.tune_space([(module_c(), SHAPE)], target, db, trials_per_task=2, **FAST)
+    assert (other.distinct, other.already_tuned, other.tuned, other.trials_run) == (2, 1, 1, 2)
+    assert {t["hash"]: t["trials"] for t in other.tasks}[shared] == 2
+    # compiled with the database: tuned schedules applied, another cache entry than untuned, same outputs
+    module = module_c()
+    tuned = cc.compiled_module(module, SHAPE, target, key="c", database_dir=db)
+    untuned = cc.compiled_module(module, SHAPE, target, key="c")
+    assert tuned.tuned_functions == 2 and untuned.tuned_functions == 0 and tuned.path != untuned.path
+    assert tuned.schedules is not None and untuned.schedules is None
+    x = np.random.default_rng(0).standard_normal(SHAPE).astype("float32")
+    np.testing.assert_allclose(tuned.run(x), untuned.run(x), rtol=1e-4, atol=1e-5)
+    assert cc.compiled_module(module, SHAPE, target, key="c", database_dir=db).cache_hit
