@@ -38,8 +38,8 @@ def main(argv=None) -> int:
     pareto = read_json(search.run.pareto_json)
     arch = arch_from_str(args.arch or max(pareto["front"], key=lambda p: p["test_acc"])["arch"])
     with search.ctx.latency_session():
-        m, table = latency.opened_table(search.ctx)
-        student_ms = latency.network_latency(bound, table, arch, m.executor())
+        m, table = latency.opened_table(search.ctx, info)
+        student_ms = latency.network_latency(bound, table, arch, m.executor(), m)
     teacher_ms = info.teacher_ms
     rows = {r: {"resolution": r, "teacher_ms": teacher_ms[str(r)], "student_ms": student_ms[str(r)],
                 "teacher": evaluate(bound.teacher, search.splits.test, resolution=r)} for r in space.resolutions}

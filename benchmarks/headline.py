@@ -65,7 +65,7 @@ class Bench:
         self.augment = for_space(self.space, self.splits.num_classes)
         cfg = self.space.latency
         if backend is None or backend == cfg.backend:
-            self.measurer, self.table = latency.opened_table(self.search.ctx)
+            self.measurer, self.table = latency.opened_table(self.search.ctx, self.info)
         else:
             protocol = latency.measurer(self.space).protocol
             self.measurer = Measurer.create(backend, "cpu" if backend == "torch" else cfg.target, protocol, schedule_policy(backend))

@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     with ctx.ray():
         metrics = {m["arch"]: m for m in finetune_all(ctx, archs)}
     with ctx.latency_session():
-        measurer, table = opened_table(ctx)
+        measurer, table = opened_table(ctx, info)
         executor = measurer.executor()
         measured = {a: network_latency(bound, table, arch_from_str(a), executor)[str(res)] for a in archs}
 

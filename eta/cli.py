@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 from .errors import EtaError
-from .runs import PHASES
 
 log = logging.getLogger("eta")
 
@@ -17,14 +16,19 @@ DEMO_SPACE = "digits.yaml"  # among the search spaces shipped with eta
 
 
 def _latency_overrides(args) -> dict:
-    """The latency settings given on the command line (``eta latency build/validate``)."""
-    keys = ("backend", "target", "tune_trials", "node_resource")  # flags named after the space's latency fields
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    """The latency settings given on the command line (``eta search``, ``demo``, ``latency build/validate``)."""
+    keys = ("backend", "target", "schedules", "node_resource")  # flags named after the space's latency fields
+    out = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    trials = getattr(args, "tune_trials", None)
+    if trials is not None:  # --tune-trials 0: untuned; N: tuned, N trials per task
+        out["schedules"] = "tuned" if trials > 0 else "untuned"
+        if trials > 0:
+            out["tune"] = {"trials_per_task": trials}
+    return out
 
 
 def _space_or_run(arg: str, args, budgets=None):
     """A search space YAML (a run is created or resumed) or an existing run directory."""
-    from .pipeline import Search
     from .space import load_space, parse_space
 
     common = dict(address=args.address, num_cpus=args.num_cpus, progress=not args.no_progress)
@@ -34,6 +38,8 @@ def _space_or_run(arg: str, args, budgets=None):
         if budgets or latency:
             flags = "--budgets" if budgets else "/".join("--" + k.replace("_", "-") for k in latency)
             raise EtaError(f"{flags} applies to a search space, not to an existing run; edit the space or start a new run")
+        from .pipeline import Search
+
         search = Search.from_run(p, **common)
         _apply_tracking(search.space, args)
         return search
@@ -45,6 +51,8 @@ def _space_or_run(arg: str, args, budgets=None):
         d["latency"] = {**d.get("latency", {}), **latency}
         space = parse_space(d, f"{p} with command-line settings")
     _apply_tracking(space, args)
+    from .pipeline import Search  # after the space is read: a bad space is reported without loading the pipeline
+
     return Search(space, runs_dir=Path(args.runs_dir), name=args.name, force=args.force, **common)
 
 
@@ -55,14 +63,19 @@ def _apply_tracking(space, args) -> None:
         space.tracking.project = args.wandb_project
 
 
-def _print_front(pareto: dict) -> None:
+def _print_front(pareto: dict, source) -> None:
+    """Print a front (``source``: the pareto.json it came from, named when it is not one eta wrote)."""
+    from .errors import first_line
     from .pareto import FRONT_COLUMNS, format_table
 
-    teacher = pareto["teacher"]
-    print(f"\nPareto front of {pareto['run']}  (latency measured with {pareto['backend']} on {pareto['device']})\n")
-    print(format_table(pareto["front"], FRONT_COLUMNS))
-    print("\nteacher " + teacher["model"] + ": " + ", ".join(
-        f"{t['resolution']}px {t['latency_ms']:.3f} ms acc {t['test_acc']:.4f}" for t in teacher["points"]))
+    try:
+        teacher = pareto["teacher"]
+        text = (f"\nPareto front of {pareto['run']}  (latency measured with {pareto['backend']} on {pareto['device']})\n\n"
+                + format_table(pareto["front"], FRONT_COLUMNS) + "\n\nteacher " + teacher["model"] + ": " + ", ".join(
+                    f"{t['resolution']}px {t['latency_ms']:.3f} ms acc {t['test_acc']:.4f}" for t in teacher["points"]))
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise EtaError(f"{source}: not a Pareto front written by eta ({type(err).__name__}: {first_line(err)})") from None
+    print(text)
 
 
 def _budget_arg(s: str):
@@ -75,7 +88,7 @@ def _budget_arg(s: str):
 def cmd_search(args) -> int:
     with _space_or_run(args.space, args, args.budgets) as search:
         pareto = search.run_all()
-    _print_front(pareto)
+    _print_front(pareto, search.run.pareto_json)
     print(f"\nrun: {search.run.root}  (pareto.json, pareto.png, W&B offline runs in {search.run.wandb_dir})")
     return 0
 
@@ -93,6 +106,8 @@ def cmd_demo(args) -> int:
 
 def _phase_cmd(phase: str):
     def run(args) -> int:
+        from .runs import PHASES
+
         with _space_or_run(args.space, args) as search:
             for p in PHASES:
                 if p == phase or phase == "latency":  # latency depends on the teacher's architecture, not on its weights
@@ -100,7 +115,7 @@ def _phase_cmd(phase: str):
                 search.phase(p)
             out = search.phase(phase, force=args.rerun)
         if phase == "finetune":
-            _print_front(out)
+            _print_front(out, search.run.pareto_json)
         elif phase == "solve":
             from .pareto import format_table
 
@@ -166,7 +181,8 @@ def cmd_pareto(args) -> int:
     from .export import read_front
     from .runs import Run
 
-    _print_front(read_front(Run.open(Path(args.run))).to_dict())
+    run = Run.open(Path(args.run))
+    _print_front(read_front(run).to_dict(), run.pareto_json)
     return 0
 
 
@@ -185,8 +201,16 @@ def cmd_export(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with eta's one-line errors: ``eta: error: <what>`` naming the argument, exit code 2 (no usage dump)."""
+
+    def error(self, message: str):
+        verb = self.prog.removeprefix("eta").strip()
+        self.exit(2, f"eta: error: {verb + ': ' if verb else ''}{message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="eta", description="Turn a trained teacher into faster students, chosen on measured latency.")
+    parser = _Parser(prog="eta", description="Turn a trained teacher into faster students, chosen on measured latency.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -201,8 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--wandb-project", help="W&B project")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    def latency_flags(p):
+        p.add_argument("--backend", choices=["tvm", "torch"], help="measure with TVM (default) or PyTorch")
+        p.add_argument("--target", help="TVM target kind: llvm (the host CPU, default) or cuda; torch: cpu or cuda")
+        p.add_argument("--schedules", choices=["tuned", "untuned"],
+                       help="TVM: tune with MetaSchedule first (default for float spaces) or use TVM's untuned schedules")
+        p.add_argument("--tune-trials", type=int, help="MetaSchedule trials per task to tune (0: TVM's untuned schedules)")
+        p.add_argument("--node-resource", help="measure on the Ray node holding this custom resource, e.g. latency:rpi4")
+
     p = sub.add_parser("search", help="run all phases (resumes a finished or interrupted run of the same name)")
     common(p)
+    latency_flags(p)
     p.add_argument("--budgets", nargs="+", type=_budget_arg, help="latency budgets: fractions of the teacher (0.5) or ms ('2.5ms')")
     p.set_defaults(func=cmd_search)
 
@@ -215,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wandb", choices=["offline", "online", "disabled"])
     p.add_argument("--wandb-project")
     p.add_argument("--no-progress", action="store_true")
+    latency_flags(p)
     p.set_defaults(func=cmd_demo)
 
     t = sub.add_parser("teacher", help="teacher commands").add_subparsers(dest="teacher_cmd", required=True, metavar="ACTION")
@@ -235,12 +269,6 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=_phase_cmd(phase))
 
     lat = sub.add_parser("latency", help="latency lookup tables").add_subparsers(dest="latency_cmd", required=True, metavar="ACTION")
-    def latency_flags(p):
-        p.add_argument("--backend", choices=["tvm", "torch"], help="measure with TVM (default) or PyTorch")
-        p.add_argument("--target", help="TVM target kind: llvm (the host CPU, default) or cuda; torch: cpu or cuda")
-        p.add_argument("--tune-trials", type=int, help="MetaSchedule trials per workload (0: TVM's untuned schedules)")
-        p.add_argument("--node-resource", help="measure on the Ray node holding this custom resource, e.g. latency:rpi4")
-
     p = lat.add_parser("build", help="measure every operator of the space (and the teacher) on the target; cached and reused")
     common(p)
     latency_flags(p)

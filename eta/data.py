@@ -308,7 +308,7 @@ def load_splits(name: str, *, root: str | None = None, proxy_fraction: float = 0
     ``cache_max_gb``); ``workers`` DataLoader processes read what stays lazy.
     """
     if name not in DATASETS:
-        raise EtaError(f"unknown data set '{name}' (known: {', '.join(DATASETS)})")
+        raise EtaError(f"data.dataset: unknown data set '{name}' (known: {', '.join(DATASETS)})")
     if not 0 < proxy_fraction < 1:
         raise EtaError(f"data.proxy_fraction must be in (0, 1); got {proxy_fraction}")
     workers = loaders.default_workers() if workers is None else int(workers)

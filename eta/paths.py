@@ -51,6 +51,14 @@ def latency_tables_dir() -> Path:
     return cache_subdir("latency")
 
 
+def schedules_dir() -> Path:
+    """Where tuned-schedule databases live, one folder per target: beside the tables."""
+    root = os.environ.get(TABLES_ENV)
+    path = Path(root).expanduser() / "schedules" if root else cache_dir() / "schedules"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def reference_dir() -> Path | None:
     """The read-only reference data shipped with eta (the repository's ``predictors/``), if installed."""
     try:

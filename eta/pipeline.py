@@ -10,12 +10,14 @@ run directory: a :class:`Search` holds its lock until :meth:`Search.close`.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
 from .bound import bind, splits_for
+from .errors import EtaError
 from .locks import run_lock
 from .phases import finetune, latency, pretrain, solve, teacher
 from .phases.context import PhaseContext
@@ -33,6 +35,11 @@ class Search:
         root = Path(runs_dir) / check_run_name(name or space.name)
         splits = splits_for(space)  # missing data fails here, before a run folder exists
         bound = bind(space, splits)  # so does a teacher that cannot be split
+        if space.teacher.checkpoint:  # and the user's weights: unreadable, or another network's
+            try:
+                bound.load_teacher_weights(Path(space.teacher.checkpoint))
+            except EtaError as err:
+                raise EtaError(f"teacher.checkpoint: {err}") from None
         self._locks = ExitStack()
         root.mkdir(parents=True, exist_ok=True)
         try:
@@ -93,6 +100,19 @@ class Search:
         if folder.exists():  # a re-run starts afresh
             shutil.rmtree(folder)
 
+    def _check_tracking(self) -> None:
+        """Before a phase does any work: W&B (when on) can write its folder in the run."""
+        if self.space.tracking.wandb == "disabled":
+            return
+        d = self.run.wandb_dir
+        if d.exists() and not d.is_dir():
+            problem = "is a file, not a folder"
+        elif not os.access(d if d.exists() else d.parent, os.W_OK):
+            problem = "is not writable"
+        else:
+            return
+        raise EtaError(f"W&B folder {d} {problem}: move it away, or turn tracking off (tracking.wandb: disabled, --wandb disabled)")
+
     # --- the phases ------------------------------------------------------------------------------
     def run_all(self, force_phases: tuple = ()) -> dict:
         t0 = time.time()
@@ -108,6 +128,7 @@ class Search:
     def _teacher(self, force: bool):
         if self.done("teacher") and not force:
             return teacher.load(self.ctx)
+        self._check_tracking()
         info = teacher.run(self.ctx)
         self._finish("teacher", **info)
         return info
@@ -115,6 +136,7 @@ class Search:
     def _latency(self, force: bool):
         if self.done("latency") and not force:
             return latency.load(self.ctx)
+        self._check_tracking()
         info, note, changed = latency.run(self.ctx)
         later = [p for p in ("solve", "finetune") if self.run.is_done(p)]
         if changed and later:  # same settings, new measurements: what was solved and measured from the old ones is redone
@@ -126,9 +148,10 @@ class Search:
     def _pretrain(self, force: bool):
         if self.done("pretrain") and not force:
             return pretrain.load(self.ctx)
+        self._check_tracking()
+        self._teacher(False)  # what the phase needs is read before a re-run clears anything
         if force:
             self._clear(self.run.pretrain_dir)
-        self._teacher(False)
         metrics, note = pretrain.run(self.ctx)
         self._finish("pretrain", **note)
         return metrics
@@ -136,22 +159,27 @@ class Search:
     def _solve(self, force: bool):
         if self.done("solve") and not force:
             return solve.load(self.ctx)
+        self._check_tracking()
+        self._teacher(False)  # what the phase needs is read before a re-run clears anything
+        info = self._latency(False)
+        blocks = pretrain.load_block_states(self.run, self.bound)
         if force:
             self._clear(self.run.solve_dir)
-        self._teacher(False)
-        info = self._latency(False)
-        out, note = solve.run(self.ctx, info, pretrain.load_block_states(self.run, self.bound))
+        out, note = solve.run(self.ctx, info, blocks)
         self._finish("solve", **note)
         return out
 
     def _finetune(self, force: bool):
         if self.done("finetune") and not force:
             return finetune.load(self.ctx)
+        self._check_tracking()
+        self._teacher(False)  # what the phase needs is read before a re-run clears anything
+        info = self._latency(False)
+        archs = solve.selected_archs(self.ctx)
+        pretrain.load_block_states(self.run, self.bound)  # checked here: the trials load them on their nodes
         if force:
             self._clear(self.run.finetune_dir)
-        self._teacher(False)
-        info = self._latency(False)
-        out, note = finetune.run(self.ctx, info, solve.selected_archs(self.ctx))
+        out, note = finetune.run(self.ctx, info, archs)
         self._finish("finetune", **note)
         return out
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 from . import __version__
 from .errors import EtaError
 from .files import atomic_path, read_json, write_json
-from .space import LEGACY_SECTIONS, SearchSpace, dump_space, load_space
+from .space import LEGACY_SECTIONS, RUN_NAME, SearchSpace, dump_space, load_space
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +42,11 @@ PHASE_INPUTS = {
 }
 FORMAT = 2  # 1: folders phase1/phase2/phase3 and space sections of those names; 2: named after the phases
 LEGACY_FOLDERS = {"phase1": "pretrain", "phase2": "solve", "phase3": "finetune"}
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def check_run_name(name: str) -> str:
     """A run name is one plain folder name: no separators, no '..'."""
-    if not _NAME.match(name or "") or name in (".", ".."):
+    if not RUN_NAME.match(name or "") or name in (".", ".."):
         raise EtaError(f"--name {name!r}: a run name is one folder name (letters, digits, '.', '_', '-'; no '/' or '..')")
     return name
 
@@ -222,6 +220,14 @@ class Run:
         manifest = read_json(self.manifest_path)
         if not isinstance(manifest, dict) or not isinstance(manifest.get("phases", {}), dict):
             raise EtaError(f"{self.manifest_path}: not an eta manifest (expected an object with 'phases')")
+        fmt = manifest.get("format", 1)
+        if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
+            raise EtaError(f"{self.manifest_path}: field 'format' is {fmt!r}, not a run format (1 to {FORMAT})")
+        if fmt > FORMAT:
+            raise EtaError(f"{self.manifest_path}: run format {fmt} was written by a newer eta (this one reads formats 1 to {FORMAT})")
+        for phase, info in manifest.get("phases", {}).items():
+            if not isinstance(info, dict):
+                raise EtaError(f"{self.manifest_path}: field 'phases.{phase}' is {type(info).__name__} {info!r:.40}, not an object")
         return manifest
 
     def is_done(self, phase: str, inputs: str | None = None) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from . import families
 from .arch import OpSpec
@@ -23,6 +23,8 @@ from .errors import EtaError
 
 # section names of spaces written before each phase had one name (still read)
 LEGACY_SECTIONS = {"phase1": "pretrain", "phase2": "solve", "phase3": "finetune"}
+# a run name (the space's name or --name) is one plain folder name: no separators, no '..'
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class _Strict(BaseModel):
@@ -106,6 +108,30 @@ class PoolEntry(_Strict):
     def _listify(cls, v):
         return v if isinstance(v, list) else [v]
 
+    @field_validator("kernel")
+    @classmethod
+    def _odd_kernels(cls, v: list[int]) -> list[int]:
+        for k in v:
+            if k < 1 or k % 2 == 0:
+                raise ValueError(f"kernel size {k}: kernels are odd and positive (padding k//2 keeps the feature map's size)")
+        return v
+
+    @field_validator("expansion")
+    @classmethod
+    def _positive_expansions(cls, v: list[float]) -> list[float]:
+        for e in v:
+            if not e > 0:
+                raise ValueError(f"expansion {e}: an elastic width is a positive multiple of the reference channels")
+        return v
+
+    @field_validator("heads")
+    @classmethod
+    def _heads(cls, v: list[int]) -> list[int]:
+        for h in v:
+            if h < 0:
+                raise ValueError(f"heads {h}: a number of attention heads is at least 1 (0: not a transformer family)")
+        return v
+
     def specs(self) -> list[OpSpec]:
         """Every combination of the settings the family varies (the others are ignored)."""
         fields = families.get(self.family).fields
@@ -143,6 +169,16 @@ class Budget(BaseModel):
         return f"{self.value:g}ms" if self.absolute_ms else f"{self.value:g}x"
 
 
+class TuneConfig(_Strict):
+    """MetaSchedule's budget for a space's tasks not tuned yet (one database per target, shared by every space)."""
+
+    trials_per_task: int = Field(8, ge=1, description="the budget: this many trials per task to tune, allocated by the "
+                                 "gradient rule (tasks that matter more get more)")
+    total_trials: Optional[int] = Field(None, ge=1, description="the whole budget instead, whatever the number of tasks")
+    max_minutes: Optional[float] = Field(None, gt=0, description="stop tuning after this long (what was found is kept)")
+    population: int = Field(128, ge=8, description="evolutionary search's population per batch (512 is TVM's default)")
+
+
 class LatencyConfig(_Strict):
     backend: Literal["tvm", "torch"] = "tvm"
     target: str = Field("llvm", description="TVM target kind: llvm (host CPU) or cuda")
@@ -150,12 +186,36 @@ class LatencyConfig(_Strict):
     number: Optional[int] = Field(None, ge=1, description="runs averaged per timing; None = automatic")
     repeat: int = Field(7, ge=3)
     max_spread: float = Field(0.05, gt=0, description="re-measure entries whose relative spread is wider")
-    tune_trials: int = Field(0, ge=0, description="MetaSchedule trials per task; 0 = untuned schedules")
+    schedules: Optional[Literal["tuned", "untuned"]] = Field(
+        None, description="tvm: compile with MetaSchedule-tuned schedules (tuned first, under latency.tune's budget) or TVM's "
+                          "untuned defaults; null: tuned, except in spaces with bits below 32 (integer kernels run untuned)")
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    tune_trials: int = Field(0, ge=0, description="spaces of earlier eta: > 0 means tuned, this many trials per task")
     torch_compile: bool = Field(False, description="torch backend: time torch.compile'd modules instead of eager ones")
     calibration_students: int = Field(6, ge=0, description="random whole students compiled to fit latency ≈ a·Σtable + b")
     node_resource: Optional[str] = Field(None, description="Ray custom resource of the node that measures, e.g. latency:rpi4")
     drift_tolerance: Optional[float] = Field(0.10, gt=0, description="re-measure the whole table when cached entries time "
                                              "this much off here (another machine); null: trust the table")
+
+    def tuned(self, bits: list[int]) -> bool:
+        """TVM with tuned schedules (``tune_trials`` > 0: how spaces of earlier eta asked for it)."""
+        if self.backend != "tvm":
+            return False
+        if self.schedules is not None:
+            return self.schedules == "tuned"
+        return self.tune_trials > 0 or all(b == 32 for b in bits)
+
+    @property
+    def trials_per_task(self) -> int:
+        return self.tune_trials or self.tune.trials_per_task
+
+    @field_validator("target")
+    @classmethod
+    def _target_kind(cls, v: str, info: ValidationInfo) -> str:
+        kinds = {"tvm": ("llvm", "cuda"), "torch": ("cpu", "cuda", "llvm")}.get(info.data.get("backend"), ())
+        if kinds and v not in kinds:
+            raise ValueError(f"target '{v}' is not one of the {info.data['backend']} backend's: {', '.join(kinds[:2])}")
+        return v
 
 
 class PretrainConfig(_Strict):
@@ -248,6 +308,21 @@ class SearchSpace(_Strict):
                 data[new] = data.pop(old)
         return data
 
+    @field_validator("name")
+    @classmethod
+    def _run_name(cls, v: str) -> str:
+        if not RUN_NAME.match(v) or v in (".", ".."):
+            raise ValueError(f"{v!r}: the name of the run folder, one folder name (letters, digits, '.', '_', '-'; no '/' or '..')")
+        return v
+
+    @field_validator("resolutions")
+    @classmethod
+    def _resolution_sizes(cls, v: list[int]) -> list[int]:
+        for r in v:
+            if r < 4:
+                raise ValueError(f"resolution {r}: input sizes are at least 4 pixels")
+        return v
+
     @field_validator("bits")
     @classmethod
     def _bits(cls, v: list[int]) -> list[int]:
@@ -265,6 +340,13 @@ class SearchSpace(_Strict):
             except EtaError as err:
                 raise ValueError(str(err)) from None
         return v
+
+    @model_validator(mode="after")
+    def _integer_kernels_are_untuned(self):
+        if self.latency.tuned(self.bits) and any(b < 32 for b in self.bits):
+            raise ValueError("bits below 32 run on TVM's integer kernels, which are measured with untuned schedules only: "
+                             "set latency.schedules: untuned for a mixed-precision space")
+        return self
 
     @model_validator(mode="after")
     def _resolutions(self):

@@ -110,35 +110,26 @@ def test_folded_integer_scale_gives_the_calibrated_latency():
 
 def test_schedule_policy_names_the_table_and_separates_its_entries(tmp_path, monkeypatch):
     target = {"kind": "llvm", "mcpu": "x"}
-    assert schedule_policy("tvm") == "untuned" and schedule_policy("tvm", 64) == "metaschedule:64"
-    assert schedule_policy("torch", torch_compile=True) == "torch.compile"
+    assert schedule_policy("tvm", tuned=False) == "untuned" and schedule_policy("tvm") == "tuned"
+    assert schedule_policy("torch", torch_compile=True) == "torch.compile" and schedule_policy("torch") == "eager"
     untuned = default_table_path(tmp_path, "tvm", target, "cpu")
-    tuned = default_table_path(tmp_path, "tvm", target, "cpu", "metaschedule:64")
-    assert untuned.name == "tvm-cpu.json" and tuned.name == "tvm-cpu-metaschedule-64.json"
+    tuned = default_table_path(tmp_path, "tvm", target, "cpu", "tuned")
+    assert untuned.name == "tvm-cpu.json" and tuned.name == "tvm-cpu-tuned.json"
 
     calls = []
-    monkeypatch.setattr(tvm_backend, "measure", lambda m, s, t, p=None, database_dir=None: calls.append(database_dir)
+    monkeypatch.setattr(tvm_backend, "measure", lambda m, s, t, p=None, database_dir=None, key=None: calls.append((database_dir, key))
                         or Measurement(1.0, 0.01, 3, [1.0] * 3))
-    monkeypatch.setattr(tvm_backend, "tune", lambda m, s, t, work, trials: calls.append(("tune", trials)))
+    from .test_latency import fake_compiles
+
+    fake_compiles(monkeypatch)
     path = tmp_path / "t.json"
-    t = LatencyTable.open(path, backend="tvm", target=target, device="cpu", protocol=Protocol(), schedule="metaschedule:8")
+    t = LatencyTable.open(path, backend="tvm", target=target, device="cpu", protocol=Protocol(), schedule="tuned")
     t.measure_many([("op", nn.Identity, (1, 2), 32)], progress=False)
-    assert calls == [("tune", 8), path.with_name("t-db")]  # tuned, then timed with the tuned database
+    # timed with the target's shared schedule database, compiled under the entry's key
+    assert calls[0] == (t.database_dir, t.key("op", (1, 2), 32)) and t.database_dir.name == "llvm-x"
     # the same file opened as untuned: another schedule policy, so nothing is reused
     t2 = LatencyTable.open(path, backend="tvm", target=target, device="cpu", protocol=Protocol(), schedule="untuned")
     assert t2.entries == {} and t2.database_dir is None
-
-
-def test_tables_from_before_the_schedule_field_stay_valid(tmp_path):
-    """Entries written before provenance named a schedule policy were untuned; they are still reused."""
-    path = tmp_path / "t.json"
-    t = LatencyTable.open(path, backend="tvm", target={"kind": "llvm"}, device="cpu")
-    t.entries["k"] = {"executable": True, "median_ms": 1.0}
-    t.save()
-    data = json.loads(path.read_text())
-    del data["provenance"]["schedule"]
-    path.write_text(json.dumps(data))
-    assert LatencyTable.open(path, backend="tvm", target={"kind": "llvm"}, device="cpu").entries == {"k": t.entries["k"]}
 
 
 def test_calibration_is_stored_with_the_table_and_reused(tmp_path, monkeypatch):
@@ -152,11 +143,14 @@ def test_calibration_is_stored_with_the_table_and_reused(tmp_path, monkeypatch):
     times = iter(np.linspace(1.0, 3.0, 1000))
     calls = []
 
-    def fake(module, shape, target, protocol=None, database_dir=None):
+    def fake(module, shape, target, protocol=None, database_dir=None, key=None):
         calls.append(shape)
         return Measurement(float(next(times)), 0.01, 3, [1.0] * 3)
 
     monkeypatch.setattr(tvm_backend, "measure", fake)
+    from .test_latency import fake_compiles
+
+    fake_compiles(monkeypatch)
     space = parse_space(tiny_space_dict(), "test")
     bound = bind(space, splits_for(space))
     measurer = latency.measurer(space)

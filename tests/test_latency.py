@@ -34,16 +34,24 @@ def open_table(path, target, backend="tvm", device="test-cpu"):
     return LatencyTable.open(path, backend=backend, target=target, device=device, protocol=FAST)
 
 
+def fake_compiles(monkeypatch):
+    """Nothing is compiled before timing when timing itself is faked."""
+    from eta.latency import compile_cache
+
+    monkeypatch.setattr(compile_cache, "compile_many", lambda jobs, **kw: [compile_cache.CompileResult(j.key, None, 0.0, True) for j in jobs])
+
+
 @pytest.fixture
 def fake_measure(monkeypatch):
     """Replace TVM timing with a counter; each call returns a distinct latency."""
     calls = []
 
-    def measure(module, input_shape, target, protocol=None, database_dir=None):
+    def measure(module, input_shape, target, protocol=None, database_dir=None, key=None):
         calls.append(tuple(input_shape))
         return Measurement(median_ms=float(len(calls)), spread=0.01, repeats=3, samples_ms=[1.0, 1.0, 1.0])
 
     monkeypatch.setattr(tvm_backend, "measure", measure)
+    fake_compiles(monkeypatch)
     return calls
 
 
@@ -100,12 +108,13 @@ def test_a_machine_that_disagrees_with_the_cached_entries_measures_the_table_aga
     speed = {"factor": 1.0}
     calls = []
 
-    def measure(module, input_shape, target, protocol=None, database_dir=None):
+    def measure(module, input_shape, target, protocol=None, database_dir=None, key=None):
         calls.append(tuple(input_shape))
         ms = speed["factor"] * input_shape[-1]
         return Measurement(median_ms=ms, spread=0.01, repeats=3, samples_ms=[ms] * 3)
 
     monkeypatch.setattr(tvm_backend, "measure", measure)
+    fake_compiles(monkeypatch)
     path = tmp_path / "t.json"
     open_table(path, target).measure_many(items(6), progress=False)
     speed["factor"] = 1.05  # run-to-run noise: keep
@@ -116,16 +125,18 @@ def test_a_machine_that_disagrees_with_the_cached_entries_measures_the_table_aga
     t = open_table(path, target)
     real_measure = measure
 
-    def bursty(module, input_shape, target, protocol=None, database_dir=None):
+    def bursty(module, input_shape, target, protocol=None, database_dir=None, key=None):
         m = real_measure(module, input_shape, target, protocol, database_dir)
         if len(calls) == 6 + 3 + 3:  # the whole first round (3 entries) was slowed
             speed["factor"] = 1.0
         return m
 
     monkeypatch.setattr(tvm_backend, "measure", bursty)
+    fake_compiles(monkeypatch)
     assert t.check_drift(items(6), pause_s=0) == pytest.approx(1.0)
     assert len(t.entries) == 6
     monkeypatch.setattr(tvm_backend, "measure", measure)
+    fake_compiles(monkeypatch)
     speed["factor"] = 1.3  # another instance of the same CPU
     t = open_table(path, target)
     assert t.check_drift(items(6), pause_s=0) == pytest.approx(1.3)
@@ -139,11 +150,12 @@ def test_measuring_again_keeps_the_faster_of_two_measurements(tmp_path, target, 
     """A measurement slowed by interference is replaced by a faster one; a fast one is not replaced by a slow one."""
     speed = {"factor": 2.0}
 
-    def measure(module, input_shape, target, protocol=None, database_dir=None):
+    def measure(module, input_shape, target, protocol=None, database_dir=None, key=None):
         ms = speed["factor"] * input_shape[-1]
         return Measurement(median_ms=ms, spread=0.01, repeats=3, samples_ms=[ms] * 3)
 
     monkeypatch.setattr(tvm_backend, "measure", measure)
+    fake_compiles(monkeypatch)
     t = open_table(tmp_path / "t.json", target)
     t.measure_many(items(2), progress=False)
     speed["factor"] = 1.0
@@ -159,13 +171,14 @@ def test_a_two_pass_table_times_every_entry_twice_in_separate_passes(tmp_path, t
     """passes=2 (what searches use): first every entry, then every entry again; a burst in one pass is not kept."""
     order = []
 
-    def measure(module, input_shape, target, protocol=None, database_dir=None):
+    def measure(module, input_shape, target, protocol=None, database_dir=None, key=None):
         order.append(input_shape[-1])
         burst = 3.0 if len(order) == 2 else 1.0  # the second measurement of the run is slowed by load
         ms = burst * input_shape[-1]
         return Measurement(median_ms=ms, spread=0.01, repeats=3, samples_ms=[ms] * 3)
 
     monkeypatch.setattr(tvm_backend, "measure", measure)
+    fake_compiles(monkeypatch)
     t = LatencyTable.open(tmp_path / "t.json", backend="tvm", target=target, device="test-cpu", protocol=FAST, passes=2)
     out = t.measure_many(items(3), progress=False)
     assert order == [1, 2, 3, 1, 2, 3]
@@ -205,18 +218,22 @@ def test_torch_version_does_not_invalidate_a_tvm_table(tmp_path, target, fake_me
     assert len(fake_measure) == 2
 
 
-def test_interrupted_build_resumes(tmp_path, target, fake_measure):
+def test_interrupted_build_resumes(tmp_path, target, fake_measure, monkeypatch):
     path = tmp_path / "t.json"
     todo = items(5)
+    timing = tvm_backend.measure
 
-    def broken():
-        raise RuntimeError("interrupted")
+    def interrupted_at_the_third(module, input_shape, *a, **kw):
+        if len(fake_measure) == 2:
+            raise KeyboardInterrupt  # Ctrl-C while the third entry is timed
+        return timing(module, input_shape, *a, **kw)
 
-    signature, _, shape, bits = todo[2]
-    with pytest.raises(RuntimeError):
-        open_table(path, target).measure_many(todo[:2] + [(signature, broken, shape, bits)] + todo[3:], progress=False)
+    monkeypatch.setattr(tvm_backend, "measure", interrupted_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        open_table(path, target).measure_many(todo, progress=False)
     on_disk = json.loads(path.read_text())["entries"]
     assert set(on_disk) == {LatencyTable.key(s, sh, b) for s, _, sh, b in todo[:2]}
+    monkeypatch.setattr(tvm_backend, "measure", timing)
     out = open_table(path, target).measure_many(todo, progress=False)
     assert fake_measure == [sh for _, _, sh, _ in todo]  # items 0, 1 once; then 2, 3, 4
     assert all(v is not None for v in out.values()) and len(out) == 5

@@ -21,7 +21,7 @@ def eta(*args):
 
 
 def test_demo_gives_a_front(tmp_path):
-    out = eta("demo", "--runs-dir", str(tmp_path)).stdout
+    out = eta("demo", "--runs-dir", str(tmp_path), "--schedules", "untuned").stdout  # tuned: see test_tuned_search
     pareto = json.loads((tmp_path / "digits" / "pareto.json").read_text())
     assert len(pareto["front"]) >= 3, out
     assert (tmp_path / "digits" / "pareto.png").exists()
@@ -39,7 +39,7 @@ def test_fashion_mnist_teacher_then_search(tmp_path):
     d["teacher"]["train"]["epochs"] = 3
     d["pool"] = d["pool"][:1] + d["pool"][-2:]  # basic widths, identity, teacher: a few minutes on 2 cores
     d["resolutions"] = [20, 28]
-    d["latency"]["calibration_students"] = 5
+    d["latency"].update(calibration_students=5, schedules="untuned")
     d["solve"].update(samples=60, sample_levels=5)
     d["finetune"].update(epochs=1, max_students=3)
     space = tmp_path / "fmnist.yaml"
@@ -60,3 +60,29 @@ def test_fashion_mnist_teacher_then_search(tmp_path):
     best = max(front, key=lambda p: p["test_acc"])
     assert best["test_acc"] > teacher28["test_acc"] - 0.1 and front[0]["latency_ms"] < teacher28["latency_ms"]
     assert (tmp_path / "teacher.safetensors").exists()
+
+
+def test_tuned_search_measures_every_network_with_tuned_schedules(tmp_path):
+    """A tuned table end to end (one trial per task, so it is quick): the space's tasks are tuned into the target's
+    database first, every entry and every whole network of the front is compiled with it, and the table says so."""
+    from .conftest import tiny_space_dict
+
+    d = tiny_space_dict(budgets=[0.8])
+    d["latency"].update(schedules="tuned", tune={"trials_per_task": 1, "population": 8})
+    d["finetune"]["max_students"] = 1
+    space = tmp_path / "tuned.yaml"
+    space.write_text(yaml.safe_dump(d))
+    env_runs = str(tmp_path / "runs")
+    eta("search", str(space), "--runs-dir", env_runs)
+    run = tmp_path / "runs" / "tiny"
+    info = json.loads((run / "latency" / "latency.json").read_text())
+    assert info["schedule"] == "tuned" and info["target"]["mcpu"] in ("x86-64-v3", info["target"]["mcpu"])
+    table = json.loads((run / "latency" / "table.json").read_text())
+    assert table["provenance"]["schedule"] == "tuned"
+    entries = [e for e in table["entries"].values() if e.get("executable", True)]
+    assert entries and all(e["schedules"] for e in entries), "every entry ran tuned schedules"
+    manifest = json.loads((run / "manifest.json").read_text())
+    tuning = manifest["phases"]["latency"]["tuning"]
+    assert tuning["trials_run"] > 0 and tuning["distinct"] > 0
+    pareto = json.loads((run / "pareto.json").read_text())
+    assert pareto["front"] and all(p["latency_ms"] > 0 for p in pareto["all"])

@@ -27,21 +27,26 @@ class NotExecutable(EtaError):
     """The backend cannot run this operator at this bit-width; the table records why."""
 
 
-# measure(module, input_shape, provenance, database_dir) -> (Measurement, extra fields for the entry)
-Measure = Callable[[object, tuple, dict, "Path | None"], "tuple[Measurement, dict]"]
+# measure(module, input_shape, provenance, database_dir, key) -> (Measurement, extra fields for the entry);
+# ``key`` names the workload (the table's key), so a backend may keep what it compiled under it
+Measure = Callable[..., "tuple[Measurement, dict]"]
+# precompile(provenance, [(key, module, input_shape)], database_dir, progress) -> {"compiled", "cached", "compile_s", "errors"}
+Precompile = Callable[..., dict]
 
 
 @dataclass(frozen=True)
 class LatencyBackend:
-    """One way of running networks: its name, the provenance key of its software version, its default
-    schedule policy, how it describes the local target, and how it times a float module."""
+    """One way of running networks: its name, the provenance key of its software version, the schedule
+    policy of tables that did not record one, how it describes the local target, how it times a float
+    module, which policies it offers, and (optionally) how it compiles many modules before any is timed."""
 
     name: str
     version_package: str
     default_schedule: str
-    describe_target: Callable[[str], tuple[dict, str]]
+    describe_target: Callable[[str, str], tuple[dict, str]]
     measure_float: Measure
-    schedules: Callable[[int, bool], str]
+    schedules: Callable[[bool, bool], str]
+    precompile: Precompile | None = None
 
     @property
     def version_key(self) -> str:
@@ -84,16 +89,19 @@ def measurer(backend: str, module, bits: int) -> Measure:
     return get(backend).measure_float
 
 
-def schedule_policy(backend: str, tune_trials: int = 0, torch_compile: bool = False) -> str:
-    """What the numbers of a table mean besides the target: ``untuned``, ``metaschedule:N``, ``eager``, ``torch.compile``."""
-    return get(backend).schedules(int(tune_trials), bool(torch_compile))
+def schedule_policy(backend: str, tuned: bool = True, torch_compile: bool = False) -> str:
+    """What the numbers of a table mean besides the target: ``tuned`` or ``untuned`` (TVM), ``eager`` or
+    ``torch.compile`` (PyTorch)."""
+    return get(backend).schedules(bool(tuned), bool(torch_compile))
 
 
-def tune_trials_of(schedule: str) -> int:
-    return int(schedule.split(":", 1)[1]) if schedule.startswith("metaschedule:") else 0
+def uses_schedules(schedule: str) -> bool:
+    """Whether a policy compiles with tuned schedules (``tuned``; ``metaschedule:N`` in tables of earlier eta)."""
+    return schedule == "tuned" or schedule.startswith("metaschedule:")
 
 
-def measure_entry(provenance: dict, module, input_shape: tuple, bits: int, database_dir: Path | None = None) -> dict:
+def measure_entry(provenance: dict, module, input_shape: tuple, bits: int, database_dir: Path | None = None,
+                  key: str | None = None) -> dict:
     """Measure one table entry as the table's provenance says (backend, target, schedule, protocol).
 
     A module-level function so that a Ray task on another node can run it. Returns the entry's
@@ -101,7 +109,7 @@ def measure_entry(provenance: dict, module, input_shape: tuple, bits: int, datab
     """
     try:
         measure = measurer(provenance["backend"], module, bits)
-        m, extra = measure(module, tuple(input_shape), provenance, database_dir)
+        m, extra = measure(module, tuple(input_shape), provenance, database_dir, key)
     except NotExecutable as err:
         return {"executable": False, "reason": str(err), **_where()}
     return {"executable": True, "median_ms": m.median_ms, "spread": m.spread, "repeats": m.repeats, "samples_ms": m.samples_ms,
@@ -129,26 +137,38 @@ def _where() -> dict:
 # the built-in backends
 
 
-def _tvm_target(kind: str) -> tuple[dict, str]:
-    target = tvm_backend.host_target(kind)
+def _tvm_target(kind: str, schedule: str) -> tuple[dict, str]:
+    # tuned code for a portable CPU (AVX2's x86-64-v3 where the host has it): shipped schedules apply as they are
+    target = tvm_backend.host_target(kind, portable=uses_schedules(schedule))
     return target, tvm_backend.device_name(target)
 
 
-def _tvm_float(module, input_shape, provenance, database_dir):
-    trials = tune_trials_of(provenance["schedule"])
-    if trials:
-        tvm_backend.tune(module, input_shape, provenance["target"], database_dir, trials)
-    m = tvm_backend.measure(module, input_shape, provenance["target"], protocol_of(provenance),
-                            database_dir=database_dir if trials else None)
-    return m, {}
+def _tvm_float(module, input_shape, provenance, database_dir, key=None):
+    """Compiled once into the compiled-module cache under the table's key, then timed (tuned: the schedule database applied)."""
+    tuned = uses_schedules(provenance["schedule"])
+    m = tvm_backend.measure(module, input_shape, provenance["target"], protocol_of(provenance), database_dir if tuned else None, key=key)
+    return m, {"cache_hit": m.cache_hit, "schedules": m.schedules}
 
 
-def _torch_target(kind: str) -> tuple[dict, str]:
+def _tvm_precompile(provenance, items, database_dir, progress=False) -> dict:
+    """Compile every module not in the compiled-module cache, in a process pool, before anything is timed."""
+    from . import compile_cache
+
+    tuned = uses_schedules(provenance["schedule"])
+    db = str(database_dir) if tuned and database_dir is not None else None
+    jobs = [compile_cache.CompileJob(key, module, tuple(shape), provenance["target"], db) for key, module, shape in items]
+    results = compile_cache.compile_many(jobs, progress=progress, desc="compiling")
+    built = [r for r in results if not r.hit and r.error is None]
+    return {"compiled": len(built), "cached": sum(r.hit for r in results), "compile_s": sum(r.compile_s for r in built),
+            "errors": [r.error for r in results if r.error]}
+
+
+def _torch_target(kind: str, schedule: str) -> tuple[dict, str]:
     dev = "cuda" if kind == "cuda" else "cpu"
     return {"kind": dev}, torch_backend.device_name(dev)
 
 
-def _torch_float(module, input_shape, provenance, database_dir):
+def _torch_float(module, input_shape, provenance, database_dir, key=None):
     m = torch_backend.measure(module, input_shape, device=provenance["target"].get("kind", "cpu"), protocol=protocol_of(provenance),
                               compile=provenance["schedule"] == "torch.compile")
     return m, {}
@@ -156,8 +176,8 @@ def _torch_float(module, input_shape, provenance, database_dir):
 
 register_backend(LatencyBackend(
     "tvm", "apache-tvm", "untuned", _tvm_target, _tvm_float,
-    lambda trials, _compile: f"metaschedule:{trials}" if trials else "untuned"))
+    lambda tuned, _compile: "tuned" if tuned else "untuned", _tvm_precompile))
 register_backend(LatencyBackend(
     "torch", "torch", "eager", _torch_target, _torch_float,
-    lambda _trials, compile_: "torch.compile" if compile_ else "eager"))
+    lambda _tuned, compile_: "torch.compile" if compile_ else "eager"))
 

@@ -28,6 +28,7 @@ class Measurer:
 
     @classmethod
     def create(cls, backend: str, target_kind: str, protocol: Protocol, schedule: str, node_resource: str | None = None) -> "Measurer":
+        """Read the target where it will be measured (tuned TVM: a portable CPU where the host allows one)."""
         backends.get(backend)  # one line for an unknown backend
         if node_resource:
             import ray
@@ -38,9 +39,9 @@ class Measurer:
                 raise EtaError(f"latency.node_resource: no node of the Ray cluster has resource {node_resource!r}; start one with "
                                f"ray start --address=<head> --resources='{{\"{node_resource}\": 1}}'")
             task = ray.remote(describe_target).options(num_cpus=0, resources={node_resource: 0.001})
-            target, device = _get_from_node(task.remote(backend, target_kind), node_resource)
+            target, device = _get_from_node(task.remote(backend, target_kind, schedule), node_resource)
         else:
-            target, device = describe_target(backend, target_kind)
+            target, device = describe_target(backend, target_kind, schedule)
         return cls(backend, target, device, protocol, schedule, node_resource)
 
     def executor(self):
@@ -53,8 +54,8 @@ class Measurer:
         task = ray.remote(measure_entry).options(num_cpus=1, resources={self.node_resource: 1}, max_retries=2)
         resource = self.node_resource
 
-        def run_on_node(provenance, module, shape, bits, database_dir):
-            return _get_from_node(task.remote(provenance, module, shape, bits, database_dir), resource)
+        def run_on_node(provenance, module, shape, bits, database_dir, key=None):
+            return _get_from_node(task.remote(provenance, module, shape, bits, database_dir, key), resource)
 
         return run_on_node
 
@@ -73,9 +74,10 @@ class Measurer:
                                  schedule=self.schedule, passes=2)
 
 
-def describe_target(backend: str, kind: str) -> tuple[dict, str]:
+def describe_target(backend: str, kind: str, schedule: str | None = None) -> tuple[dict, str]:
     """The target dict and device name of the machine this runs on (called on the measuring node)."""
-    return backends.get(backend).describe_target(kind)
+    b = backends.get(backend)
+    return b.describe_target(kind, schedule or b.default_schedule)
 
 
 def _reference_table(path: Path) -> Path | None:

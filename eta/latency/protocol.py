@@ -39,6 +39,8 @@ class Measurement:
     timing_s: float = 0.0
     number: int = 0  # runs averaged per sample
     timed_at: tuple = ()  # (start, end) of the timing, seconds since the epoch, under the device's timing lock
+    cache_hit: bool = False  # the compiled module came from the compiled-module cache
+    schedules: str | None = None  # digest of the tuned schedules it ran (None: untuned)
 
 
 def relative_spread(samples_ms) -> float:

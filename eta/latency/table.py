@@ -26,17 +26,20 @@ import json
 import logging
 import math
 import re
+import shutil
 import statistics
 import time
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+from .. import paths
 from ..errors import EtaError
 from ..files import write_json
 from ..locks import file_lock
 from . import backends
-from .backends import measure_entry, tune_trials_of
+from .backends import measure_entry, uses_schedules
 from .protocol import Protocol
+from .schedules import target_slug
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,19 @@ class Workload(NamedTuple):
     factory: Callable
     input_shape: tuple
     bits: int = 32
+
+
+def schedules_database(target: dict) -> Path:
+    """The tuned-schedule database of ``target`` in the cache, started from the one shipped with eta if there is one."""
+    path = paths.schedules_dir() / target_slug(target)
+    if not path.exists():
+        ref = paths.reference_dir()
+        seed = ref / "schedules" / target_slug(target) if ref is not None and not paths.tables_overridden() else None
+        if seed is not None and seed.is_dir():
+            shutil.copytree(seed, path)
+            log.info("tuned schedules for %s: starting from the %d records shipped with eta", target_slug(target),
+                     sum(1 for _ in (path / "database_tuning_record.json").open()) if (path / "database_tuning_record.json").exists() else 0)
+    return path
 
 
 def workload_signature(kind: str, module) -> str:
@@ -98,7 +114,8 @@ def _same_provenance(old: dict, new: dict) -> bool:
     return all(_value(old, k) == _value(new, k) for k in _provenance_keys(new.get("backend")))
 
 
-Executor = Callable[[dict, object, tuple, int, "Path | None"], dict]
+# executor(provenance, module, input shape, bits, database dir, key) -> the entry's measured fields
+Executor = Callable[[dict, object, tuple, int, "Path | None", "str | None"], dict]
 
 
 def _check_entries(path: Path, entries: dict) -> None:
@@ -124,6 +141,8 @@ class LatencyTable:
         self.entries = entries
         self.stale = stale
         self.calibrations = calibrations or {}
+        self.summary: dict = {}  # what the last measure_many cost (entries, compiled, compile_s, timing_s, wall_s)
+        self.tuning: dict | None = None  # what tuning for the table did, when its policy tunes
 
     @classmethod
     def open(cls, path, *, backend: str, target: dict, device: str, protocol: Protocol | None = None,
@@ -154,10 +173,14 @@ class LatencyTable:
 
     @property
     def database_dir(self) -> Path | None:
-        """MetaSchedule's database for a tuned table (``<table>-db/`` beside it); None when untuned."""
-        if not tune_trials_of(_value(self.provenance, "schedule")):
+        """MetaSchedule's database of a tuned table: one per target, shared by every space (``<table>-db/`` beside
+        tables of earlier eta, which tuned per entry); None when untuned."""
+        schedule = _value(self.provenance, "schedule")
+        if not uses_schedules(schedule):
             return None
-        return self.path.with_name(self.path.stem + "-db")
+        if schedule.startswith("metaschedule:"):
+            return self.path.with_name(self.path.stem + "-db")
+        return schedules_database(self.provenance["target"])
 
     @staticmethod
     def key(signature: str, input_shape: tuple, bits: int = 32) -> str:
@@ -220,7 +243,7 @@ class LatencyTable:
         def ratio_now(previous=None):
             out = []
             for i, (signature, factory, shape, bits) in enumerate(cached[:sample]):
-                again = executor(self.provenance, factory(), tuple(shape), bits, self.database_dir)
+                again = executor(self.provenance, factory(), tuple(shape), bits, self.database_dir, self.key(signature, shape, bits))
                 if again.get("executable", False):
                     r = again["median_ms"] / self.get(signature, shape, bits)
                     out.append(min(r, previous[i]) if previous else r)  # of two timings the faster (load only adds)
@@ -263,7 +286,7 @@ class LatencyTable:
         executor = executor or measure_entry
         for signature, factory, shape, bits in tqdm(items, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
             key, old = self.key(signature, shape, bits), self.entry(signature, shape, bits)
-            again = executor(self.provenance, factory(), tuple(shape), bits, self.database_dir)
+            again = executor(self.provenance, factory(), tuple(shape), bits, self.database_dir, key)
             if not (old and again.get("executable") and old.get("executable", True)):
                 continue
             slower = max(old["median_ms"], again["median_ms"])
@@ -278,29 +301,67 @@ class LatencyTable:
                      executor: Executor | None = None) -> dict:
         """Measure every item not yet in the table; the file is saved after each entry (resumable).
 
-        ``executor`` runs one measurement (default: here, with ``measure_entry``); ``lut`` passes one
-        that runs it as a Ray task on the node that holds the target.
+        Every module to time is compiled first (the backend's ``precompile``: TVM fills its compiled-module
+        cache in a process pool), and only then are entries timed, one at a time, each from the cache, so
+        compiling never runs beside a timing and the second pass compiles nothing. ``executor`` runs one
+        measurement (default: here, with ``measure_entry``; a Ray task on the measuring node otherwise,
+        which compiles there). ``summary`` says what it cost.
         """
         from tqdm.auto import tqdm
 
+        local = executor is None or executor is measure_entry
         executor = executor or measure_entry
+        t0 = time.perf_counter()
         todo = [it for it in items if self.key(it[0], it[2], it[3]) not in self.entries]
+        todo = list({self.key(it[0], it[2], it[3]): it for it in todo}.values())  # the same workload listed twice
+        second = [it for it in items if self.passes > 1 and it not in todo and self._once(it)]
+        summary = {"entries": len(items), "measured": len(todo), "cached": len(items) - len(todo), "compiled": 0, "compile_s": 0.0,
+                   "timing_s": 0.0}
         if todo:
             log.info("%s: measuring %d of %d entries (%d cached)", desc, len(todo), len(items), len(items) - len(todo))
+        if local and (todo or second):
+            summary.update(self._precompile(todo + second, progress))
         for signature, factory, shape, bits in tqdm(todo, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
             key = self.key(signature, shape, bits)
-            if key in self.entries:  # the same workload listed twice
-                continue
             base = {"signature": signature, "input_shape": list(shape), "bits": bits, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            self.entries[key] = {**base, **executor(self.provenance, factory(), tuple(shape), bits, self.database_dir)}
+            self.entries[key] = {**base, **executor(self.provenance, factory(), tuple(shape), bits, self.database_dir, key)}
+            summary["timing_s"] += float(self.entries[key].get("timing_s", 0.0))
             self.save()
         if self.passes > 1:  # a second pass, after the first, so one burst of load does not hit both timings of an entry
-            once = {}
-            for it in items:
-                e = self.entry(it[0], it[2], it[3])
-                if e and e.get("executable", True) and "slower_measurement_ms" not in e:
-                    once.setdefault(self.key(it[0], it[2], it[3]), it)
+            once = list({self.key(it[0], it[2], it[3]): it for it in items if self._once(it)}.values())
             if once:
                 log.info("%s: timing %d entries a second time (the faster is kept)", desc, len(once))
-                self.measure_again(list(once.values()), executor, desc=f"{desc}, second timing", progress=progress)
+                self.measure_again(once, executor, desc=f"{desc}, second timing", progress=progress)
+        summary["wall_s"] = time.perf_counter() - t0
+        self.summary = summary
+        if todo:
+            log.info("%s: %d entries (%d measured, %d cached): %d modules compiled in %.1f s, %.1f s of timing, %.1f s in all",
+                     desc, summary["entries"], summary["measured"], summary["cached"], summary["compiled"], summary["compile_s"],
+                     summary["timing_s"], summary["wall_s"])
         return {self.key(s, sh, b): self.get(s, sh, b) for s, _, sh, b in items}
+
+    def _once(self, item) -> bool:
+        """Whether an entry was timed once only (its second timing is owed)."""
+        e = self.entry(item[0], item[2], item[3])
+        return bool(e) and e.get("executable", True) and "slower_measurement_ms" not in e
+
+    def _precompile(self, items, progress: bool) -> dict:
+        """Compile the float modules of ``items`` before any is timed (a no-op for backends that compile nothing)."""
+        backend = backends.get(self.provenance["backend"])
+        if backend.precompile is None:
+            return {}
+        floats = []
+        for signature, factory, shape, bits in items:
+            module = factory()
+            try:
+                measure = backends.measurer(backend.name, module, bits)
+            except backends.NotExecutable:  # recorded as such when it is timed
+                continue
+            if measure is backend.measure_float:
+                floats.append((self.key(signature, shape, bits), module, tuple(shape)))
+        if not floats:
+            return {}
+        done = backend.precompile(self.provenance, floats, self.database_dir, progress)
+        for err in done.get("errors", []):
+            log.warning("compiling: %s", err)
+        return {k: done[k] for k in ("compiled", "compile_s") if k in done}

@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import EtaError
+from ..errors import EtaError, first_line
 from . import schedules
 from .tvm_backend import (_check_tuning_runtime, build_candidate, check_target, extract_tasks, load_tensor_intrinsics,
                           lower_for_tuning, to_relax, workload_hash)
@@ -71,7 +71,13 @@ def space_tasks(workloads, target: dict) -> tuple[list[SpaceTask], int]:
     found = 0
     for workload in workloads:
         module, input_shape = workload[0], tuple(workload[1])
-        for task in extract_tasks(lower_for_tuning(to_relax(module, input_shape)), tvm_target):
+        try:
+            tasks = extract_tasks(lower_for_tuning(to_relax(module, input_shape)), tvm_target)
+        except EtaError:
+            raise
+        except Exception as err:  # TVM raises many types; a stack trace follows the first line
+            raise EtaError(f"MetaSchedule tuning of {type(module).__name__} failed: {first_line(err)}") from None
+        for task in tasks:
             if task.mod.attrs is not None and task.mod.attrs.get("tirx.is_scheduled", False):
                 continue  # scheduled already (a library dispatch): nothing to tune
             found += 1

@@ -156,9 +156,9 @@ def run(ctx: PhaseContext, info: LatencyInfo, archs: list[str]) -> tuple[dict, d
     with ctx.ray():
         metrics = finetune_all(ctx, archs)
     with ctx.latency_session():
-        m, table = latency.opened_table(ctx)
+        m, table = latency.opened_table(ctx, info)
         executor = m.executor()
-        lats = [latency.network_latency(ctx.bound, table, arch_from_str(a), executor) for a in archs]
+        lats = [latency.network_latency(ctx.bound, table, arch_from_str(a), executor, m) for a in archs]
     points = [p.to_dict() for p in front_points(ctx, info, archs, metrics, lats)]
     teacher_acc = run_dir.phase_info("teacher")["test_acc"]
     teacher_pts = [{"resolution": int(r), "latency_ms": info.teacher_ms[str(r)], "test_acc": teacher_acc[str(r)]} for r in space.resolutions]

@@ -23,11 +23,12 @@ from ..arch import OpSpec, arch_to_str
 from ..bound import BoundSpace
 from ..errors import EtaError
 from ..files import read_json, write_json
-from ..latency.backends import schedule_policy
+from ..latency.backends import schedule_policy, uses_schedules
 from ..latency.calibrate import Calibration, fit_rows
 from ..latency.measurer import Measurer
 from ..latency.protocol import Protocol
 from ..latency.table import LatencyTable, Workload, workload_signature
+from ..latency.tuning import tune_space
 from ..mixed_precision import resource_limits
 from ..optimize import InfeasibleBudget, SearchProblem
 from ..plots import plot_calibration
@@ -43,17 +44,55 @@ NAME = "latency"
 
 
 # --- what the space measures ------------------------------------------------------------------------
+def measurer_protocol(space) -> Protocol:
+    cfg = space.latency
+    return Protocol(number=cfg.number, repeat=cfg.repeat, max_cv=cfg.max_spread)
+
+
 def measurer(space) -> Measurer:
     """Where and how ``space`` measures (on the Ray node its ``latency.node_resource`` names, if any)."""
     cfg = space.latency
-    protocol = Protocol(number=cfg.number, repeat=cfg.repeat, max_cv=cfg.max_spread)
-    return Measurer.create(cfg.backend, cfg.target, protocol, schedule_policy(cfg.backend, cfg.tune_trials, cfg.torch_compile),
-                           cfg.node_resource)
+    return Measurer.create(cfg.backend, cfg.target, measurer_protocol(space),
+                           schedule_policy(cfg.backend, cfg.tuned(space.bits), cfg.torch_compile), cfg.node_resource)
 
 
-def opened_table(ctx: PhaseContext) -> tuple[Measurer, LatencyTable]:
-    """The space's measurer and its shared table, checked against this machine (entries from another are re-measured)."""
-    m = measurer(ctx.space)
+def tune(space, m: Measurer, table: LatencyTable, workloads: list[Workload], *, name: str, progress: bool = True) -> dict | None:
+    """Tune the float workloads' MetaSchedule tasks the target's database lacks, under the space's budget (a no-op
+    for untuned tables). Runs on the measuring node when one is named; returns the tuning summary."""
+    if not uses_schedules(m.schedule):
+        return None
+    cfg = space.latency.tune
+    pairs = [(w.factory(), tuple(w.input_shape)) for w in workloads if w.bits == 32]
+    kw = dict(trials_per_task=space.latency.trials_per_task, total_trials=cfg.total_trials, population=cfg.population,
+              max_seconds=60 * cfg.max_minutes if cfg.max_minutes else None, run=name)
+    if m.node_resource:
+        import ray
+
+        task = ray.remote(_tune_on_node).options(num_cpus=1, resources={m.node_resource: 1})
+        summary = ray.get(task.remote(pairs, m.target, str(table.database_dir), kw))
+    else:
+        summary = tune_space(pairs, m.target, table.database_dir, progress=progress, **kw)
+    log.info("tuning %s: %d distinct tasks (%d tuned before), %d trials in %.0f s (%s)", name, summary.distinct,
+             summary.already_tuned, summary.trials_run, summary.seconds, summary.stopped)
+    out = summary.to_dict()
+    out.pop("tasks", None)
+    return out
+
+
+def _tune_on_node(pairs, target, database_dir, kw):
+    return tune_space(pairs, target, database_dir, progress=False, **kw)
+
+
+def opened_table(ctx: PhaseContext, info: LatencyInfo | None = None) -> tuple[Measurer, LatencyTable]:
+    """The space's measurer and its shared table, checked against this machine (entries from another are re-measured).
+
+    With ``info`` (a finished latency phase), the measurer is the one that phase used: later phases
+    measure with the same backend, target and schedule policy as the table their choices came from.
+    """
+    if info is None:
+        m = measurer(ctx.space)
+    else:
+        m = Measurer(info.backend, info.target, info.device, measurer_protocol(ctx.space), info.schedule, ctx.space.latency.node_resource)
     table = m.open_table()
     tolerance = ctx.space.latency.drift_tolerance
     if tolerance is not None:
@@ -197,10 +236,13 @@ def calibrate(bound: BoundSpace, table: LatencyTable, base: float, per_block: li
 
 
 def table_and_calibration(ctx: PhaseContext, students: int, seed: int):
-    """Measure the space's entries not cached yet, read the option latencies, calibrate on whole networks."""
+    """Tune (a tuned table), measure the space's entries not cached yet, read the option latencies, calibrate on
+    whole networks. The table's ``summary`` says what measuring cost, its ``tuning`` what tuning did."""
     m, table = opened_table(ctx)
     executor = m.executor()
     workloads = space_workloads(ctx.bound)
+    teacher = [network_workload(ctx.bound, None, r) for r in ctx.space.resolutions]
+    table.tuning = tune(ctx.space, m, table, workloads + teacher, name=f"space {space_key(workloads)}", progress=ctx.progress)
     log.info("latency table: %d entries on %s (%s, %s), cached in %s", len(workloads), m.device, m.backend, m.schedule, table.path)
     table.measure_many(workloads, desc="latency table", progress=ctx.progress, executor=executor)
     base, per_block = option_latency_matrix(ctx.bound, table)
@@ -209,13 +251,16 @@ def table_and_calibration(ctx: PhaseContext, students: int, seed: int):
     return m, table, executor, workloads, base, per_block, cal
 
 
-def network_latency(bound: BoundSpace, table: LatencyTable, arch, executor=None) -> dict[str, float]:
+def network_latency(bound: BoundSpace, table: LatencyTable, arch, executor=None, m: Measurer | None = None) -> dict[str, float]:
     """End-to-end latency of the teacher (``arch`` None) or a student at every resolution, cached in the table.
 
     Like every table entry, each network is compiled and timed twice and the faster kept (both are
-    in its entry): a burst of load during one measurement must not become the front's figure.
+    in its entry): a burst of load during one measurement must not become the front's figure. On a
+    tuned table (``m`` given) the network's tasks at every resolution are tuned first.
     """
     nets = {r: network_workload(bound, arch, r) for r in bound.space.resolutions}
+    if m is not None:
+        tune(bound.space, m, table, list(nets.values()), name=f"network {list(nets.values())[0].signature}", progress=False)
     table.measure_many(list(nets.values()), desc="whole-network latency", progress=False, executor=executor)
     return {str(r): float(table.get(w.signature, w.input_shape, 32)) for r, w in nets.items()}
 
@@ -257,8 +302,9 @@ def read_info(run: Run) -> LatencyInfo:
     data = read_json(run.latency_info)
     try:
         return LatencyInfo.from_dict(data)
-    except (KeyError, TypeError) as err:
-        raise EtaError(f"{run.latency_info}: not a latency record of this eta (missing {err})") from None
+    except (KeyError, TypeError, AttributeError) as err:
+        what = f"missing {err}" if isinstance(err, KeyError) else f"expected an object, got {type(data).__name__}"
+        raise EtaError(f"{run.latency_info}: not a latency record of this eta ({what})") from None
 
 
 def load(ctx: PhaseContext) -> LatencyInfo:
@@ -272,7 +318,7 @@ def run(ctx: PhaseContext) -> tuple[LatencyInfo, dict, bool]:
     space, bound = ctx.space, ctx.bound
     with ctx.latency_session():
         m, table, executor, workloads, base, per_block, cal = table_and_calibration(ctx, space.latency.calibration_students, space.seed)
-        teacher = network_latency(bound, table, None, executor)
+        teacher = network_latency(bound, table, None, executor, m)
     info = LatencyInfo(backend=m.backend, schedule=m.schedule, target=m.target, device=m.device, table=str(table.path), base_ms=base,
                        option_ms=[r.tolist() for r in per_block], options=[[str(s) for s in opts] for opts in bound.options],
                        calibration=cal, teacher_ms=teacher, io={"in_chans": bound.in_chans, "num_classes": bound.num_classes})
@@ -287,7 +333,7 @@ def run(ctx: PhaseContext) -> tuple[LatencyInfo, dict, bool]:
         tr.table("latency/calibration", ["arch", "table_sum_ms", "measured_ms"],
                  [[r["arch"], r["table_sum_ms"], r["measured_ms"]] for r in cal["students"]])
     check_budgets(bound, info)
-    return info, {"entries": len(workloads)}, changed
+    return info, {"entries": len(workloads), "measuring": table.summary, "tuning": table.tuning}, changed
 
 
 def validate(ctx: PhaseContext, students: int = 50, seed: int | None = None, plot: Path | None = None) -> dict:

@@ -25,6 +25,7 @@ from ..augment import for_space
 from ..data import batches, num_batches
 from ..devices import autocast, grad_scaler, pick_device
 from ..elastic import super_op_name
+from ..errors import EtaError, first_line
 from ..files import load_tensors, read_json, save_tensors, write_json
 from ..raycluster import Task, completed, cpu_slots
 from ..runs import Run
@@ -188,8 +189,23 @@ def block_costs(bound: BoundSpace, blocks: list[int], batch: int = 32, reps: int
 
 
 def load_block_states(run: Run, bound: BoundSpace) -> list[dict]:
-    """Every block's pretrained super-operators (empty for blocks with nothing to train)."""
-    return [load_tensors(run.block_weights(b)) if bound.trainable_specs(b) else {} for b in range(bound.num_blocks)]
+    """Every block's pretrained super-operators (empty for blocks with nothing to train), each checked
+    against the space's operators of that block: a missing, corrupt or foreign file is one line naming it."""
+    states = []
+    for b in range(bound.num_blocks):
+        if not bound.trainable_specs(b):
+            states.append({})
+            continue
+        path = run.block_weights(b)
+        if not path.is_file():
+            raise EtaError(f"missing weights file {path}: block {b} of the pretrain phase; run 'eta pretrain {run.root} --rerun'")
+        state = load_tensors(path)
+        try:
+            block_super_ops(bound, b, bound.space.pretrain.elastic).load_state_dict(state)
+        except RuntimeError as err:
+            raise EtaError(f"{path} does not hold the pretrained operators of block {b} of this space: {first_line(err)}") from None
+        states.append(state)
+    return states
 
 
 def load(ctx: PhaseContext) -> dict:

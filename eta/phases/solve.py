@@ -22,6 +22,7 @@ from ..accuracy_predictor import MLPPredictor, index_encode, one_hot_encode, spe
 from ..arch import arch_to_str
 from ..bound import BoundSpace, rebuild
 from ..devices import pick_device
+from ..errors import EtaError, first_line
 from ..files import read_json, write_json
 from ..mixed_precision import expand_first_layer, float_projection, is_mixed, project, quantization_terms, quantize_stitched
 from ..optimize import SearchProblem, sample_under_budget, solve_budgets
@@ -217,7 +218,11 @@ def sampled_choices(bound: BoundSpace, info: LatencyInfo) -> list[tuple]:
 
 def selected_archs(ctx: PhaseContext) -> list[str]:
     """The distinct architectures of the solutions, best-ranked first, as many as the finetune phase takes."""
-    rows = [SolutionRow.from_dict(r) for r in read_json(ctx.run.solutions)]
+    data = read_json(ctx.run.solutions)
+    try:
+        rows = [SolutionRow.from_dict(r) for r in data]
+    except (KeyError, TypeError, AttributeError) as err:
+        raise EtaError(f"{ctx.run.solutions}: not the solutions of a solve phase (expected a list of rows; {first_line(err)})") from None
     archs = list(dict.fromkeys(r.arch for r in sorted(rows, key=lambda r: (r.rank, r.budget_ms))))
     return archs[: ctx.space.finetune.max_students]
 

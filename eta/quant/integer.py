@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import EtaError
-from ..latency.backends import NotExecutable, protocol_of, register_measurer, tune_trials_of
+from ..latency.backends import NotExecutable, protocol_of, register_measurer, uses_schedules
 from ..latency import tvm_backend
 from ..latency.protocol import Measurement, Protocol
 from .lowering import INPUT
@@ -205,9 +205,9 @@ __all__ = ["CONTAINER_DTYPE", "CompiledIntModule", "LoweredStep", "compile_int",
            "kernel_dtype", "measure_int", "to_relax"]
 
 
-def _measure_for_table(op: QuantOp, input_shape: tuple, provenance: dict, database_dir=None):
+def _measure_for_table(op: QuantOp, input_shape: tuple, provenance: dict, database_dir=None, key=None):
     """A latency-table entry of a quantized operator: integer kernels, untuned schedules."""
-    if tune_trials_of(provenance["schedule"]):
+    if uses_schedules(provenance["schedule"]):
         raise NotExecutable(f"{op.bits}-bit operators are measured with untuned schedules only")
     # 4-bit values run on the 8-bit kernels (TVM's llvm int4 conv2d packs two values per byte but reads one)
     return measure_int(op, input_shape, provenance["target"], protocol_of(provenance)), {"kernel_dtype": kernel_dtype(op.bits)}

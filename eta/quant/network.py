@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ..errors import EtaError
-from ..latency.backends import NotExecutable, protocol_of, register_measurer, tune_trials_of
+from ..latency.backends import NotExecutable, protocol_of, register_measurer, uses_schedules
 from ..latency import tvm_backend
 from ..latency.protocol import Measurement, Protocol
 from ..network import StemBlocksHead
@@ -422,9 +422,9 @@ __all__ = ["CompiledNetworkInt", "QuantStudent", "agreement", "boundary_multipli
            "measure_network_int", "quant_skeleton", "quantize_student", "requantize_codes", "to_relax_network"]
 
 
-def _measure_for_table(model: QuantStudent, input_shape: tuple, provenance: dict, database_dir=None):
+def _measure_for_table(model: QuantStudent, input_shape: tuple, provenance: dict, database_dir=None, key=None):
     """A latency-table entry of a quantized student: one integer network, untuned schedules."""
-    if tune_trials_of(provenance["schedule"]):
+    if uses_schedules(provenance["schedule"]):
         raise NotExecutable("quantized networks are measured with untuned schedules only")
     m = measure_network_int(model, input_shape, provenance["target"], protocol_of(provenance))
     return m, {"kernel_dtype": "mixed", "block_bits": list(model.bits)}
