@@ -192,7 +192,12 @@ def cmd_export(args) -> int:
     meta = export_student(Path(args.run), Path(args.output), args.max_latency_ms, args.resolution, force=args.force, integer=args.int)
     print(f"exported {meta['arch']} at {meta['resolution']}px: {meta['latency_ms']:.3f} ms, test acc {meta['test_acc']:.4f} -> {args.output}")
     if not args.int:
-        print(f"load with: torch.export.load('{Path(args.output) / 'student.pt2'}').module()")
+        print(f"load with: torch.export.load('{Path(args.output) / 'student.pt2'}').module()  (or student.onnx)")
+        d = meta.get("deployed")
+        if d:
+            print(f"TVM library {Path(args.output) / d['module']} ({d['schedule']} schedules): {d['latency_ms']:.3f} ms measured now, "
+                  f"{d['front_latency_ms']:.3f} ms on the front; outputs within {d['max_abs_diff_vs_pytorch']:.1e} of PyTorch; "
+                  f"run it with: cd {args.output} && python run_student.py")
     else:
         i = meta["integer"]
         print(f"integer TVM module {Path(args.output) / i['module']} (bits {i['bits']}): top-1 agreement with the fake-quant model "

@@ -1,8 +1,12 @@
 """Getting students out of a run: pick from the front, rebuild, export for plain PyTorch.
 
 An export folder holds ``architecture.json`` (what the student is, and what the front promised),
-``weights.safetensors`` (its state dict) and ``student.pt2`` (a ``torch.export`` program that loads
-with ``torch.export.load(path).module()`` and needs neither eta nor the teacher's code). With
+``weights.safetensors`` (its state dict), ``student.pt2`` (a ``torch.export`` program that loads
+with ``torch.export.load(path).module()`` and needs neither eta nor the teacher's code) and
+``student.onnx``. When the run measured with TVM, ``student.so`` is the float student compiled
+with the same schedules its table used (the latency the front promised), with ``run_student.py``,
+the few lines that run it with TVM's runtime alone; it is checked against PyTorch and timed again.
+With
 ``integer=True`` (``eta export --int``) a quantized student is also compiled as one integer TVM
 module, ``student_int.so`` (load with ``tvm.runtime.load_module`` and ``relax.VirtualMachine``),
 checked against the fake-quantized PyTorch model on the test split and timed end to end; the
@@ -18,9 +22,13 @@ import torch
 from .arch import arch_from_str
 from .bound import BoundSpace, splits_for
 from .data import batches
-from .errors import EtaError
+from .errors import EtaError, first_line
 from .files import atomic_path, load_tensors, read_json, save_tensors, write_json
+from .latency import deploy
+from .latency.backends import uses_schedules
 from .latency.protocol import Protocol
+from .latency.table import schedules_database
+from .latency.tvm_backend import compile_module
 from .quant.network import agreement, compile_network_int
 from .records import Front, LatencyInfo
 from .runs import Run
@@ -101,9 +109,11 @@ def export_student(run_dir: Path, out_dir: Path, max_latency_ms: float | None = 
     x = torch.randn(2, info["in_chans"], entry["resolution"], entry["resolution"])
     out_dir.mkdir(parents=True, exist_ok=True)
     if not quantized:  # a fake-quantized model is not what deploys; its integer module is
-        program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},))
+        batch = torch.export.Dim("batch", min=1, max=65536)
+        program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
         with atomic_path(out_dir / "student.pt2") as tmp:
             torch.export.save(program, str(tmp))
+        export_onnx(model, x, out_dir / "student.onnx")
     save_tensors(out_dir / "weights.safetensors", model.state_dict(), {"arch": entry["arch"]})
     meta = {
         "format": "eta-student/1",
@@ -116,8 +126,67 @@ def export_student(run_dir: Path, out_dir: Path, max_latency_ms: float | None = 
     }
     if integer:
         meta["integer"] = export_integer(run, model, entry, out_dir)
+    else:
+        deployed = export_deployed(run, model, entry, out_dir)
+        if deployed is not None:
+            meta["deployed"] = deployed
     write_json(out_dir / "architecture.json", meta)
     return meta
+
+
+def export_onnx(model, example, path: Path) -> None:
+    """``student.onnx`` (dynamic batch) for ONNX runtimes; written atomically."""
+    import warnings
+
+    try:
+        with atomic_path(path) as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (example,), str(tmp), dynamo=True, external_data=False, verbose=False,
+                              dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},))
+    except Exception as err:  # noqa: BLE001 - the exporter raises many types for operators it cannot express
+        raise EtaError(f"ONNX export of the student failed: {first_line(err)}") from None
+
+
+def export_deployed(run: Run, model, entry: dict, out_dir: Path) -> dict | None:
+    """The float student compiled by TVM with the schedules the run's table used (``student.so``), checked against
+    PyTorch and timed again as the front's figure was; None when the run measured with another backend."""
+    info = LatencyInfo.from_dict(read_json(run.latency_info))
+    if info.backend != "tvm":
+        return None
+    space = run.space()
+    r = entry["resolution"]
+    shape = (space.latency.batch_size, model.eta_info["in_chans"], r, r)
+    database = schedules_database(info.target) if uses_schedules(info.schedule) else None
+    library = deploy.export_library(model, shape, info.target, out_dir / "student.so", database_dir=database)
+    worst = deploy.check_exported(model, out_dir / "student.so", shape)
+    cfg = space.latency
+    protocol = Protocol(number=cfg.number, repeat=cfg.repeat, max_cv=cfg.max_spread)
+    compiled = compile_module(model, shape, info.target, database, key=deploy.weights_key(model))  # the library just written
+    slower, latency = sorted((compiled.time(protocol) for _ in range(2)), key=lambda m: m.median_ms, reverse=True)
+    write_text_atomic(out_dir / "run_student.py", RUN_SNIPPET.format(shape=list(shape)))
+    out = {"module": "student.so", "schedule": info.schedule, "target": info.target, "schedules": library.get("schedules"),
+           "max_abs_diff_vs_pytorch": worst, "latency_ms": latency.median_ms, "latency_spread": latency.spread,
+           "slower_measurement_ms": slower.median_ms, "front_latency_ms": entry["latency_ms"], "run_with": "python run_student.py"}
+    log.info("TVM library: %.3f ms (front: %.3f ms), outputs within %.1e of PyTorch", out["latency_ms"], out["front_latency_ms"], worst)
+    return out
+
+
+RUN_SNIPPET = '''"""Run the exported student with TVM's runtime alone (no eta, no PyTorch): python run_student.py"""
+import numpy as np
+import tvm
+from tvm import relax
+
+vm = relax.VirtualMachine(tvm.runtime.load_module("student.so"), tvm.cpu())
+x = np.random.default_rng(0).standard_normal({shape}).astype("float32")  # a batch of normalised images
+out = vm["main"](tvm.runtime.tensor(x, tvm.cpu()))
+logits = (out if hasattr(out, "numpy") else out[0]).numpy()
+print("predicted classes:", logits.argmax(1))
+'''
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def export_integer(run: Run, model, entry: dict, out_dir: Path) -> dict:

@@ -6,6 +6,8 @@ their budgets by the latency table, finetuned students must beat chance on the t
 latencies must be real TVM measurements of the exported networks.
 """
 import json
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -130,6 +132,22 @@ def test_export_and_load_student(finished, tmp_path):
     plain = load_exported(tmp_path / "out")
     x = torch.randn(4, 1, meta["resolution"], meta["resolution"])
     assert torch.allclose(plain(x), model(x), atol=1e-5)
+    # the same student for ONNX runtimes, and compiled by TVM as the table measured it
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(tmp_path / "out" / "student.onnx"), providers=["CPUExecutionProvider"])
+    onnx_out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert np.allclose(onnx_out, model(x).detach().numpy(), atol=1e-4)
+    from eta.latency.deploy import load_exported_library
+
+    deployed = meta["deployed"]
+    library = load_exported_library(tmp_path / "out" / "student.so")
+    one = x[:1].numpy()
+    assert np.allclose(library(one), model(x[:1]).detach().numpy(), atol=1e-4)
+    assert deployed["schedule"] == search.space.latency.schedules == "untuned"
+    assert abs(deployed["latency_ms"] - deployed["front_latency_ms"]) / deployed["front_latency_ms"] < 0.5  # timed again
+    run = subprocess.run([sys.executable, "run_student.py"], cwd=tmp_path / "out", capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "predicted classes" in run.stdout, run.stderr[-2000:]
     with pytest.raises(EtaError, match="fastest"):
         export_student(search.run.root, tmp_path / "out2", max_latency_ms=1e-6)
 
