@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import EtaError, first_line
+from ..locks import timing_lock
 from . import schedules
 from .tvm_backend import (_check_tuning_runtime, build_candidate, check_target, extract_tasks, load_tensor_intrinsics,
                           lower_for_tuning, to_relax, workload_hash)
@@ -87,6 +88,15 @@ def space_tasks(workloads, target: dict) -> tuple[list[SpaceTask], int]:
             else:
                 distinct[h] = SpaceTask(h, str(task.task_name), int(task.weight), task.dispatched[0], task.target)
     return list(distinct.values()), found
+
+
+def timed_alone(rt_mod, device, evaluator_config, repeated_args):
+    """MetaSchedule's candidate timing, under the machine-wide timing lock of its device: a tuning run neither
+    disturbs nor is disturbed by another process's timings (it runs in MetaSchedule's runner worker)."""
+    from tvm.s_tir.meta_schedule.runner.local_runner import default_run_evaluator
+
+    with timing_lock("cuda" if "cuda" in str(device) else "cpu", "tuning"):
+        return default_run_evaluator(rt_mod, device, evaluator_config, repeated_args)
 
 
 def _run_key(hashes) -> str:
@@ -287,7 +297,7 @@ def tune_space(workloads, target: dict, database_dir, *, total_trials: int | Non
         callbacks = list(ms.MeasureCallback.create("default")) + [_callback(on_batch)]
         ms.tune.tune_tasks(tasks=contexts, task_weights=[float(t.weight) for t in eligible], work_dir=str(database_dir),
                            max_trials_global=left, max_trials_per_task=per_task, num_trials_per_iter=min(num_trials_per_iter, per_task),
-                           builder=builder, runner=ms.runner.LocalRunner(), database=ms.database.JSONDatabase(work_dir=str(database_dir)),
+                           builder=builder, runner=ms.runner.LocalRunner(f_run_evaluator=timed_alone), database=ms.database.JSONDatabase(work_dir=str(database_dir)),
                            cost_model="xgb", measure_callbacks=callbacks,
                            task_scheduler=_scheduler([float(t.weight) for t in eligible], seed))
     except Exception as err:  # MetaSchedule surfaces TVM and Python errors of many types; _Stop arrives wrapped
