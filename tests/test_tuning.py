@@ -115,3 +115,27 @@ def test_a_task_tuned_for_one_space_is_not_tuned_again_for_another(tmp_path, tar
     x = np.random.default_rng(0).standard_normal(SHAPE).astype("float32")
     np.testing.assert_allclose(tuned.run(x), untuned.run(x), rtol=1e-4, atol=1e-5)
     assert cc.compiled_module(module, SHAPE, target, key="c", database_dir=db).cache_hit
+
+
+def test_a_target_without_schedules_in_the_cache_starts_from_the_shipped_ones(tmp_path, monkeypatch):
+    """Tuned schedules shipped with eta (predictors/schedules/<target>/) seed the cache's database once; a database
+    already in the cache is never overwritten by them."""
+    from eta import paths
+    from eta.latency.schedules import target_slug
+    from eta.latency.table import schedules_database
+
+    target = {"kind": "llvm", "mcpu": "x86-64-v3", "num-cores": 2}
+    shipped = tmp_path / "reference" / "schedules" / target_slug(target)
+    shipped.mkdir(parents=True)
+    (shipped / "database_workload.json").write_text('["w"]\n')
+    (shipped / "database_tuning_record.json").write_text('[0, "r"]\n')
+    monkeypatch.delenv("ETA_PREDICTORS_DIR", raising=False)
+    monkeypatch.setenv("ETA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(paths, "reference_dir", lambda: tmp_path / "reference")
+    db = schedules_database(target)
+    assert db == tmp_path / "cache" / "schedules" / target_slug(target)
+    assert (db / "database_tuning_record.json").read_text() == '[0, "r"]\n'
+    (db / "database_tuning_record.json").write_text('[0, "r"]\n[0, "mine"]\n')  # tuned further here
+    assert schedules_database(target) == db and "mine" in (db / "database_tuning_record.json").read_text()
+    other = {"kind": "llvm", "mcpu": "znver4", "num-cores": 2}
+    assert not list(schedules_database(other).glob("*.json"))  # nothing shipped for it: an empty database
