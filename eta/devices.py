@@ -55,3 +55,15 @@ def grad_scaler(device, amp: str | None = "auto") -> torch.amp.GradScaler | None
     if amp_dtype(device, amp) is torch.float16 and is_cuda(device):
         return torch.amp.GradScaler(torch.device(device).type)
     return None
+
+
+def optimizer_step(loss, optimizer, scaler=None) -> None:
+    """Backward and one optimiser step, through the gradient scaler when fp16 AMP needs one."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()

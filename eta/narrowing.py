@@ -283,26 +283,19 @@ def _from_tp_group(tp, graph, tp_group, names, tensors):
         if path is None:
             return f"they reach a tensor that is not a layer of the block ({type(m).__name__})"
         prefix = f"{path}." if path else ""
-        if node.type == O.CONV:
-            if m.transposed or m.groups != 1:
+        if node.type in (O.CONV, O.LINEAR):
+            if node.type == O.CONV and (m.transposed or m.groups != 1):
                 return f"'{path}' is a transposed or grouped conv"
-            if graph.is_out_channel_pruning_fn(handler):
+            if graph.is_out_channel_pruning_fn(handler):  # its outputs (rows and bias) are the channels
                 members += [Member(prefix + "weight", 0)] + ([Member(prefix + "bias", 0)] if m.bias is not None else [])
                 producers.append(path)
-            else:
+            else:  # it reads them (columns)
                 members.append(Member(prefix + "weight", 1))
                 readers.append(members[-1])
         elif node.type == O.DEPTHWISE_CONV:
             if m.transposed or m.in_channels != m.out_channels:
                 return f"'{path}' is a depthwise conv with a channel multiplier"
             members += [Member(prefix + "weight", 0)] + ([Member(prefix + "bias", 0)] if m.bias is not None else [])
-        elif node.type == O.LINEAR:
-            if graph.is_out_channel_pruning_fn(handler):
-                members += [Member(prefix + "weight", 0)] + ([Member(prefix + "bias", 0)] if m.bias is not None else [])
-                producers.append(path)
-            else:
-                members.append(Member(prefix + "weight", 1))
-                readers.append(members[-1])
         elif node.type == O.BN:
             members += [Member(prefix + t, 0) for t in ("weight", "bias", "running_mean", "running_var")
                         if getattr(m, t, None) is not None]

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .augment import Augment
 from .data import batches, num_batches
-from .devices import autocast, grad_scaler
+from .devices import autocast, grad_scaler, optimizer_step
 from .errors import EtaError
 
 log = logging.getLogger(__name__)
@@ -139,14 +139,7 @@ def fit(
                         t_logits = teacher(x).float()
                 logits = model(x).float()
             loss = distillation_loss(logits, y, t_logits, kd_weight=kd_weight, temperature=temperature, label_smoothing=smoothing)
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
+            optimizer_step(loss, opt, scaler)
             step += 1
             sched.step_update(step)
             loss_sum += loss.detach() * len(y)

@@ -23,7 +23,7 @@ from .. import faults
 from ..bound import BoundSpace, rebuild, set_seed
 from ..augment import for_space
 from ..data import batches, num_batches
-from ..devices import autocast, grad_scaler, pick_device
+from ..devices import autocast, grad_scaler, optimizer_step, pick_device
 from ..elastic import super_op_name
 from ..errors import EtaError, first_line
 from ..files import load_tensors, read_json, save_tensors, write_json
@@ -85,14 +85,7 @@ def pretrain_group(bound: BoundSpace, splits, blocks: list[int], *, seed: int = 
                         block_loss = block_loss + F.mse_loss(op(t_in, e).float(), t_out.float())
                     history[b].append(block_loss.item() / len(ops[b]))
                     loss = loss + block_loss
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
+            optimizer_step(loss, opt, scaler)
             step += 1
             sched.step_update(step)
             bar.update(1)
