@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from .errors import EtaError
@@ -317,19 +318,27 @@ def main(argv=None) -> int:
     except EtaError as err:
         print(f"eta: error: {err}", file=sys.stderr)
         return 2
-    except Terminated:
-        print("eta: terminated (SIGTERM); finished work is on disk, run the same command again to resume", file=sys.stderr)
-        return 128 + signal.SIGTERM
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Terminated; Ray re-raises it as a plain KeyboardInterrupt)
+        if isinstance(err, Terminated) or _terminated.is_set():
+            print("eta: terminated (SIGTERM); finished work is on disk, run the same command again to resume", file=sys.stderr)
+            return 128 + signal.SIGTERM
         print("eta: interrupted; finished work is on disk, run the same command again to resume", file=sys.stderr)
         return 130
 
 
-class Terminated(BaseException):
-    """Raised in the main thread on SIGTERM, so the command stops as it would on Ctrl-C."""
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread on SIGTERM, so the command stops as it would on Ctrl-C.
+
+    A KeyboardInterrupt, because that is what Ray's waits let through (they turn any other exception
+    raised by a signal handler into a SystemError); ``_terminated`` remembers which signal it was.
+    """
+
+
+_terminated = threading.Event()
 
 
 def _stop_on_sigterm(signum, frame):
+    _terminated.set()
     raise Terminated()
 
 

@@ -59,4 +59,10 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as err:  # safetensors raises several types for truncated or foreign files
-        raise EtaError(f"corrupt weights file {path}: {str(err).splitlines()[0]}") from None
+        with open(path, "rb") as f:
+            head = f.read(2)
+        hint = ""
+        if head[:2] == b"PK" or head[:1] == b"\x80":  # torch.save's zip, or a bare pickle
+            hint = ("; it looks like a pickled PyTorch checkpoint, which eta never unpickles: convert it with "
+                    "safetensors.torch.save_file(torch.load(path, weights_only=True), 'weights.safetensors')")
+        raise EtaError(f"corrupt weights file {path}: {str(err).splitlines()[0]}{hint}") from None

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
@@ -26,13 +28,16 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpu
     """Use a running Ray session if there is one, else start (and later stop) one.
 
     ``address``: ``auto``, ``ray://host:10001``, ``host:6379``, or None for a local cluster bound
-    to loopback with ``num_cpus`` CPUs (default: all).
+    to loopback with ``num_cpus`` CPUs (default: all). Starting Ray replaces the process's SIGTERM
+    handler with one that exits at once (no unwinding, no lock released); a Python handler set
+    before (the CLI's: stop as on Ctrl-C) is put back.
     """
     import ray
 
     if ray.is_initialized():
         yield ray
         return
+    sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     kwargs = dict(include_dashboard=False, configure_logging=True, logging_level=logging.WARNING, log_to_driver=False)
     if address:
         ray.init(address=address, **kwargs)
@@ -44,6 +49,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpu
             _node_ip_address="127.0.0.1",
             **kwargs,
         )
+    if callable(sigterm):
+        signal.signal(signal.SIGTERM, sigterm)
     try:
         yield ray
     finally:

@@ -10,6 +10,8 @@ import logging
 import os
 from pathlib import Path
 
+from .errors import EtaError, first_line
+
 log = logging.getLogger(__name__)
 
 
@@ -25,7 +27,15 @@ class PhaseTracker:
 
         os.environ.setdefault("WANDB_SILENT", "true")
         run_root = Path(run_root)
-        self._run = wandb.init(
+        try:
+            self._run = self._init(wandb, run_root, phase, mode, project, config)
+        except Exception as err:  # noqa: BLE001 - wandb raises many types (files, network, settings)
+            raise EtaError(f"W&B ({mode}) could not start in {run_root / 'wandb'}: {first_line(err)}; "
+                           "turn tracking off with tracking.wandb: disabled (or --wandb disabled)") from None
+
+    @staticmethod
+    def _init(wandb, run_root: Path, phase: str, mode: str, project: str, config: dict | None):
+        return wandb.init(
             project=project,
             group=run_root.name,
             name=f"{run_root.name}-{phase}",

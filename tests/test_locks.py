@@ -126,7 +126,7 @@ BUILD = textwrap.dedent('''
 
 
 @pytest.mark.slow
-def test_two_searches_on_one_machine_never_time_at_once_and_share_one_table(tmp_path):
+def test_two_searches_on_one_machine_never_time_at_once_and_share_one_table(tmp_path, monkeypatch):
     """Two latency phases of different spaces run at once into one shared table: no two timings overlap
     (each entry records when it was timed), and the table ends with every entry of both."""
     spaces = []
@@ -138,9 +138,16 @@ def test_two_searches_on_one_machine_never_time_at_once_and_share_one_table(tmp_
         spaces.append(tmp_path / f"s{i}.yaml")
         spaces[-1].write_text(yaml.safe_dump(d))
     env = _env(tmp_path, ETA_PREDICTORS_DIR=str(tmp_path / "tables"))
-    procs = [subprocess.Popen([sys.executable, "-c", BUILD, str(s), str(tmp_path / "runs")], env=env,
-                              stderr=open(tmp_path / f"log{i}", "w")) for i, s in enumerate(spaces)]
-    assert [p.wait(timeout=900) for p in procs] == [0, 0], [(tmp_path / f"log{i}").read_text()[-2000:] for i in range(2)]
+    monkeypatch.setenv("ETA_LOCK_DIR", env["ETA_LOCK_DIR"])
+    logs = [tmp_path / f"log{i}" for i in range(2)]
+    with timing_lock("cpu", "the test, until both searches wait"):  # so they surely meet at the lock
+        procs = [subprocess.Popen([sys.executable, "-c", BUILD, str(s), str(tmp_path / "runs")], env=env,
+                                  stderr=open(log, "w")) for s, log in zip(spaces, logs)]
+        deadline = time.monotonic() + 600
+        while not all(f"waiting for pid {os.getpid()}" in log.read_text() for log in logs):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [log.read_text()[-2000:] for log in logs]
+            time.sleep(0.5)
+    assert [p.wait(timeout=900) for p in procs] == [0, 0], [log.read_text()[-2000:] for log in logs]
     (table,) = (tmp_path / "tables").rglob("*.json")
     entries = json.loads(table.read_text())["entries"]
     for i in range(2):
@@ -150,5 +157,3 @@ def test_two_searches_on_one_machine_never_time_at_once_and_share_one_table(tmp_
     assert len(intervals) >= 10
     overlaps = [(a, b) for a, b in zip(intervals, intervals[1:]) if b[0] < a[1]]
     assert not overlaps, overlaps[:3]
-    logs = (tmp_path / "log0").read_text() + (tmp_path / "log1").read_text()
-    assert "waiting for pid" in logs  # they did meet
