@@ -139,3 +139,22 @@ def test_a_target_without_schedules_in_the_cache_starts_from_the_shipped_ones(tm
     assert schedules_database(target) == db and "mine" in (db / "database_tuning_record.json").read_text()
     other = {"kind": "llvm", "mcpu": "znver4", "num-cores": 2}
     assert not list(schedules_database(other).glob("*.json"))  # nothing shipped for it: an empty database
+
+
+def test_a_packed_database_applies_the_same_schedules_with_only_the_best_records(tmp_path):
+    """What ships (``pack``) keeps each workload's best record and the workloads they name; unpacked, the database's
+    best records (what TVM applies, what the compile cache's digest names) are those of the original."""
+    from eta.latency.schedules import FAILED_S, RECORDS, STATE, WORKLOADS, best_records, pack, unpack
+
+    src = tmp_path / "db"
+    src.mkdir()
+    (src / WORKLOADS).write_text("".join(json.dumps([h, {"ir": h * 50}]) + "\n" for h in ("111", "222", "333")))
+    recs = [[0, [{"t": "a"}, [0.003, 0.003]]], [0, [{"t": "b"}, [0.001, 0.002]]], [1, [{"t": "c"}, [FAILED_S]]],
+            [2, [{"t": "d"}, [0.5]]], [2, [{"t": "e"}, [0.4, 0.6]]]]
+    (src / RECORDS).write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (src / STATE).write_text(json.dumps({"format": "eta-schedules/1", "tvm_version": "x", "target": {"kind": "llvm"}}))
+    assert pack(src, tmp_path / "packed") == {"workloads": 2, "records": 2}  # 222 has only a failed record
+    assert not (tmp_path / "packed" / WORKLOADS).exists() and (tmp_path / "packed" / (WORKLOADS + ".gz")).is_file()
+    unpack(tmp_path / "packed", tmp_path / "out")
+    assert best_records(tmp_path / "out") == best_records(src) and set(best_records(src)) == {"111", "333"}
+    assert json.loads((tmp_path / "out" / STATE).read_text())["tvm_version"] == "x"

@@ -199,3 +199,50 @@ def schedule_digest(database_dir, workload_hashes) -> str:
 def tuned_hashes(database_dir) -> set[str]:
     """Workloads with at least one valid record."""
     return set(best_records(database_dir))
+
+
+def pack(database_dir, dest) -> dict:
+    """Write the part of a database worth shipping to ``dest``: each workload's best record and the workloads
+    they name (gzipped: MetaSchedule keeps each workload's whole IR), with the provenance.
+
+    What ``schedule_digest`` sees is unchanged: the best record of every workload is kept as it is.
+    ``unpack`` turns ``dest`` back into a database MetaSchedule reads.
+    """
+    import gzip
+
+    database_dir, dest = Path(database_dir), Path(dest)
+    state = read_state(database_dir)
+    if state is None:
+        raise EtaError(f"schedule database {database_dir}: no {STATE}; only a database eta tuned can be packed")
+    workloads = [line for line in (database_dir / WORKLOADS).read_text().splitlines() if line.strip()]
+    hashes = [json.loads(w)[0] for w in workloads]
+    best = best_records(database_dir)
+    keep = [i for i, h in enumerate(hashes) if str(h) in best]
+    best_lines = {}
+    for index, record in _iter_records(database_dir / RECORDS):
+        h = str(hashes[index]) if isinstance(index, int) and index < len(hashes) else None
+        if h in best and h not in best_lines and json.dumps(record[0], separators=(",", ":")) == best[h]:
+            best_lines[h] = record
+    dest.mkdir(parents=True, exist_ok=True)
+    with gzip.open(dest / (WORKLOADS + ".gz"), "wt") as f:
+        f.writelines(workloads[i] + "\n" for i in keep)
+    new_index = {str(hashes[i]): k for k, i in enumerate(keep)}
+    (dest / RECORDS).write_text("".join(json.dumps([new_index[h], rec], separators=(",", ":")) + "\n"
+                                        for h, rec in sorted(best_lines.items(), key=lambda kv: new_index[kv[0]])))
+    (dest / STATE).write_text(json.dumps(state, indent=1))
+    return {"workloads": len(keep), "records": len(best_lines)}
+
+
+def unpack(packed_dir, database_dir) -> None:
+    """A database MetaSchedule reads, in ``database_dir``, from what ``pack`` wrote (or a plain database copied)."""
+    import gzip
+    import shutil
+
+    packed_dir, database_dir = Path(packed_dir), Path(database_dir)
+    database_dir.mkdir(parents=True, exist_ok=True)
+    for p in packed_dir.iterdir():
+        if p.name.endswith(".gz"):
+            with gzip.open(p, "rb") as src, open(database_dir / p.name[:-3], "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        elif p.is_file():
+            shutil.copyfile(p, database_dir / p.name)

@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import statistics
@@ -39,7 +40,7 @@ from ..locks import file_lock
 from . import backends
 from .backends import measure_entry, uses_schedules
 from .protocol import Protocol
-from .schedules import target_slug
+from .schedules import target_slug, unpack
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,12 @@ def schedules_database(target: dict) -> Path:
         ref = paths.reference_dir()
         seed = ref / "schedules" / target_slug(target) if ref is not None and not paths.tables_overridden() else None
         if seed is not None and seed.is_dir():
-            shutil.copytree(seed, path)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            unpack(seed, tmp)
+            try:
+                tmp.rename(path)  # whole, or not at all: another process may be seeding it too
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
             log.info("tuned schedules for %s: starting from the %d records shipped with eta", target_slug(target),
                      sum(1 for _ in (path / "database_tuning_record.json").open()) if (path / "database_tuning_record.json").exists() else 0)
     return path
