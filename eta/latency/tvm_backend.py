@@ -96,8 +96,29 @@ def apply_database(mod, tvm_target, database_dir):
 
     load_tensor_intrinsics(tvm_target.kind.name)  # a record may tensorize with an intrinsic registered there
     mod = lower_for_tuning(mod)
-    with ms.database.JSONDatabase(work_dir=str(database_dir)), tvm_target:
+    with opened_database(database_dir), tvm_target:
         return relax.transform.MetaScheduleApplyDatabase()(mod)
+
+
+_DATABASES: dict[str, tuple] = {}
+
+
+def opened_database(database_dir):
+    """The JSON database at ``database_dir``, parsed once per process while its files stay as they are.
+
+    Parsing it costs seconds (every workload's whole IR); a compile pool's worker compiles many
+    modules against one database, so it keeps the parsed one until tuning changes the files.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    from .schedules import RECORDS, WORKLOADS
+
+    d = Path(database_dir)
+    stamp = tuple((p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else None for p in (d / WORKLOADS, d / RECORDS))
+    cached = _DATABASES.get(str(d))
+    if cached is None or cached[0] != stamp:
+        cached = _DATABASES[str(d)] = (stamp, ms.database.JSONDatabase(work_dir=str(d)))
+    return cached[1]
 
 
 def extract_tasks(lowered, tvm_target) -> list:
