@@ -152,9 +152,11 @@ def test_a_packed_database_applies_the_same_schedules_with_only_the_best_records
     recs = [[0, [{"t": "a"}, [0.003, 0.003]]], [0, [{"t": "b"}, [0.001, 0.002]]], [1, [{"t": "c"}, [FAILED_S]]],
             [2, [{"t": "d"}, [0.5]]], [2, [{"t": "e"}, [0.4, 0.6]]]]
     (src / RECORDS).write_text("".join(json.dumps(r) + "\n" for r in recs))
-    (src / STATE).write_text(json.dumps({"format": "eta-schedules/1", "tvm_version": "x", "target": {"kind": "llvm"}}))
+    (src / STATE).write_text(json.dumps({"format": "eta-schedules/1", "tvm_version": "x", "target": {"kind": "llvm"},
+                                         "tasks": {"111": {"trials": 2}}, "runs": {"space 1": {"trials_spent": 2}}}))
     assert pack(src, tmp_path / "packed") == {"workloads": 2, "records": 2}  # 222 has only a failed record
     assert not (tmp_path / "packed" / WORKLOADS).exists() and (tmp_path / "packed" / (WORKLOADS + ".gz")).is_file()
     unpack(tmp_path / "packed", tmp_path / "out")
     assert best_records(tmp_path / "out") == best_records(src) and set(best_records(src)) == {"111", "333"}
-    assert json.loads((tmp_path / "out" / STATE).read_text())["tvm_version"] == "x"
+    state = json.loads((tmp_path / "out" / STATE).read_text())
+    assert state["tvm_version"] == "x" and state["tasks"] == {"111": {"trials": 2}} and state["runs"] == {}

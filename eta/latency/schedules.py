@@ -203,7 +203,7 @@ def tuned_hashes(database_dir) -> set[str]:
 
 def pack(database_dir, dest) -> dict:
     """Write the part of a database worth shipping to ``dest``: each workload's best record and the workloads
-    they name (gzipped: MetaSchedule keeps each workload's whole IR), with the provenance.
+    they name (gzipped: MetaSchedule keeps each workload's whole IR), the provenance and the trials spent.
 
     What ``schedule_digest`` sees is unchanged: the best record of every workload is kept as it is.
     ``unpack`` turns ``dest`` back into a database MetaSchedule reads.
@@ -229,7 +229,8 @@ def pack(database_dir, dest) -> dict:
     new_index = {str(hashes[i]): k for k, i in enumerate(keep)}
     (dest / RECORDS).write_text("".join(json.dumps([new_index[h], rec], separators=(",", ":")) + "\n"
                                         for h, rec in sorted(best_lines.items(), key=lambda kv: new_index[kv[0]])))
-    (dest / STATE).write_text(json.dumps(state, indent=1))
+    # trials spent per task travel (a shipped task is not tuned again from nothing); the tuning runs are this machine's
+    (dest / STATE).write_text(json.dumps({**state, "runs": {}}, indent=1))
     return {"workloads": len(keep), "records": len(best_lines)}
 
 
