@@ -24,7 +24,7 @@ from pathlib import Path
 from ..errors import EtaError, first_line
 from ..locks import timing_lock
 from . import schedules
-from .tvm_backend import (_check_tuning_runtime, build_candidate, check_target, extract_tasks, load_tensor_intrinsics,
+from .tvm_backend import (build_candidate, check_target, check_tuning_runtime, extract_tasks, load_tensor_intrinsics,
                           lower_for_tuning, to_relax, workload_hash)
 
 log = logging.getLogger(__name__)
@@ -221,7 +221,7 @@ def tune_space(workloads, target: dict, database_dir, *, total_trials: int | Non
     from tqdm.auto import tqdm
     from tvm.s_tir import meta_schedule as ms
 
-    _check_tuning_runtime()
+    check_tuning_runtime()
     if total_trials is None and trials_per_task is None:
         raise EtaError("tuning needs a budget: total trials or trials per task")
     if (total_trials is not None and total_trials < 1) or (trials_per_task is not None and trials_per_task < 1):

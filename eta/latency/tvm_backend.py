@@ -263,7 +263,7 @@ def measure(module, input_shape, target: dict, protocol: Protocol | None = None,
 CRASHING_FFI_PREFIXES = ("0.1.15",)
 
 
-def _check_tuning_runtime() -> None:
+def check_tuning_runtime() -> None:
     import importlib.metadata as md
 
     try:
