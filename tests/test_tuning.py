@@ -73,6 +73,7 @@ def test_a_target_tvm_cannot_build_for_is_one_line(tmp_path, target):
         tuning.tune_space([(module_b(), SHAPE)], target, tmp_path / "db")
 
 
+@pytest.mark.slow  # real MetaSchedule trials: about a minute on 2 cores
 def test_interrupted_run_resumes_with_the_budget_left(tmp_path, target):
     db = tmp_path / "db"
     space = [(module_a(), SHAPE), (module_b(), SHAPE)]
@@ -97,6 +98,7 @@ def test_interrupted_run_resumes_with_the_budget_left(tmp_path, target):
     assert more.trials_run == 2 and more.trials_spent == 8
 
 
+@pytest.mark.slow  # real MetaSchedule trials: about a minute on 2 cores
 def test_a_task_tuned_for_one_space_is_not_tuned_again_for_another(tmp_path, target, monkeypatch):
     monkeypatch.setenv("ETA_CACHE_DIR", str(tmp_path / "cache"))
     db = tmp_path / "db"
