@@ -67,7 +67,8 @@ def test_tuned_search_measures_every_network_with_tuned_schedules(tmp_path):
     database first, every entry and every whole network of the front is compiled with it, and the table says so."""
     from .conftest import tiny_space_dict
 
-    d = tiny_space_dict(budgets=[0.8])
+    d = tiny_space_dict(budgets=[0.8], resolutions=[16])  # one resolution: every tuned task and compile once, not twice
+    d["pool"][0]["expansion"] = [2]
     d["latency"].update(schedules="tuned", tune={"trials_per_task": 1, "population": 8})
     d["finetune"]["max_students"] = 1
     space = tmp_path / "tuned.yaml"
