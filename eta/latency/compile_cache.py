@@ -121,13 +121,14 @@ def entry_path(key: str, input_shape, target: dict, schedule_digest: str | None 
     return _root(target) / f"{_digest(_identity(key, input_shape, target, schedule_digest))}.so"
 
 
-def sidecar_path(path: Path) -> Path:
+def record_path(path: Path) -> Path:
+    """The JSON record beside a cached library: what it was compiled from, with which schedules, in how long."""
     return path.with_suffix(".json")
 
 
 def _valid(path: Path, identity: dict) -> dict | None:
     """The sidecar of a complete, intact entry for ``identity``; None when absent or damaged (then removed)."""
-    side = sidecar_path(path)
+    side = record_path(path)
     if not side.is_file():
         return None
     try:
@@ -144,7 +145,7 @@ def _valid(path: Path, identity: dict) -> dict | None:
 
 
 def _remove(path: Path) -> None:
-    for p in (sidecar_path(path), path):
+    for p in (record_path(path), path):
         try:
             p.unlink()
         except FileNotFoundError:
@@ -166,7 +167,7 @@ def _store(executable, path: Path, identity: dict, compile_s: float, tuned_funct
     meta = {"format": FORMAT, **identity, "database_dir": None if database_dir is None else str(database_dir),
             "compile_s": round(float(compile_s), 4), "tuned_functions": int(tuned_functions), "so_bytes": size,
             "so_sha256": sha, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    with atomic_path(sidecar_path(path)) as tmp:
+    with atomic_path(record_path(path)) as tmp:
         tmp.write_text(json.dumps(meta, indent=1) + "\n")
     return meta
 
@@ -335,7 +336,7 @@ def prune(max_age_days: float | None = None) -> int:
 
     removed, now, version = 0, time.time(), schedules.tvm_version()
     for lib in cache_subdir("compiled").glob("*/*.so"):
-        side = sidecar_path(lib)
+        side = record_path(lib)
         try:
             meta = json.loads(side.read_text()) if side.is_file() else None
         except (OSError, json.JSONDecodeError):

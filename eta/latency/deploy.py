@@ -49,14 +49,14 @@ def export_library(module, input_shape, target: dict, path, database_dir=None) -
     Returns what the sidecar records. Compiled through the compiled-module cache, so exporting the
     same weights again, or exporting a student the caller just compiled, costs a copy.
     """
-    from .compile_cache import sidecar_path, compiled_module
+    from .compile_cache import compiled_module, record_path
 
     path = Path(path)
     if path.suffix != ".so":
         raise EtaError(f"a TVM library is written as a .so file, not {path.name}")
     input_shape = tuple(int(d) for d in input_shape)
     compiled = compiled_module(module, input_shape, target, key=weights_key(module), database_dir=database_dir)
-    cached = json.loads(sidecar_path(compiled.path).read_text())
+    cached = json.loads(record_path(compiled.path).read_text())
     path.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(compiled.path, path)
     info = {"format": FORMAT, "library": path.name, "input_shape": list(input_shape), "input_dtype": "float32",
