@@ -131,6 +131,11 @@ def _device_slug(device: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in str(device).lower()).strip("-") or "cpu"
 
 
+def timing_device(device) -> str:
+    """The lock a timing on ``device`` (a TVM or torch device, or its name) takes: ``cuda`` or ``cpu``."""
+    return "cuda" if "cuda" in str(device) else "cpu"
+
+
 @contextmanager
 def timing_lock(device: str = "cpu", what: str = "timing"):
     """Hold the machine-wide timing lock of ``device`` (``cpu``, ``cuda:0``) while timing."""

@@ -159,6 +159,12 @@ def _iter_records(path: Path):
 _BEST_CACHE: dict[str, tuple] = {}
 
 
+def files_stamp(database_dir) -> tuple:
+    """(size, modification time) of the database's two files: what a parsed copy is valid for."""
+    d = Path(database_dir)
+    return tuple((p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else None for p in (d / WORKLOADS, d / RECORDS))
+
+
 def best_records(database_dir) -> dict[str, str]:
     """Workload structural hash -> the JSON of its fastest valid record (what TVM applies).
 
@@ -166,7 +172,7 @@ def best_records(database_dir) -> dict[str, str]:
     """
     database_dir = Path(database_dir)
     wl_path, rec_path = database_dir / WORKLOADS, database_dir / RECORDS
-    stamp = tuple((p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else None for p in (wl_path, rec_path))
+    stamp = files_stamp(database_dir)
     cached = _BEST_CACHE.get(str(database_dir))
     if cached and cached[0] == stamp:
         return cached[1]

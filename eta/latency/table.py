@@ -40,7 +40,7 @@ from ..locks import file_lock
 from . import backends
 from .backends import measure_entry, uses_schedules
 from .protocol import Protocol
-from .schedules import target_slug, unpack
+from .schedules import best_records, target_slug, unpack
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,8 @@ def schedules_database(target: dict) -> Path:
                 tmp.rename(path)  # whole, or not at all: another process may be seeding it too
             except OSError:
                 shutil.rmtree(tmp, ignore_errors=True)
-            log.info("tuned schedules for %s: starting from the %d records shipped with eta", target_slug(target),
-                     sum(1 for _ in (path / "database_tuning_record.json").open()) if (path / "database_tuning_record.json").exists() else 0)
+            log.info("tuned schedules for %s: starting from the %d tasks' schedules shipped with eta", target_slug(target),
+                     len(best_records(path)))
     return path
 
 

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import EtaError, first_line
-from ..locks import timing_lock
+from ..locks import timing_device, timing_lock
 from . import schedules
 from .tvm_backend import (build_candidate, check_target, check_tuning_runtime, extract_tasks, load_tensor_intrinsics,
                           lower_for_tuning, to_relax, workload_hash)
@@ -95,7 +95,7 @@ def timed_alone(rt_mod, device, evaluator_config, repeated_args):
     disturbs nor is disturbed by another process's timings (it runs in MetaSchedule's runner worker)."""
     from tvm.s_tir.meta_schedule.runner.local_runner import default_run_evaluator
 
-    with timing_lock("cuda" if "cuda" in str(device) else "cpu", "tuning"):
+    with timing_lock(timing_device(device), "tuning"):
         return default_run_evaluator(rt_mod, device, evaluator_config, repeated_args)
 
 

@@ -21,6 +21,7 @@ import torch
 
 from ..errors import EtaError
 from .host import cpu_name
+from ..locks import timing_device
 from .protocol import Measurement, Protocol, measure_callable
 
 log = logging.getLogger(__name__)
@@ -111,10 +112,10 @@ def opened_database(database_dir):
     """
     from tvm.s_tir import meta_schedule as ms
 
-    from .schedules import RECORDS, WORKLOADS
+    from .schedules import files_stamp
 
     d = Path(database_dir)
-    stamp = tuple((p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else None for p in (d / WORKLOADS, d / RECORDS))
+    stamp = files_stamp(d)
     cached = _DATABASES.get(str(d))
     if cached is None or cached[0] != stamp:
         cached = _DATABASES[str(d)] = (stamp, ms.database.JSONDatabase(work_dir=str(d)))
@@ -236,7 +237,7 @@ def time_vm(vm, device, tensor_input, protocol: Protocol | None = None, compile_
         ev = vm.time_evaluator("main", device, number=number, repeat=repeat, min_repeat_ms=0)
         return [r * 1e3 for r in ev(tensor_input).results]
 
-    m = measure_callable(timer, lambda: vm["main"](tensor_input), protocol, device="cuda" if "cuda" in str(device) else "cpu")
+    m = measure_callable(timer, lambda: vm["main"](tensor_input), protocol, device=timing_device(device))
     m.compile_s = compile_s
     return m
 
