@@ -27,6 +27,14 @@ LEGACY_SECTIONS = {"phase1": "pretrain", "phase2": "solve", "phase3": "finetune"
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
+
+def _each(values: list, ok, message: str) -> list:
+    """``values`` unchanged when ``ok`` holds for each; else the error ``message`` names the first that fails."""
+    for x in values:
+        if not ok(x):
+            raise ValueError(message.format(x))
+    return values
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -111,26 +119,18 @@ class PoolEntry(_Strict):
     @field_validator("kernel")
     @classmethod
     def _odd_kernels(cls, v: list[int]) -> list[int]:
-        for k in v:
-            if k < 1 or k % 2 == 0:
-                raise ValueError(f"kernel size {k}: kernels are odd and positive (padding k//2 keeps the feature map's size)")
-        return v
+        return _each(v, lambda k: k >= 1 and k % 2 == 1,
+                     "kernel size {}: kernels are odd and positive (padding k//2 keeps the feature map's size)")
 
     @field_validator("expansion")
     @classmethod
     def _positive_expansions(cls, v: list[float]) -> list[float]:
-        for e in v:
-            if not e > 0:
-                raise ValueError(f"expansion {e}: an elastic width is a positive multiple of the reference channels")
-        return v
+        return _each(v, lambda e: e > 0, "expansion {}: an elastic width is a positive multiple of the reference channels")
 
     @field_validator("heads")
     @classmethod
     def _heads(cls, v: list[int]) -> list[int]:
-        for h in v:
-            if h < 0:
-                raise ValueError(f"heads {h}: a number of attention heads is at least 1 (0: not a transformer family)")
-        return v
+        return _each(v, lambda h: h >= 0, "heads {}: a number of attention heads is at least 1 (0: not a transformer family)")
 
     def specs(self) -> list[OpSpec]:
         """Every combination of the settings the family varies (the others are ignored)."""
@@ -318,10 +318,7 @@ class SearchSpace(_Strict):
     @field_validator("resolutions")
     @classmethod
     def _resolution_sizes(cls, v: list[int]) -> list[int]:
-        for r in v:
-            if r < 4:
-                raise ValueError(f"resolution {r}: input sizes are at least 4 pixels")
-        return v
+        return _each(v, lambda r: r >= 4, "resolution {}: input sizes are at least 4 pixels")
 
     @field_validator("bits")
     @classmethod
