@@ -27,7 +27,6 @@ LEGACY_SECTIONS = {"phase1": "pretrain", "phase2": "solve", "phase3": "finetune"
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-
 def _each(values: list, ok, message: str) -> list:
     """``values`` unchanged when ``ok`` holds for each; else the error ``message`` names the first that fails."""
     for x in values:
