@@ -89,8 +89,8 @@ def main(argv=None) -> int:
     bound, seed = search.bound, search.space.seed
     cfg = search.space.solve.predictor
     n_max = max(args.sizes + [args.default_size])
-    held = sample_architectures(bound, problem, args.holdout, args.levels, seed + 101)
-    multi = [c for c in sample_architectures(bound, problem, n_max + args.holdout, args.levels, seed + 202) if c not in set(held)][:n_max]
+    held = sample_architectures(problem, args.holdout, args.levels, seed + 101, exclude=bound.teacher_choices())
+    multi = [c for c in sample_architectures(problem, n_max + args.holdout, args.levels, seed + 202, exclude=bound.teacher_choices()) if c not in set(held)][:n_max]
     budgets = budgets_ms(search.space, info)
     budget = budgets[len(budgets) // 2]
     band = (budget * 0.9, budget)  # one budget: students just under it, as a single-budget search would sample

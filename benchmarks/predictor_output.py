@@ -29,9 +29,10 @@ log = logging.getLogger("benchmarks.predictor_output")
 
 def phase2_samples(search, info) -> list[dict]:
     """The students phase 2 trained its predictor on, read back from the run's cache."""
+    from eta.phases.latency import search_problem
     from eta.phases.solve import sampled_choices
 
-    choices = sampled_choices(search.bound, info)
+    choices = sampled_choices(search.bound, search_problem(search.bound, info))
     cached = {tuple(s["choices"]): s for s in read_json(search.run.samples)}
     missing = [c for c in choices if c not in cached]
     if missing:

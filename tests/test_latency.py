@@ -74,6 +74,34 @@ def test_tvm_matches_torch_for_conv_block(target):
     assert m.compile_s > 0
 
 
+def test_constants_folded_in_numpy_leave_the_workloads_and_outputs_of_relax_folding(target):
+    """Batch norm's arithmetic on weights, folded before Relax's FoldConstant: same TIR tasks, same numbers."""
+    import tvm
+    from tvm import relax
+
+    block = conv_block()  # batch norm with statistics that are not the identity
+    mod = tvm_backend.to_relax(block, (1, 8, 12, 12))
+    tvm_target = tvm.target.Target(target)
+    seq = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
+                                    relax.get_pipeline("zero")])
+    by_relax, by_numpy = seq(mod), tvm_backend.lower_for_tuning(mod)
+    assert "sqrt" not in tvm_backend.fold_constants(relax.transform.DecomposeOpsForInference()(mod)).script(show_meta=False)
+
+    def hashes(lowered):
+        return sorted(tvm_backend.workload_hash(t) for t in tvm_backend.extract_tasks(lowered, tvm_target))
+
+    assert hashes(by_numpy) == hashes(by_relax) and hashes(by_numpy)
+    x = np.random.default_rng(1).standard_normal((1, 8, 12, 12)).astype("float32")
+    outs = []
+    for lowered in (by_relax, by_numpy):
+        _, device, vm = tvm_backend.load_vm(lowered, target)
+        outs.append(vm["main"](tvm.runtime.tensor(x, device))[0].numpy())
+    with torch.no_grad():
+        ref = block(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(outs[1], ref, rtol=1e-4, atol=1e-4)
+
+
 def test_protocol_sizes_repeats_and_keeps_tightest_attempt():
     from eta.latency.protocol import measure_callable
 

@@ -150,17 +150,40 @@ def test_a_quantized_solution_is_evaluated_as_the_integer_module_runs():
     assert w4_acc != float_acc  # and not the float network's
 
 
+def test_a_mixed_space_under_a_tight_size_limit_still_samples_float_students_for_the_predictor():
+    """The predictor learns float accuracy: its samples span the float students, not the few a size limit leaves."""
+    from eta.bound import bind, splits_for
+    from eta.phases.solve import sampled_choices
+    from eta.space import parse_space
+
+    from .conftest import tiny_space_dict
+
+    d = tiny_space_dict(bits=[32, 8, 4])
+    d["pool"] = [{"family": "ir", "kernel": [3], "expansion": [2, 4]}, {"family": "teacher"}]
+    space = parse_space(d, "probe")
+    bound = bind(space, splits_for(space))
+    rng = np.random.default_rng(0)
+    latency = [rng.uniform(0.1, 1.0, len(opts)) for opts in bound.options]
+    size = [np.array([s.bits / 32 for s in opts]) for opts in bound.options]  # no float operator fits the limit below
+    problem = SearchProblem(option_latency=latency, limits=[(size, 0.2 * len(size))])
+    got = sampled_choices(bound, problem)
+    assert len(got) == space.solve.samples and len(set(got)) == len(got)
+    assert all(bound.options[b][j].bits == 32 for c in got for b, j in enumerate(c))
+    assert bound.teacher_choices() not in got
+    lat = problem.latency_many(got)
+    floats, _ = problem.restricted([[j for j, s in enumerate(o) if s.bits == 32] for o in bound.options])
+    assert lat.min() < floats.min_latency() + 0.2 * (floats.max_latency() - floats.min_latency())  # spread over the float range
+    assert lat.max() > floats.max_latency() - 0.2 * (floats.max_latency() - floats.min_latency())
+
+
 def test_unreachable_latency_bands_hand_their_samples_to_the_others():
     """Under a size limit the slow end of the space is empty; phase 2 still gets the samples it asked for."""
-    from types import SimpleNamespace
-
     from eta.phases.solve import sample_architectures
 
     problem, _, _ = mixed_problem(seed=5, blocks=5, floats=3)
     size = [r.copy() for r in problem.option_latency]  # size grows with latency: the slow end cannot fit
     problem.limits = [(size, 0.6 * sum(r.max() for r in size))]
-    bound = SimpleNamespace(teacher_choices=lambda: None)
-    got = sample_architectures(bound, problem, 60, 10, seed=0)
+    got = sample_architectures(problem, 60, 10, seed=0)
     assert len(got) == 60 and len(set(got)) == 60
     assert problem.within_limits_many(got).all()
     lat = problem.latency_many(got)

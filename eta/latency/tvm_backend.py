@@ -85,9 +85,52 @@ def lower_for_tuning(mod):
     import tvm
     from tvm import relax
 
-    seq = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
-                                    relax.get_pipeline("zero")])
-    return seq(mod)
+    seq = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings()])
+    return relax.get_pipeline("zero")(fold_constants(seq(mod)))
+
+
+# Relax operators on constants that ``fold_constants`` evaluates with NumPy (float tensors, NumPy broadcasting).
+_NUMPY_OPS = {
+    "relax.expand_dims": lambda attrs, a: np.expand_dims(a, tuple(int(x) for x in attrs.axis)),
+    "relax.add": lambda attrs, a, b: a + b,
+    "relax.subtract": lambda attrs, a, b: a - b,
+    "relax.multiply": lambda attrs, a, b: a * b,
+    "relax.divide": lambda attrs, a, b: a / b,
+    "relax.sqrt": lambda attrs, a: np.sqrt(a),
+    "relax.rsqrt": lambda attrs, a: 1 / np.sqrt(a),
+}
+
+
+def fold_constants(mod):
+    """Evaluate the inference-time arithmetic on weights (batch norm's ``sqrt(var + eps)`` and the like) in NumPy.
+
+    Relax's ``FoldConstant`` builds and runs a TIR function for each such expression: about 3 s of a
+    3.6 s lowering for a small CNN. Folded here first, it finds nothing left; the TIR workloads (and
+    so their tuned schedules) are the same.
+    """
+    import tvm
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class _Folder(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            fold = _NUMPY_OPS.get(getattr(call.op, "name", None))
+            if fold is None or not call.args:
+                return call
+            args = [self.lookup_binding(a) if isinstance(a, relax.Var) else a for a in call.args]
+            if not all(isinstance(a, tvm.ir.expr.Constant) for a in args):
+                return call
+            values = [a.value.numpy() for a in args]
+            if not all(v.dtype.kind == "f" and v.dtype == values[0].dtype for v in values):
+                return call
+            return relax.const(np.asarray(fold(call.attrs, *values), dtype=values[0].dtype), str(values[0].dtype))
+
+    folder = _Folder(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            folder.builder_.update_func(gv, folder.visit_expr(func))
+    return folder.builder_.get()
 
 
 def apply_database(mod, tvm_target, database_dir):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -59,11 +60,6 @@ def solve_key(problem: SearchProblem, k_per_budget: int, seed: int) -> str:
     return h.hexdigest()[:16]
 
 
-def float_choices(bound: BoundSpace, choices) -> tuple[int, ...]:
-    """The same architecture with every operator at 32 bits (what pretraining trained and proxy accuracy measures)."""
-    return tuple(bound.options[b].index(bound.options[b][j].with_bits(32)) for b, j in enumerate(choices))
-
-
 def proxy_accuracy(bank: OperatorBank, splits, choices_list, *, seed: int = 0, device="cpu") -> list[float]:
     """Stitch, recalibrate BatchNorm on training batches, evaluate on the proxy split.
 
@@ -96,8 +92,8 @@ def proxy_accuracy_task(space_dict, teacher_state, block_states, choices_list, s
     return accs
 
 
-def sample_architectures(bound: BoundSpace, problem: SearchProblem, n: int, levels: int, seed: int) -> list[tuple]:
-    """``n`` distinct architectures spread evenly over ``levels`` latency bands.
+def sample_architectures(problem: SearchProblem, n: int, levels: int, seed: int, exclude: tuple | None = None) -> list[tuple]:
+    """``n`` distinct architectures spread evenly over ``levels`` latency bands, ``exclude`` (the teacher) not among them.
 
     A band no architecture reaches (the slow end of a mixed-precision space under a size limit,
     say) hands its share to the bands that filled theirs, so the predictor still sees ``n`` samples.
@@ -106,7 +102,6 @@ def sample_architectures(bound: BoundSpace, problem: SearchProblem, n: int, leve
     lo, hi = problem.min_latency(), problem.max_latency()
     edges = np.linspace(lo, hi, levels + 1)
     out, seen = [], set()
-    tc = bound.teacher_choices()
     want = [n // levels + (1 if i < n % levels else 0) for i in range(levels)]
     bands = list(range(levels))
     while bands:
@@ -115,7 +110,7 @@ def sample_architectures(bound: BoundSpace, problem: SearchProblem, n: int, leve
             got = sample_under_budget(problem, float(edges[i + 1]) + 1e-9, want[i], rng, lower_ms=float(edges[i]))
             for c in got:
                 c = tuple(int(v) for v in c)
-                if c not in seen and c != tc:
+                if c not in seen and c != exclude:
                     seen.add(c)
                     out.append(c)
                     want[i] -= 1
@@ -174,9 +169,12 @@ def fit_predictor(bound: BoundSpace, samples: list[dict], seed: int, encoding: s
     ``encoding`` and ``output`` override the space's predictor settings (benchmarks compare them).
     """
     cfg = bound.space.solve
+    n_hold = max(2, int(round(cfg.holdout * len(samples))))
+    if len(samples) < n_hold + 2:
+        raise EtaError(f"solve: only {len(samples)} distinct students could be sampled, too few to train and check the accuracy "
+                       f"predictor ({n_hold} held out + 2): the space '{bound.space.name}' needs more operators per block or looser limits")
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(samples))
-    n_hold = max(2, int(round(cfg.holdout * len(samples))))
     hold, train = order[:n_hold], order[n_hold:]
     X = encode(bound, [s["choices"] for s in samples], encoding)
     y = np.array([s["proxy_acc"] for s in samples], dtype=np.float64)
@@ -204,16 +202,23 @@ def solve_in_parallel(problem: SearchProblem, budgets: list[float], k_per_budget
         yield refs[ref], result[refs[ref]]
 
 
-def sampled_choices(bound: BoundSpace, info: LatencyInfo) -> list[tuple]:
+def sampled_choices(bound: BoundSpace, problem: SearchProblem) -> list[tuple]:
     """The students the solve phase evaluates to train its predictor (deterministic for the space's seed).
 
     In a mixed space they are float students: bit-widths are priced by the quantization term.
     """
     cfg = bound.space.solve
-    choices = sample_architectures(bound, latency.search_problem(bound, info), cfg.samples, cfg.sample_levels, bound.space.seed)
-    if is_mixed(bound):
-        choices = list(dict.fromkeys(float_choices(bound, c) for c in choices))
-    return choices
+    if not is_mixed(bound):
+        return sample_architectures(problem, cfg.samples, cfg.sample_levels, bound.space.seed, exclude=bound.teacher_choices())
+    # Float students over their own latency range, free of the size/BOPs limits, which only quantized
+    # students must meet: under a tight limit few float projections of feasible students are distinct.
+    keep = [[j for j, s in enumerate(opts) if s.bits == 32] for opts in bound.options]
+    floats, keep = problem.restricted(keep)
+    floats = replace(floats, limits=())
+    tc = bound.teacher_choices()
+    teacher = tuple(int(np.flatnonzero(k == j)[0]) for k, j in zip(keep, tc)) if tc is not None else None
+    return [tuple(int(keep[b][j]) for b, j in enumerate(c))
+            for c in sample_architectures(floats, cfg.samples, cfg.sample_levels, bound.space.seed, exclude=teacher)]
 
 
 def selected_archs(ctx: PhaseContext) -> list[str]:
@@ -237,7 +242,7 @@ def run(ctx: PhaseContext, info: LatencyInfo, block_states: list[dict]) -> tuple
     seed = bound.space.seed
     t0 = time.time()
     with ctx.ray(), ctx.tracker(NAME) as tr:
-        choices_list = sampled_choices(bound, info)
+        choices_list = sampled_choices(bound, latency.search_problem(bound, info))
         samples = evaluate_samples(ctx, block_states, choices_list)
         eval_s = time.time() - t0
         predictor, pmetrics = fit_predictor(bound, samples, seed)
