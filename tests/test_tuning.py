@@ -162,3 +162,15 @@ def test_a_packed_database_applies_the_same_schedules_with_only_the_best_records
     assert best_records(tmp_path / "out") == best_records(src) and set(best_records(src)) == {"111", "333"}
     state = json.loads((tmp_path / "out" / STATE).read_text())
     assert state["tvm_version"] == "x" and state["tasks"] == {"111": {"trials": 2}} and state["runs"] == {}
+
+
+def test_a_task_with_no_schedules_left_to_try_is_not_tuned_again(tmp_path, target):
+    """A reshape has one schedule: once MetaSchedule has measured it, later calls do not pay for another search."""
+    db = tmp_path / "db"
+    flatten = [(nn.Flatten().eval(), (1, 8, 1, 1))]
+    first = tuning.tune_space(flatten, target, db, trials_per_task=8, **FAST)
+    assert first.distinct == 1 and 1 <= first.trials_run < 8  # fewer candidates than the cap allowed
+    state = json.loads((db / schedules.STATE).read_text())
+    assert [t.get("exhausted") for t in state["tasks"].values()] == [True]
+    again = tuning.tune_space(flatten, target, db, trials_per_task=8, **FAST)
+    assert again.trials_run == 0 and again.stopped == "done"

@@ -253,7 +253,10 @@ def tune_space(workloads, target: dict, database_dir, *, total_trials: int | Non
     def spent(t):
         return int(counts[t.hash]["trials"])
 
-    eligible = [t for t in tasks if t.hash in own and (trials_per_task is None or spent(t) < trials_per_task)]
+    def open_space(t):  # a task whose design space MetaSchedule has used up (a reshape has one schedule) is done
+        return not counts[t.hash].get("exhausted", False)
+
+    eligible = [t for t in tasks if t.hash in own and open_space(t) and (trials_per_task is None or spent(t) < trials_per_task)]
     # the scheduler gives each task one batch in this order first: the least tuned first (a resumed run carries on
     # where it stopped), the most frequent first among equals (an interrupted first pass covers what the space runs most)
     eligible.sort(key=lambda t: (spent(t), -t.weight))
@@ -272,12 +275,17 @@ def tune_space(workloads, target: dict, database_dir, *, total_trials: int | Non
         return summary(0, "budget" if left <= 0 else "done" if own else "nothing to tune")
     # MetaSchedule caps every task at one number of trials in this call; a resumed task may pass its cap by what it spent before
     per_task = (trials_per_task - min(spent(t) for t in eligible)) if trials_per_task else left
+    per_iter = min(num_trials_per_iter, per_task)
     cores = int(target.get("num-cores") or os.cpu_count() or 1)
-    this_run = {"trials": 0, "tasks": set()}
+    this_run = {"trials": 0, "tasks": set(), "per_task": {}}
     bar = tqdm(total=left, desc=f"tuning {len(eligible)} tasks", unit="trial", disable=not progress, dynamic_ncols=True)
 
     def on_batch(task_id, n):
         t = eligible[task_id]
+        asked = min(per_iter, per_task - this_run["per_task"].get(t.hash, 0), left - this_run["trials"])
+        if n < asked:  # MetaSchedule had fewer new candidates than the batch asked for: nothing left to search
+            counts[t.hash]["exhausted"] = True
+        this_run["per_task"][t.hash] = this_run["per_task"].get(t.hash, 0) + n
         counts[t.hash]["trials"] = spent(t) + n
         record["trials_spent"] = int(record["trials_spent"]) + n
         record["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -296,7 +304,7 @@ def tune_space(workloads, target: dict, database_dir, *, total_trials: int | Non
         builder = ms.builder.LocalBuilder(max_workers=max_workers or cores, f_build=build_candidate)
         callbacks = list(ms.MeasureCallback.create("default")) + [_callback(on_batch)]
         ms.tune.tune_tasks(tasks=contexts, task_weights=[float(t.weight) for t in eligible], work_dir=str(database_dir),
-                           max_trials_global=left, max_trials_per_task=per_task, num_trials_per_iter=min(num_trials_per_iter, per_task),
+                           max_trials_global=left, max_trials_per_task=per_task, num_trials_per_iter=per_iter,
                            builder=builder, runner=ms.runner.LocalRunner(f_run_evaluator=timed_alone), database=ms.database.JSONDatabase(work_dir=str(database_dir)),
                            cost_model="xgb", measure_callbacks=callbacks,
                            task_scheduler=_scheduler([float(t.weight) for t in eligible], seed))
