@@ -112,6 +112,13 @@ class Task:
         return self._remote.remote(TaskContext.from_driver(self.threads), self.fn, *args, **kwargs)
 
 
+def nodes_holding(resource: str) -> int:
+    """How many alive nodes of the connected cluster hold ``resource``."""
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get(resource, 0) >= 1)
+
+
 def completed(refs: Iterable, *, desc: str, total: int, progress: bool = True, count: Callable = lambda result: 1) -> Iterator:
     """(ref, result) as each task finishes, with a progress bar of ``total`` units (``count(result)`` per task)."""
     import ray

@@ -176,6 +176,9 @@ class TuneConfig(_Strict):
     total_trials: Optional[int] = Field(None, ge=1, description="the whole budget instead, whatever the number of tasks")
     max_minutes: Optional[float] = Field(None, gt=0, description="stop tuning after this long (what was found is kept)")
     population: int = Field(128, ge=8, description="evolutionary search's population per batch (512 is TVM's default)")
+    nodes: Optional[str] = Field(None, description="tune on every Ray node holding this custom resource (machines like the "
+                                 "measuring one), each a share of the tasks and budget; their records are merged into the "
+                                 "database the table compiles with")
 
 
 class LatencyConfig(_Strict):
@@ -195,6 +198,13 @@ class LatencyConfig(_Strict):
     node_resource: Optional[str] = Field(None, description="Ray custom resource of the node that measures, e.g. latency:rpi4")
     drift_tolerance: Optional[float] = Field(0.10, gt=0, description="re-measure the whole table when cached entries time "
                                              "this much off here (another machine); null: trust the table")
+
+    @model_validator(mode="after")
+    def _one_place_for_schedules(self):
+        if self.tune.nodes and self.node_resource:
+            raise ValueError("tune.nodes and node_resource together: tuning on several nodes merges into the database "
+                             "of the machine that measures, so measure on the driver's machine (drop node_resource)")
+        return self
 
     def tuned(self, bits: list[int]) -> bool:
         """TVM with tuned schedules (``tune_trials`` > 0: how spaces of earlier eta asked for it)."""

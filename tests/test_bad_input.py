@@ -295,6 +295,8 @@ CASES = [
     E(space(_set("latency", backend="onnx"), "latency.backend"), id="space-latency-backend", marks=SLOW),
     E(space(_set("latency", target="quantum"), "latency.target", "quantum"), id="space-latency-target"),
     E(space(_set("latency", repeat=1), "latency.repeat"), id="space-latency-repeat", marks=SLOW),
+    E(space(_set("latency", node_resource="latency:board", tune={"nodes": "tune:cpu"}), "latency", "tune.nodes", "node_resource"),
+      id="space-latency-tune-nodes-and-measuring-node", marks=SLOW),
     E(space(lambda d: d.update(budgets=[]), "'budgets'"), id="space-budgets-empty", marks=SLOW),
     E(space(lambda d: d.update(budgets=[2.0]), "'budgets", "2.0"), id="space-budgets-fraction-out-of-range"),
     E(space(lambda d: d.update(budgets=["fast"]), "'budgets", "fast"), id="space-budgets-not-a-budget", marks=SLOW),

@@ -1,5 +1,10 @@
 """Tuning a space: tasks deduplicated across modules, one resumable budget, foreign databases refused."""
 import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,3 +179,49 @@ def test_a_task_with_no_schedules_left_to_try_is_not_tuned_again(tmp_path, targe
     assert [t.get("exhausted") for t in state["tasks"].values()] == [True]
     again = tuning.tune_space(flatten, target, db, trials_per_task=8, **FAST)
     assert again.trials_run == 0 and again.stopped == "done"
+
+
+TWO_NODES = textwrap.dedent('''
+    import json, sys
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from eta.latency import compile_cache as cc, schedules, tuning, tvm_backend
+    from tests.test_tuning import FAST, SHAPE, module_a, module_c
+
+    db = sys.argv[1] + "/db"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, resources={"tune:cpu": 1})
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        target = tvm_backend.host_target(num_cores=1)
+        space = [(module_a(), SHAPE), (module_c(), SHAPE)]
+        first = tuning.tune_space(space, target, db, trials_per_task=2, nodes=("tune:cpu", 2), **FAST)
+        again = tuning.tune_space(space, target, db, trials_per_task=2, nodes=("tune:cpu", 2), **FAST)
+        tuned = [cc.compiled_module(m, SHAPE, target, key=k, database_dir=db).tuned_functions for k, (m, _) in zip("ac", space)]
+        state = json.loads(open(db + "/" + schedules.STATE).read())
+        json.dump({"first": first.to_dict(), "again": again.to_dict(), "driver": ray.get_runtime_context().get_node_id(),
+                   "tuned_functions": tuned, "best": sorted(schedules.best_records(db)),
+                   "state_trials": {h: t["trials"] for h, t in state["tasks"].items()}}, open(sys.argv[1] + "/result.json", "w"))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+''')
+
+
+@pytest.mark.slow  # three Ray nodes and real trials: about a minute on 2 cores
+def test_tuning_spread_over_two_nodes_merges_every_share_into_one_database(tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": "", "ETA_CACHE_DIR": str(tmp_path / "cache"),
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", TWO_NODES, str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "result.json").read_text())
+    first, again = res["first"], res["again"]
+    hashes = sorted(t["hash"] for t in first["tasks"])
+    assert len(hashes) == first["distinct"] >= 3
+    assert len(set(first["nodes"])) == 2 and res["driver"] not in first["nodes"]  # two shares, on the two tuning nodes
+    assert res["best"] == hashes  # every task of both shares has a valid record in the merged database
+    assert first["trials_run"] == first["trials_spent"] == sum(res["state_trials"].values()) == 2 * len(hashes)
+    assert again["trials_run"] == 0
+    assert res["tuned_functions"][0] >= 2 and res["tuned_functions"][1] >= 2  # TVM applies the merged records

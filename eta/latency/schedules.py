@@ -207,6 +207,32 @@ def tuned_hashes(database_dir) -> set[str]:
     return set(best_records(database_dir))
 
 
+def merge(source_dir, database_dir) -> int:
+    """Append the records of the database at ``source_dir`` (tuned elsewhere: another Ray node, another machine of
+    the same target) to ``database_dir``, each under its workload there (added when new); returns how many."""
+    source_dir, database_dir = Path(source_dir), Path(database_dir)
+    src_lines = [line for line in (source_dir / WORKLOADS).read_text().splitlines() if line.strip()]
+    src_hashes = [json.loads(line)[0] for line in src_lines]
+    dst_path = database_dir / WORKLOADS
+    dst_hashes = [w[0] if isinstance(w, list) and w else None for w in _iter_json_lines(dst_path)]
+    index = {str(h): i for i, h in enumerate(dst_hashes)}
+    new_workloads, new_records = [], []
+    for k, record in _iter_records(source_dir / RECORDS):
+        if not isinstance(k, int) or k >= len(src_hashes):
+            continue
+        h = str(src_hashes[k])
+        if h not in index:
+            index[h] = len(dst_hashes) + len(new_workloads)
+            new_workloads.append(src_lines[k])
+        new_records.append(json.dumps([index[h], record], separators=(",", ":")))
+    database_dir.mkdir(parents=True, exist_ok=True)
+    with open(dst_path, "a") as f:
+        f.writelines(line + "\n" for line in new_workloads)
+    with open(database_dir / RECORDS, "a") as f:
+        f.writelines(line + "\n" for line in new_records)
+    return len(new_records)
+
+
 def pack(database_dir, dest) -> dict:
     """Write the part of a database worth shipping to ``dest``: each workload's best record and the workloads
     they name (gzipped: MetaSchedule keeps each workload's whole IR), the provenance and the trials spent.

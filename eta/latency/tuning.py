@@ -17,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import tempfile
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -58,6 +60,7 @@ class TuningSummary:
     stopped: str  # "budget" (spent), "done" (every task at its cap), "time" (max_seconds), "nothing to tune"
     run: str = ""
     tasks: list = field(default_factory=list)  # per task: hash, name, weight, trials (all runs)
+    nodes: list = field(default_factory=list)  # the Ray nodes that tuned a share (tune_space's ``nodes``)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -207,7 +210,8 @@ def _contexts(tasks: list[SpaceTask], work_dir: str, seed: int, num_threads: int
 
 def tune_space(workloads, target: dict, database_dir, *, total_trials: int | None = None, trials_per_task: int | None = None,
                num_trials_per_iter: int = 8, max_workers: int | None = None, population: int = 512, seed: int = 0,
-               max_seconds: float | None = None, progress: bool = True, run: str | None = None) -> TuningSummary:
+               max_seconds: float | None = None, progress: bool = True, run: str | None = None,
+               nodes: tuple[str, int] | None = None, only: Collection[str] | None = None) -> TuningSummary:
     """Tune every distinct task of ``workloads`` (``(torch module, input shape)`` pairs) into ``database_dir``.
 
     ``total_trials``: the budget of the whole run, allocated across tasks by the gradient scheduler
@@ -217,6 +221,10 @@ def tune_space(workloads, target: dict, database_dir, *, total_trials: int | Non
     it up to a larger ``total_trials``. ``max_seconds`` ends it early, keeping what was measured.
     Small ``num_trials_per_iter`` spreads a small budget over many tasks (each task first gets one
     batch); MetaSchedule's default of 64 spent a 256-trial budget on a handful of tasks.
+
+    ``nodes``: (a Ray custom resource, how many nodes hold it): the tasks to tune are dealt out to
+    that many Ray tasks, one per node, each tuning its share under its share of the budget into a
+    database of its own, merged here when it returns. ``only``: tune just these workload hashes.
     """
     from tqdm.auto import tqdm
     from tvm.s_tir import meta_schedule as ms
@@ -232,6 +240,8 @@ def tune_space(workloads, target: dict, database_dir, *, total_trials: int | Non
     load_tensor_intrinsics(target["kind"])
     t0 = time.perf_counter()
     tasks, found = space_tasks(workloads, target)
+    if only is not None:
+        tasks = [t for t in tasks if t.hash in set(only)]
     extract_s = time.perf_counter() - t0
     run_key = run or _run_key(t.hash for t in tasks)
     tuned_before = schedules.tuned_hashes(database_dir)
@@ -299,6 +309,26 @@ def tune_space(workloads, target: dict, database_dir, *, total_trials: int | Non
     stopped = "budget"
     log.info("tuning %d of %d distinct tasks (%d found, %d tuned before) with %d trials, at most %d per task", len(eligible),
              len(tasks), found, len(tasks) - len(own), left, per_task)
+    if nodes is not None and nodes[1] > 1 and len(eligible) > 1:
+        options = dict(num_trials_per_iter=num_trials_per_iter, max_workers=max_workers, population=population, seed=seed,
+                       max_seconds=None if max_seconds is None else max(1.0, max_seconds - (time.perf_counter() - t0)))
+        for share in tune_on_nodes(workloads, target, database_dir, eligible, left, per_task, nodes, options):
+            for h, task in share["tasks"].items():
+                counts[h]["trials"] = int(counts[h]["trials"]) + task["trials"]
+                counts[h]["exhausted"] = counts[h].get("exhausted", False) or task.get("exhausted", False)
+                this_run["tasks"].add(h)
+            record["trials_spent"] = int(record["trials_spent"]) + share["trials"]
+            this_run["trials"] += share["trials"]
+            stopped = "time" if share["stopped"] == "time" else stopped
+            this_run.setdefault("nodes", []).append(share["node"])
+            bar.update(share["trials"])
+        bar.close()
+        if stopped != "time" and record["trials_spent"] < record["total_trials"]:
+            stopped = "done"
+        out = summary(this_run["trials"], stopped, len(this_run["tasks"]))
+        out.nodes = this_run.get("nodes", [])
+        log.info("tuned %d tasks with %d trials on %d nodes in %.0f s (%s)", out.tuned, out.trials_run, len(out.nodes), out.seconds, stopped)
+        return out
     try:
         contexts = _contexts(eligible, str(database_dir), seed, cores, population)
         builder = ms.builder.LocalBuilder(max_workers=max_workers or cores, f_build=build_candidate)
@@ -321,3 +351,46 @@ def tune_space(workloads, target: dict, database_dir, *, total_trials: int | Non
     out = summary(this_run["trials"], stopped, len(this_run["tasks"]))
     log.info("tuned %d tasks with %d trials in %.0f s (%s)", out.tuned, out.trials_run, out.seconds, stopped)
     return out
+
+
+def tune_on_nodes(workloads, target: dict, database_dir: Path, eligible: list[SpaceTask], budget: int, per_task: int,
+                  nodes: tuple[str, int], options: dict):
+    """Deal ``eligible`` out to one Ray task per node holding ``nodes[0]`` (round robin: they come sorted by need)
+    with a share of ``budget`` each; yield each node's result as its records are merged into ``database_dir``."""
+    import ray
+
+    from ..raycluster import completed
+
+    resource, n = nodes
+    n = min(n, len(eligible))
+    groups = [eligible[i::n] for i in range(n)]
+    budgets = [budget * len(g) // len(eligible) for g in groups]
+    for i in range(budget - sum(budgets)):
+        budgets[i % n] += 1
+    task = ray.remote(tune_share).options(num_cpus=1, resources={resource: 1}, max_retries=1)
+    shared = ray.put(list(workloads))
+    refs = [task.remote(shared, target, [t.hash for t in g], b, per_task, options) for g, b in zip(groups, budgets) if b > 0]
+    log.info("tuning %d tasks on %d nodes holding %s (%s trials)", len(eligible), len(refs), resource, "/".join(map(str, budgets)))
+    for _, share in completed(refs, desc="tuning (nodes)", total=len(refs), progress=False):
+        with tempfile.TemporaryDirectory(prefix="eta-share-") as tmp:
+            (Path(tmp) / schedules.WORKLOADS).write_text(share.pop("workloads"))
+            (Path(tmp) / schedules.RECORDS).write_text(share.pop("records"))
+            merged = schedules.merge(tmp, database_dir)
+        log.info("node %s: %d trials on %d tasks, %d records merged (%s)", share["node"][:12], share["trials"], len(share["tasks"]),
+                 merged, share["stopped"])
+        yield share
+
+
+def tune_share(workloads, target: dict, hashes: list[str], budget: int, per_task: int, options: dict) -> dict:
+    """Ray task body: tune ``hashes`` of ``workloads`` into a fresh database here; return its files and counts."""
+    import ray
+
+    with tempfile.TemporaryDirectory(prefix="eta-tune-") as tmp:
+        out = tune_space(workloads, target, tmp, total_trials=budget, trials_per_task=per_task, only=hashes, progress=False,
+                         run="share", **options)
+        state = schedules.read_state(tmp) or {"tasks": {}}
+        return {"workloads": (Path(tmp) / schedules.WORKLOADS).read_text() if (Path(tmp) / schedules.WORKLOADS).is_file() else "",
+                "records": (Path(tmp) / schedules.RECORDS).read_text() if (Path(tmp) / schedules.RECORDS).is_file() else "",
+                "tasks": {h: {"trials": int(t["trials"]), "exhausted": bool(t.get("exhausted", False))}
+                          for h, t in state["tasks"].items() if h in set(hashes) and int(t["trials"]) > 0},
+                "trials": out.trials_run, "stopped": out.stopped, "node": ray.get_runtime_context().get_node_id()}

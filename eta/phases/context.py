@@ -27,8 +27,9 @@ class PhaseContext:
         return ray_session(self.address, num_cpus=self.num_cpus)
 
     def latency_session(self):
-        """A Ray session when a named node measures latency; nothing otherwise."""
-        return self.ray() if self.space.latency.node_resource else nullcontext()
+        """A Ray session when a named node measures latency or named nodes tune; nothing otherwise."""
+        cfg = self.space.latency
+        return self.ray() if cfg.node_resource or cfg.tune.nodes else nullcontext()
 
     def tracker(self, phase: str) -> PhaseTracker:
         t = self.space.tracking
