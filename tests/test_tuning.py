@@ -169,6 +169,7 @@ def test_a_packed_database_applies_the_same_schedules_with_only_the_best_records
     assert state["tvm_version"] == "x" and state["tasks"] == {"111": {"trials": 2}} and state["runs"] == {}
 
 
+@pytest.mark.slow  # real MetaSchedule trials: about 20 s on 2 cores
 def test_a_task_with_no_schedules_left_to_try_is_not_tuned_again(tmp_path, target):
     """A reshape has one schedule: once MetaSchedule has measured it, later calls do not pay for another search."""
     db = tmp_path / "db"
