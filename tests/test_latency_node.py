@@ -60,3 +60,19 @@ def test_missing_latency_node_is_a_one_line_error(ray_local):
     space = parse_space(d, "test")
     with pytest.raises(EtaError, match="no node of the Ray cluster has resource 'latency:nowhere'"):
         measurer(space)
+
+
+def test_tuning_nodes_that_no_node_holds_is_a_one_line_error(ray_local):
+    from eta.errors import EtaError
+    from eta.phases.latency import measurer, tune
+    from eta.space import parse_space
+
+    from .conftest import tiny_space_dict
+
+    d = tiny_space_dict()
+    d["latency"]["schedules"] = "tuned"
+    d["latency"]["tune"] = {"nodes": "tune:nowhere"}
+    space = parse_space(d, "test")
+    with pytest.raises(EtaError, match="no node of the Ray cluster holds the resource 'tune:nowhere'") as err:
+        tune(space, measurer(space), None, [], name="test")
+    assert "\n" not in str(err.value)

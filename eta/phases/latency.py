@@ -22,7 +22,7 @@ from .. import families
 from ..arch import OpSpec, arch_to_str
 from ..bound import BoundSpace
 from ..errors import EtaError
-from ..raycluster import nodes_holding
+from ..raycluster import nodes_holding, ray_running
 from ..files import read_json, write_json
 from ..latency.backends import schedule_policy, uses_schedules
 from ..latency.calibrate import Calibration, fit_rows
@@ -66,7 +66,7 @@ def tune(space, m: Measurer, table: LatencyTable, workloads: list[Workload], *, 
     pairs = [(w.factory(), tuple(w.input_shape)) for w in workloads if w.bits == 32]
     kw = dict(trials_per_task=space.latency.trials_per_task, total_trials=cfg.total_trials, population=cfg.population,
               max_seconds=60 * cfg.max_minutes if cfg.max_minutes else None, run=name)
-    if cfg.nodes:
+    if cfg.nodes and ray_running():  # outside a Ray session (a benchmark, say) the few tasks left are tuned here
         count = nodes_holding(cfg.nodes)
         if count == 0:
             raise EtaError(f"latency.tune.nodes: no node of the Ray cluster holds the resource '{cfg.nodes}'")
