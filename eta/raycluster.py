@@ -112,12 +112,6 @@ class Task:
         return self._remote.remote(TaskContext.from_driver(self.threads), self.fn, *args, **kwargs)
 
 
-def ray_running() -> bool:
-    import ray
-
-    return ray.is_initialized()
-
-
 def nodes_holding(resource: str) -> int:
     """How many alive nodes of the connected cluster hold ``resource``."""
     import ray

@@ -141,7 +141,11 @@ def _iter_json_lines(path: Path):
         text = path.read_text()
     except OSError:
         return
-    for line in text.splitlines():
+    yield from _parsed_lines(text.splitlines())
+
+
+def _parsed_lines(lines):
+    for line in lines:
         if not line.strip():
             continue
         try:
@@ -150,10 +154,17 @@ def _iter_json_lines(path: Path):
             continue
 
 
-def _iter_records(path: Path):
-    for rec in _iter_json_lines(path):
+def _parsed_records(lines):
+    for rec in _parsed_lines(lines):
         if isinstance(rec, list) and len(rec) == 2 and isinstance(rec[1], list) and rec[1]:
             yield rec
+
+
+def _iter_records(path: Path):
+    try:
+        yield from _parsed_records(path.read_text().splitlines())
+    except OSError:
+        return
 
 
 _BEST_CACHE: dict[str, tuple] = {}
@@ -210,14 +221,20 @@ def tuned_hashes(database_dir) -> set[str]:
 def merge(source_dir, database_dir) -> int:
     """Append the records of the database at ``source_dir`` (tuned elsewhere: another Ray node, another machine of
     the same target) to ``database_dir``, each under its workload there (added when new); returns how many."""
-    source_dir, database_dir = Path(source_dir), Path(database_dir)
-    src_lines = [line for line in (source_dir / WORKLOADS).read_text().splitlines() if line.strip()]
+    source_dir = Path(source_dir)
+    return merge_lines((source_dir / WORKLOADS).read_text(), (source_dir / RECORDS).read_text(), database_dir)
+
+
+def merge_lines(workloads: str, records: str, database_dir) -> int:
+    """``merge`` of a database's two files given as their text (what a Ray task sends back)."""
+    database_dir = Path(database_dir)
+    src_lines = [line for line in workloads.splitlines() if line.strip()]
     src_hashes = [json.loads(line)[0] for line in src_lines]
     dst_path = database_dir / WORKLOADS
     dst_hashes = [w[0] if isinstance(w, list) and w else None for w in _iter_json_lines(dst_path)]
     index = {str(h): i for i, h in enumerate(dst_hashes)}
     new_workloads, new_records = [], []
-    for k, record in _iter_records(source_dir / RECORDS):
+    for k, record in _parsed_records(records.splitlines()):
         if not isinstance(k, int) or k >= len(src_hashes):
             continue
         h = str(src_hashes[k])

@@ -241,7 +241,8 @@ def tune_space(workloads, target: dict, database_dir, *, total_trials: int | Non
     t0 = time.perf_counter()
     tasks, found = space_tasks(workloads, target)
     if only is not None:
-        tasks = [t for t in tasks if t.hash in set(only)]
+        only = set(only)
+        tasks = [t for t in tasks if t.hash in only]
     extract_s = time.perf_counter() - t0
     run_key = run or _run_key(t.hash for t in tasks)
     tuned_before = schedules.tuned_hashes(database_dir)
@@ -309,35 +310,32 @@ def tune_space(workloads, target: dict, database_dir, *, total_trials: int | Non
     stopped = "budget"
     log.info("tuning %d of %d distinct tasks (%d found, %d tuned before) with %d trials, at most %d per task", len(eligible),
              len(tasks), found, len(tasks) - len(own), left, per_task)
-    if nodes is not None and nodes[1] > 1 and len(eligible) > 1:
-        options = dict(num_trials_per_iter=num_trials_per_iter, max_workers=max_workers, population=population, seed=seed,
-                       max_seconds=None if max_seconds is None else max(1.0, max_seconds - (time.perf_counter() - t0)))
-        for share in tune_on_nodes(workloads, target, database_dir, eligible, left, per_task, nodes, options):
-            for h, task in share["tasks"].items():
-                counts[h]["trials"] = int(counts[h]["trials"]) + task["trials"]
-                counts[h]["exhausted"] = counts[h].get("exhausted", False) or task.get("exhausted", False)
-                this_run["tasks"].add(h)
-            record["trials_spent"] = int(record["trials_spent"]) + share["trials"]
-            this_run["trials"] += share["trials"]
-            stopped = "time" if share["stopped"] == "time" else stopped
-            this_run.setdefault("nodes", []).append(share["node"])
-            bar.update(share["trials"])
-        bar.close()
-        if stopped != "time" and record["trials_spent"] < record["total_trials"]:
-            stopped = "done"
-        out = summary(this_run["trials"], stopped, len(this_run["tasks"]))
-        out.nodes = this_run.get("nodes", [])
-        log.info("tuned %d tasks with %d trials on %d nodes in %.0f s (%s)", out.tuned, out.trials_run, len(out.nodes), out.seconds, stopped)
-        return out
+    spread = nodes is not None and nodes[1] > 1 and len(eligible) > 1
     try:
-        contexts = _contexts(eligible, str(database_dir), seed, cores, population)
-        builder = ms.builder.LocalBuilder(max_workers=max_workers or cores, f_build=build_candidate)
-        callbacks = list(ms.MeasureCallback.create("default")) + [_callback(on_batch)]
-        ms.tune.tune_tasks(tasks=contexts, task_weights=[float(t.weight) for t in eligible], work_dir=str(database_dir),
-                           max_trials_global=left, max_trials_per_task=per_task, num_trials_per_iter=per_iter,
-                           builder=builder, runner=ms.runner.LocalRunner(f_run_evaluator=timed_alone), database=ms.database.JSONDatabase(work_dir=str(database_dir)),
-                           cost_model="xgb", measure_callbacks=callbacks,
-                           task_scheduler=_scheduler([float(t.weight) for t in eligible], seed))
+        if spread:
+            options = dict(num_trials_per_iter=num_trials_per_iter, max_workers=max_workers, population=population, seed=seed,
+                           max_seconds=None if max_seconds is None else max(1.0, max_seconds - (time.perf_counter() - t0)))
+            for share in tune_on_nodes(workloads, target, database_dir, eligible, left, per_task, nodes, options):
+                for h, task in share["tasks"].items():
+                    counts[h]["trials"] = int(counts[h]["trials"]) + task["trials"]
+                    counts[h]["exhausted"] = counts[h].get("exhausted", False) or task["exhausted"]
+                    this_run["tasks"].add(h)
+                record["trials_spent"] = int(record["trials_spent"]) + share["trials"]
+                this_run["trials"] += share["trials"]
+                this_run.setdefault("nodes", []).append(share["node"])
+                stopped = "time" if share["stopped"] == "time" else stopped
+                schedules.write_state(database_dir, state)
+                bar.update(share["trials"])
+        else:
+            contexts = _contexts(eligible, str(database_dir), seed, cores, population)
+            builder = ms.builder.LocalBuilder(max_workers=max_workers or cores, f_build=build_candidate)
+            callbacks = list(ms.MeasureCallback.create("default")) + [_callback(on_batch)]
+            ms.tune.tune_tasks(tasks=contexts, task_weights=[float(t.weight) for t in eligible], work_dir=str(database_dir),
+                               max_trials_global=left, max_trials_per_task=per_task, num_trials_per_iter=per_iter,
+                               builder=builder, runner=ms.runner.LocalRunner(f_run_evaluator=timed_alone),
+                               database=ms.database.JSONDatabase(work_dir=str(database_dir)),
+                               cost_model="xgb", measure_callbacks=callbacks,
+                               task_scheduler=_scheduler([float(t.weight) for t in eligible], seed))
     except Exception as err:  # MetaSchedule surfaces TVM and Python errors of many types; _Stop arrives wrapped
         if STOP_MESSAGE not in str(err):
             bar.close()
@@ -349,7 +347,9 @@ def tune_space(workloads, target: dict, database_dir, *, total_trials: int | Non
     if stopped != "time" and record["trials_spent"] < record["total_trials"]:
         stopped = "done"
     out = summary(this_run["trials"], stopped, len(this_run["tasks"]))
-    log.info("tuned %d tasks with %d trials in %.0f s (%s)", out.tuned, out.trials_run, out.seconds, stopped)
+    out.nodes = this_run.get("nodes", [])
+    log.info("tuned %d tasks with %d trials%s in %.0f s (%s)", out.tuned, out.trials_run,
+             f" on {len(out.nodes)} nodes" if spread else "", out.seconds, stopped)
     return out
 
 
@@ -372,25 +372,23 @@ def tune_on_nodes(workloads, target: dict, database_dir: Path, eligible: list[Sp
     refs = [task.remote(shared, target, [t.hash for t in g], b, per_task, options) for g, b in zip(groups, budgets) if b > 0]
     log.info("tuning %d tasks on %d nodes holding %s (%s trials)", len(eligible), len(refs), resource, "/".join(map(str, budgets)))
     for _, share in completed(refs, desc="tuning (nodes)", total=len(refs), progress=False):
-        with tempfile.TemporaryDirectory(prefix="eta-share-") as tmp:
-            (Path(tmp) / schedules.WORKLOADS).write_text(share.pop("workloads"))
-            (Path(tmp) / schedules.RECORDS).write_text(share.pop("records"))
-            merged = schedules.merge(tmp, database_dir)
+        merged = schedules.merge_lines(share.pop("workloads"), share.pop("records"), database_dir)
         log.info("node %s: %d trials on %d tasks, %d records merged (%s)", share["node"][:12], share["trials"], len(share["tasks"]),
                  merged, share["stopped"])
         yield share
 
 
 def tune_share(workloads, target: dict, hashes: list[str], budget: int, per_task: int, options: dict) -> dict:
-    """Ray task body: tune ``hashes`` of ``workloads`` into a fresh database here; return its files and counts."""
+    """Ray task body: tune ``hashes`` of ``workloads`` into a fresh database here; return its lines and counts."""
     import ray
 
     with tempfile.TemporaryDirectory(prefix="eta-tune-") as tmp:
         out = tune_space(workloads, target, tmp, total_trials=budget, trials_per_task=per_task, only=hashes, progress=False,
                          run="share", **options)
-        state = schedules.read_state(tmp) or {"tasks": {}}
-        return {"workloads": (Path(tmp) / schedules.WORKLOADS).read_text() if (Path(tmp) / schedules.WORKLOADS).is_file() else "",
-                "records": (Path(tmp) / schedules.RECORDS).read_text() if (Path(tmp) / schedules.RECORDS).is_file() else "",
-                "tasks": {h: {"trials": int(t["trials"]), "exhausted": bool(t.get("exhausted", False))}
-                          for h, t in state["tasks"].items() if h in set(hashes) and int(t["trials"]) > 0},
-                "trials": out.trials_run, "stopped": out.stopped, "node": ray.get_runtime_context().get_node_id()}
+        files = {name: (Path(tmp) / name).read_text() if (Path(tmp) / name).is_file() else ""
+                 for name in (schedules.WORKLOADS, schedules.RECORDS)}
+        counts = (schedules.read_state(tmp) or {"tasks": {}})["tasks"]
+    tasks = {h: {"trials": int(t["trials"]), "exhausted": bool(t.get("exhausted", False))}
+             for h, t in counts.items() if h in set(hashes) and int(t["trials"]) > 0}
+    return {"workloads": files[schedules.WORKLOADS], "records": files[schedules.RECORDS], "tasks": tasks,
+            "trials": out.trials_run, "stopped": out.stopped, "node": ray.get_runtime_context().get_node_id()}

@@ -22,7 +22,7 @@ from .. import families
 from ..arch import OpSpec, arch_to_str
 from ..bound import BoundSpace
 from ..errors import EtaError
-from ..raycluster import nodes_holding, ray_running
+from ..raycluster import nodes_holding
 from ..files import read_json, write_json
 from ..latency.backends import schedule_policy, uses_schedules
 from ..latency.calibrate import Calibration, fit_rows
@@ -60,20 +60,20 @@ def measurer(space) -> Measurer:
 def tune(space, m: Measurer, table: LatencyTable, workloads: list[Workload], *, name: str, progress: bool = True) -> dict | None:
     """Tune the float workloads' MetaSchedule tasks the target's database lacks, under the space's budget (a no-op
     for untuned tables). Runs on the measuring node when one is named; returns the tuning summary."""
+    import ray
+
     if not uses_schedules(m.schedule):
         return None
     cfg = space.latency.tune
     pairs = [(w.factory(), tuple(w.input_shape)) for w in workloads if w.bits == 32]
     kw = dict(trials_per_task=space.latency.trials_per_task, total_trials=cfg.total_trials, population=cfg.population,
               max_seconds=60 * cfg.max_minutes if cfg.max_minutes else None, run=name)
-    if cfg.nodes and ray_running():  # outside a Ray session (a benchmark, say) the few tasks left are tuned here
+    if cfg.nodes and ray.is_initialized():  # outside a Ray session (a benchmark, say) the few tasks left are tuned here
         count = nodes_holding(cfg.nodes)
         if count == 0:
             raise EtaError(f"latency.tune.nodes: no node of the Ray cluster holds the resource '{cfg.nodes}'")
         kw["nodes"] = (cfg.nodes, count)
     if m.node_resource:
-        import ray
-
         task = ray.remote(_tune_on_node).options(num_cpus=1, resources={m.node_resource: 1})
         summary = ray.get(task.remote(pairs, m.target, str(table.database_dir), kw))
     else:
