@@ -18,10 +18,16 @@ split), then measured end to end on the backend and evaluated on the test split:
 - ``int8``: the teacher with every block quantized to 8 bits (calibrated), where the backend
   executes integers (TVM).
 
+On a tuned TVM table every baseline's tasks are tuned first with the per-task budget eta's own
+networks got, so no baseline runs TVM's untuned fallback where eta's students run tuned code.
+
 It prints one table (method, measured latency, test accuracy, eta's accuracy at that latency, eta's
 speed-up at that accuracy), writes it as JSON under ``docs/measurements/`` and draws every front on
-one plot. Each baseline point is kept in the run's ``benchmarks/headline/`` folder, so a rerun
-resumes. ``--backend torch`` measures everything, eta's front included, with eager PyTorch.
+one plot. Each trained baseline is kept in the run's ``benchmarks/headline/models/`` and each
+latency in ``benchmarks/headline/<backend>/``, so a rerun resumes and a second backend
+(``--backend torch``: everything, eta's front included, in eager PyTorch) trains nothing again:
+the pruning ratios and FLOPs limits chosen on the first backend benchmarked are kept for the run
+(``targets.json``). Sweep on the cheap backend first: on tuned TVM each swept model is tuned.
 
     python -m benchmarks.headline runs/fashion --baselines width resolution tp fastnas int8
 """
@@ -37,7 +43,7 @@ import torch
 from torch import nn
 
 from eta.errors import EtaError, first_line
-from eta.files import read_json, write_json
+from eta.files import atomic_path, read_json, write_json
 from eta.pareto import format_table, pareto_front
 from eta.train import evaluate, fit
 
@@ -70,13 +76,18 @@ class Bench:
             protocol = latency.measurer(self.space).protocol
             self.measurer = Measurer.create(backend, "cpu" if backend == "torch" else cfg.target, protocol, schedule_policy(backend))
             self.table = self.measurer.open_table()
-        self.cache = self.search.run.benchmarks_dir / "headline" / self.measurer.backend
-        self.cache.mkdir(parents=True, exist_ok=True)
+        self.root = self.search.run.benchmarks_dir / "headline"
+        self.models = self.root / "models"  # trained baselines, whatever backend measures them
+        self.cache = self.root / self.measurer.backend  # points measured on this backend
+        for d in (self.models, self.cache):
+            d.mkdir(parents=True, exist_ok=True)
 
     def latency(self, model: nn.Module, resolution: int) -> float:
-        from eta.phases.latency import model_workload
+        """End to end on the backend; on a tuned table the model's own tasks are tuned first, as eta's networks were."""
+        from eta.phases.latency import model_workload, tune
 
         w = model_workload(self.bound, model.eval(), resolution)
+        tune(self.space, self.measurer, self.table, [w], name=f"baseline {w.signature}", progress=False)
         self.table.measure_many([w], progress=False, executor=self.measurer.executor())
         ms = self.table.get(w.signature, w.input_shape, w.bits)
         if ms is None:
@@ -95,7 +106,7 @@ class Bench:
         return evaluate(model, self.splits.test, resolution=resolution or self.res)
 
     def cached(self, key: str, compute) -> dict:
-        """One baseline point, computed once and kept in the run (``compute() -> dict``)."""
+        """One point measured on this backend, computed once and kept in the run (``compute() -> dict``)."""
         path = self.cache / f"{key}.json"
         if path.exists():
             return read_json(path)
@@ -103,6 +114,42 @@ class Bench:
         point = {"method": key, **compute()}
         write_json(path, point)
         return point
+
+    def trained(self, key: str, build) -> dict:
+        """A baseline trained once per run and measured on this backend.
+
+        ``build() -> (model, fields)`` trains and evaluates it (``fields``: resolution, test accuracy,
+        epochs...; or ``{"error": ...}`` where the method cannot make it); the model and its fields are
+        kept in ``models/``, so every backend measures the same trained network.
+        """
+        def compute():
+            weights, fields_path = self.models / f"{key}.pt", self.models / f"{key}.json"
+            if fields_path.exists():
+                fields = read_json(fields_path)
+                model = torch.load(weights, weights_only=False) if "error" not in fields else None
+            else:
+                log.info("training baseline %s", key)
+                model, fields = build()
+                if model is not None:
+                    with atomic_path(weights) as tmp:
+                        torch.save(model, tmp)
+                write_json(fields_path, fields)
+            if model is None:
+                return fields
+            return {**fields, "latency_ms": self.latency(model, fields["resolution"])}
+        return self.cached(key, compute)
+
+    def chosen(self, name: str, choose) -> list:
+        """A baseline's settings aimed at eta's front (pruning ratios, FLOPs limits), chosen on the first backend
+        benchmarked and kept for the run, so other backends measure the same trained models."""
+        path = self.root / "targets.json"
+        targets = read_json(path) if path.exists() else {}
+        if name not in targets:
+            targets[name] = {"values": [float(v) for v in choose()], "chosen_on": self.measurer.backend}
+            write_json(path, targets)
+        elif targets[name]["chosen_on"] != self.measurer.backend:
+            log.info("%s: settings chosen on the %s backend reused", name, targets[name]["chosen_on"])
+        return targets[name]["values"]
 
     def eta_front(self) -> list[dict]:
         """eta's front, re-measured on this backend when it is not the run's."""
@@ -129,14 +176,13 @@ def width_points(b: Bench, widths) -> list[dict]:
     epochs = max(tc.train.epochs, b.budget)
     out = []
     for w in widths:
-        def compute(w=w):
+        def build(w=w):
             torch.manual_seed(b.space.seed)
             model = build_teacher(tc.model, num_classes=b.bound.num_classes, in_chans=b.bound.in_chans,
                                   kwargs={**tc.kwargs, "width_mult": w})
             b.distil(model, epochs)
-            return {"resolution": b.res, "latency_ms": b.latency(model, b.res), "test_acc": b.accuracy(model), "epochs": epochs,
-                    "params": sum(p.numel() for p in model.parameters())}
-        out.append(b.cached(f"width-{w:g}", compute))
+            return model, {"resolution": b.res, "test_acc": b.accuracy(model), "epochs": epochs, "params": n_params(model)}
+        out.append(b.trained(f"width-{w:g}", build))
     return out
 
 
@@ -146,10 +192,10 @@ def resolution_points(b: Bench) -> list[dict]:
         if r == b.res:
             continue
 
-        def compute(r=r):
+        def build(r=r):
             model = b.distil(copy.deepcopy(b.bound.teacher), b.budget, r)
-            return {"resolution": r, "latency_ms": b.latency(model, r), "test_acc": b.accuracy(model, r), "epochs": b.budget}
-        out.append(b.cached(f"resolution-{r}", compute))
+            return model, {"resolution": r, "test_acc": b.accuracy(model, r), "epochs": b.budget}
+        out.append(b.trained(f"resolution-{r}", build))
     return out
 
 
@@ -185,18 +231,20 @@ def tp_points(b: Bench, targets_ms: list[float], ratios=(0.1, 0.2, 0.3, 0.4, 0.5
     out = []
     for importance, scope in TP_VARIANTS:
         name = f"tp-{importance}-{scope}"
-        sweep = b.cached(f"{name}-sweep", lambda: {"ratios": list(ratios), "latency_ms": [
-            b.latency(tp_prune(b, importance, scope, r), b.res) for r in ratios]})
-        lat = np.array(sweep["latency_ms"])
-        for target in targets_ms:
-            order = np.argsort(lat)
-            ratio = float(np.interp(target, lat[order], np.array(sweep["ratios"])[order]))
 
-            def compute(ratio=ratio):
+        def choose(importance=importance, scope=scope, name=name):
+            sweep = b.cached(f"{name}-sweep", lambda: {"ratios": list(ratios), "latency_ms": [
+                b.latency(tp_prune(b, importance, scope, r), b.res) for r in ratios]})
+            lat = np.array(sweep["latency_ms"])
+            order = np.argsort(lat)
+            return [float(np.interp(t, lat[order], np.array(sweep["ratios"])[order])) for t in targets_ms]
+
+        for ratio in b.chosen(name, choose):
+            def build(ratio=ratio, importance=importance, scope=scope):
                 model = b.distil(tp_prune(b, importance, scope, ratio), b.budget)
-                return {"resolution": b.res, "ratio": ratio, "latency_ms": b.latency(model, b.res), "test_acc": b.accuracy(model),
-                        "epochs": b.budget, "params": sum(p.numel() for p in model.parameters())}
-            out.append(b.cached(f"{name}-{ratio:.3f}", compute))
+                return model, {"resolution": b.res, "ratio": ratio, "test_acc": b.accuracy(model), "epochs": b.budget,
+                               "params": n_params(model)}
+            out.append(b.trained(f"{name}-{ratio:.3f}", build))
     return out
 
 
@@ -212,8 +260,8 @@ def fastnas_points(b: Bench, flops_limits: list[float]) -> list[dict]:
         return evaluate(model, b.splits.proxy, resolution=b.res)
 
     out = []
-    for limit in flops_limits:
-        def compute(limit=limit):
+    for limit in b.chosen("fastnas", lambda: flops_limits):
+        def build(limit=limit):
             model = copy.deepcopy(b.bound.teacher).eval()
             dummy = torch.randn(*b.bound.input_shape(b.res))
             try:
@@ -221,13 +269,12 @@ def fastnas_points(b: Bench, flops_limits: list[float]) -> list[dict]:
                                                                    "nn.Linear": {"*": {"feature_divisor": 4}}})],
                                      constraints={"flops": limit}, dummy_input=dummy,
                                      config={"data_loader": score_data, "score_func": score,
-                                             "checkpoint": str(b.cache / f"fastnas-{limit:.0f}.pth")})
+                                             "checkpoint": str(b.models / f"fastnas-{limit:.0f}-search.pth")})
             except Exception as err:  # noqa: BLE001 - FastNAS raises many types for models it cannot convert
-                return {"error": f"{type(err).__name__}: {first_line(err)}"}
+                return None, {"error": f"{type(err).__name__}: {first_line(err)}"}
             b.distil(model, b.budget)
-            return {"resolution": b.res, "flops_limit": limit, "latency_ms": b.latency(model, b.res), "test_acc": b.accuracy(model),
-                    "epochs": b.budget}
-        out.append(b.cached(f"fastnas-{limit:.0f}", compute))
+            return model, {"resolution": b.res, "flops_limit": limit, "test_acc": b.accuracy(model), "epochs": b.budget}
+        out.append(b.trained(f"fastnas-{limit:.0f}", build))
     return out
 
 
@@ -244,6 +291,10 @@ def int8_points(b: Bench) -> list[dict]:
             return {"error": str(err)}
         return {"resolution": b.res, "latency_ms": b.latency(q, b.res), "test_acc": b.accuracy(q), "epochs": 0}
     return [b.cached("int8", compute)]
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def flops(model: nn.Module, shape) -> float:

@@ -161,3 +161,33 @@ def test_infeasible_budget_stops_before_training(tmp_path, ray_local, finished):
     with pytest.raises(EtaError, match=r"infeasible.*fastest student of this space takes [0-9.]+ ms"):
         s.run_all()
     assert not s.run.pretrain_dir.exists()
+
+
+def test_headline_benchmark_runs_every_baseline_and_a_second_backend_trains_nothing_again(finished, tmp_path, monkeypatch):
+    from benchmarks import headline
+
+    search, _, _ = finished
+    # one variant per importance and per scope keeps the test short; the benchmark runs all four
+    monkeypatch.setattr(headline, "TP_VARIANTS", [("magnitude", "uniform"), ("taylor", "global")])
+    out = tmp_path / "measurements"
+    args = [str(search.run.root), "--baselines", "width", "resolution", "tp", "--widths", "0.5", "--targets", "1", "--out", str(out)]
+    assert headline.main(args + ["--backend", "torch"]) == 0
+    torch_table = json.loads((out / f"headline-{search.run.root.name}-torch.json").read_text())
+    rows = {r["method"]: r for r in torch_table["baselines"]}
+    assert {"width-0.5", "resolution-12", "teacher"} <= set(rows)
+    pruned = [r for m, r in rows.items() if m.startswith("tp-")]
+    assert sorted(r["method"].rsplit("-", 1)[0] for r in pruned) == ["tp-magnitude-uniform", "tp-taylor-global"]  # one target each
+    teacher_params = sum(p.numel() for p in search.bound.teacher.parameters())
+    assert all(r["params"] < teacher_params for r in pruned + [rows["width-0.5"]])
+    assert all(r["latency_ms"] > 0 and 0.1 < r["test_acc"] <= 1 for r in rows.values())
+    assert all(r["method"] == "teacher" or r["gain"] is not None or r["speedup"] is not None or r["eta_acc"] is None
+               for r in rows.values())
+
+    # the same run on TVM measures the very models trained above: nothing is trained again
+    monkeypatch.setattr(headline, "fit", lambda *a, **k: pytest.fail("a baseline was trained again"))
+    assert headline.main(args + ["--backend", "tvm"]) == 0
+    tvm_rows = {r["method"]: r for r in json.loads((out / f"headline-{search.run.root.name}-tvm.json").read_text())["baselines"]}
+    assert set(tvm_rows) == set(rows)
+    assert all(tvm_rows[m]["test_acc"] == rows[m]["test_acc"] for m in rows)
+    assert all(tvm_rows[m]["latency_ms"] != rows[m]["latency_ms"] for m in rows)  # measured again, on the other runtime
+    assert (out.parent / "figures" / f"headline-{search.run.root.name}-tvm.png").stat().st_size > 0
