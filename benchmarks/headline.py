@@ -19,7 +19,9 @@ split), then measured end to end on the backend and evaluated on the test split:
   executes integers (TVM).
 
 On a tuned TVM table every baseline's tasks are tuned first with the per-task budget eta's own
-networks got, so no baseline runs TVM's untuned fallback where eta's students run tuned code.
+networks got, so no baseline runs TVM's untuned fallback where eta's students run tuned code. At
+the end every network compared, eta's front and the teacher included, is timed again in the same
+sweeps, so no comparison carries the machine's drift between the times its two points were measured.
 
 It prints one table (method, measured latency, test accuracy, eta's accuracy at that latency, eta's
 speed-up at that accuracy), writes it as JSON under ``docs/measurements/`` and draws every front on
@@ -81,6 +83,7 @@ class Bench:
         self.cache = self.root / self.measurer.backend  # points measured on this backend
         for d in (self.models, self.cache):
             d.mkdir(parents=True, exist_ok=True)
+        self.networks: dict[str, tuple] = {}  # point key -> (network loader, resolution), to time them side by side
 
     def latency(self, model: nn.Module, resolution: int) -> float:
         """End to end on the backend; on a tuned table the model's own tasks are tuned first, as eta's networks were."""
@@ -137,7 +140,10 @@ class Bench:
             if model is None:
                 return fields
             return {**fields, "latency_ms": self.latency(model, fields["resolution"])}
-        return self.cached(key, compute)
+        point = self.cached(key, compute)
+        if "error" not in point:
+            self.networks[key] = (lambda: torch.load(self.models / f"{key}.pt", weights_only=False), point["resolution"])
+        return point
 
     def chosen(self, name: str, choose) -> list:
         """A baseline's settings aimed at eta's front (pruning ratios, FLOPs limits), chosen on the first backend
@@ -156,16 +162,34 @@ class Bench:
         from eta.export import build_student
         from eta.runs import Run
 
-        front = read_json(self.search.run.pareto_json)["all"]
-        if self.measurer.backend == self.info.backend:
-            return pareto_front(front)
         run = Run(self.search.run.root)
-        points = []
+        front = read_json(self.search.run.pareto_json)["all"]
+        if self.measurer.backend != self.info.backend:
+            points = []
+            for p in front:
+                point = self.cached(front_key(p), lambda p=p: {
+                    "latency_ms": self.latency(build_student(run, p), p["resolution"]), "test_acc": p["test_acc"]})
+                points.append({**p, **{k: point[k] for k in ("latency_ms", "test_acc")}})
+            front = points
+        front = pareto_front(front)
         for p in front:
-            point = self.cached(f"eta-{p['id']}-{p['resolution']}", lambda p=p: {
-                "latency_ms": self.latency(build_student(run, p), p["resolution"]), "test_acc": p["test_acc"]})
-            points.append({**p, **{k: point[k] for k in ("latency_ms", "test_acc")}})
-        return pareto_front(points)
+            self.networks[front_key(p)] = (lambda p=p: build_student(run, p), p["resolution"])
+        return front
+
+    def side_by_side(self, points: list[dict]) -> None:
+        """Time every network of the comparison afresh in the same sweeps, and compare those figures.
+
+        Points measured minutes or hours apart (eta's front in the search, each baseline when it was
+        trained) carry the machine's drift between them; the table's figure stays as ``table_latency_ms``.
+        """
+        from eta.phases.latency import model_workload
+
+        keys = [p.get("method") or front_key(p) for p in points]
+        workloads = [model_workload(self.bound, self.networks[k][0]().eval(), self.networks[k][1]) for k in keys]
+        log.info("timing %d networks side by side (%s)", len(workloads), self.measurer.backend)
+        for p, ms in zip(points, self.table.time_now(workloads, self.measurer.executor())):
+            if ms is not None:
+                p["table_latency_ms"], p["latency_ms"] = p["latency_ms"], ms
 
 
 # --- baselines ---------------------------------------------------------------------------------------
@@ -278,19 +302,31 @@ def fastnas_points(b: Bench, flops_limits: list[float]) -> list[dict]:
     return out
 
 
-def int8_points(b: Bench) -> list[dict]:
+def int8_teacher(b: Bench) -> nn.Module:
+    """The teacher with every block quantized to 8 bits, calibrated on four seeded training batches."""
     from eta.data import batches
     from eta.quant.network import quantize_student
 
+    teacher = b.bound.split
+    calib = [x for _, (x, _) in zip(range(4), batches(b.splits.train, 64, resolution=b.res, shuffle=True, seed=b.space.seed))]
+    return quantize_student(teacher, [8] * len(teacher.blocks), calib)
+
+
+def int8_points(b: Bench) -> list[dict]:
     def compute():
-        teacher = b.bound.split
-        calib = [x for _, (x, _) in zip(range(4), batches(b.splits.train, 64, resolution=b.res, shuffle=True, seed=b.space.seed))]
         try:
-            q = quantize_student(teacher, [8] * len(teacher.blocks), calib)
+            q = int8_teacher(b)
         except EtaError as err:
             return {"error": str(err)}
         return {"resolution": b.res, "latency_ms": b.latency(q, b.res), "test_acc": b.accuracy(q), "epochs": 0}
-    return [b.cached("int8", compute)]
+    point = b.cached("int8", compute)
+    if "error" not in point:
+        b.networks["int8"] = (lambda: int8_teacher(b), b.res)
+    return [point]
+
+
+def front_key(p: dict) -> str:
+    return f"eta-{p['id']}-{p['resolution']}"
 
 
 def n_params(model: nn.Module) -> int:
@@ -347,6 +383,8 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", type=int, default=3, help="latencies of eta's front the pruning baselines aim at")
     ap.add_argument("--backend", choices=["tvm", "torch"], help="measure on this backend (default: the run's)")
     ap.add_argument("--out", type=Path, default=Path("docs/measurements"), help="folder for the JSON table and the plot")
+    ap.add_argument("--no-side-by-side", dest="side_by_side", action="store_false",
+                    help="compare the figures each point got when measured, not a fresh timing of all in one sweep")
     args = ap.parse_args(argv)
     setup_logging()
 
@@ -374,14 +412,19 @@ def main(argv=None) -> int:
                 log.info("int8 baseline skipped: backend %s has no integer kernels", b.measurer.backend)
         teacher = b.cached("teacher", lambda: {"resolution": b.res, "latency_ms": b.latency(b.bound.teacher, b.res),
                                                "test_acc": b.accuracy(b.bound.teacher)})
-    failed = [r for r in rows if "error" in r]
-    rows = [r for r in rows if "error" not in r] + [teacher]
+        b.networks["teacher"] = (lambda: b.bound.teacher, b.res)
+        failed = [r for r in rows if "error" in r]
+        rows = [r for r in rows if "error" not in r] + [teacher]
+        if args.side_by_side:
+            b.side_by_side(front + rows)
+            front = pareto_front(front)
     for r in rows:
         r.update(compare(r, front))
     name = b.search.run.root.name
     where = f"{b.measurer.backend} ({b.measurer.schedule}) on {b.measurer.device}"
+    when = "every network timed again side by side in one sweep" if args.side_by_side else "each as measured when it was made"
     print(f"\n{name}: eta's front ({len(front)} points, {front[0]['latency_ms']:.3f}-{front[-1]['latency_ms']:.3f} ms) against "
-          f"the baselines; latency measured end to end with {where}; training budget {b.budget} epochs per baseline\n")
+          f"the baselines; latency measured end to end with {where} ({when}); training budget {b.budget} epochs per baseline\n")
     print(format_table(rows, [("method", "baseline", "s"), ("latency_ms", "latency ms", ".3f"), ("test_acc", "test acc", ".4f"),
                               ("eta_acc", "eta acc at that latency", ".4f"), ("gain", "eta gain (points)", "+.2f"),
                               ("speedup", "eta speed-up at that accuracy", ".2f")]))
@@ -390,7 +433,8 @@ def main(argv=None) -> int:
     print("\neta front:\n" + format_table(front, [("arch", "architecture", "s"), ("resolution", "res", "d"),
                                                   ("latency_ms", "latency ms", ".3f"), ("test_acc", "test acc", ".4f")]))
     out = args.out / f"headline-{name}-{b.measurer.backend}.json"
-    write_json(out, {"run": name, "backend": where, "budget_epochs": b.budget, "front": front, "baselines": rows, "failed": failed})
+    write_json(out, {"run": name, "backend": where, "latency": when, "budget_epochs": b.budget, "front": front, "baselines": rows,
+                     "failed": failed})
     plot(front, rows, teacher, args.out.parent / "figures" / f"headline-{name}-{b.measurer.backend}.png", f"{name}: {where}")
     print(f"\nwritten: {out}")
     return 0

@@ -362,9 +362,23 @@ def split_options(space) -> dict:
 # batching
 
 
-def num_batches(dataset, batch_size: int, drop_last: bool = False) -> int:
+def num_batches(dataset, batch_size: int, drop_last: bool = False, world: int = 1) -> int:
+    """Batches in one pass, or in one data-parallel worker's share of it (``world`` workers)."""
     n = len(dataset)
-    return n // batch_size if drop_last else -(-n // batch_size)
+    total = n // batch_size if drop_last else -(-n // batch_size)
+    return total // world
+
+
+def shard_batches(total: int, rank: int, world: int) -> range:
+    """Indices of the batches data-parallel worker ``rank`` of ``world`` takes from a pass of ``total``.
+
+    Workers take turns (rank r: batches r, r + world, ...), so one step of ``world`` workers sees the
+    batches one process would see in ``world`` consecutive steps; the last ``total % world`` batches
+    are dropped so that every worker takes as many steps (gradient all-reduce needs every rank).
+    """
+    if not 0 <= rank < world:
+        raise EtaError(f"data-parallel rank {rank} is not one of {world} workers")
+    return range(rank, total - total % world, world)
 
 
 def resize(x: torch.Tensor, resolution: int | None) -> torch.Tensor:
@@ -410,18 +424,22 @@ def _per_image_source(dataset) -> bool:
 
 def batches(dataset, batch_size: int, *, resolution: int | None = None, shuffle: bool = False, seed: int = 0,
             drop_last: bool = False, device="cpu", augment: Augment | None = None,
-            workers: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            workers: int | None = None, shard: tuple[int, int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of (normalised float images resized to ``resolution``, labels) on ``device``.
 
     Shuffling and ``augment`` are seeded (same ``seed``, same batches); in-memory data is indexed a
     batch at a time, moved to ``device`` as integers and converted there. Lazily read sets (and
     per-image augmentation such as RandAugment) go through DataLoader workers (``workers``, default
     the set's own). With mixup/cutmix the labels are soft targets (N, classes).
+    ``shard=(rank, world)``: this data-parallel worker's share, every ``world``-th batch of the one
+    seeded pass, as many for every rank (see :func:`shard_batches`).
     """
     n = len(dataset)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
     stop = (n // batch_size) * batch_size if drop_last else n
-    starts = range(0, stop, batch_size)
+    starts = {k: start for k, start in enumerate(range(0, stop, batch_size))}
+    if shard is not None:
+        starts = {k: starts[k] for k in shard_batches(len(starts), *shard)}
     aug = augment if augment is not None and augment.active else None
     per_image = aug is not None and aug.per_image and _per_image_source(dataset)
     batch_aug = None if aug is None else (aug.after_images() if per_image else aug)
@@ -439,7 +457,7 @@ def batches(dataset, batch_size: int, *, resolution: int | None = None, shuffle:
 
     if isinstance(dataset, InMemoryImages) and not per_image:
         store = _on_device(dataset, device)
-        for k, start in enumerate(starts):
+        for k, start in starts.items():
             idx = order[start: start + batch_size]
             x = dataset.gather(idx, store).to(device, non_blocking=True).float() / dataset.value_scale
             yield finish(k, x, dataset.labels[idx])
@@ -459,8 +477,8 @@ def batches(dataset, batch_size: int, *, resolution: int | None = None, shuffle:
         make = lambda: loaders.SeededItems(reader.raw, reader.labels)  # noqa: E731
     loader = loaders.loader_for(dataset, key, make, workers=workers, pin_memory=device.type == "cuda")
     plan = [[(int(i), _item_seed(seed, start + j)) for j, i in enumerate(order[start: start + batch_size].tolist())]
-            for start in starts]
-    for k, (x, y) in enumerate(loader.run(plan)):
+            for start in starts.values()]
+    for k, (x, y) in zip(starts, loader.run(plan)):
         yield finish(k, _unit_scale(x.to(device, non_blocking=True)), y)
 
 

@@ -278,8 +278,9 @@ class FinetuneConfig(_Strict):
     kd_weight: float = Field(0.7, ge=0, le=1, description="weight of the distillation term; the rest is cross-entropy")
     temperature: float = Field(2.0, gt=0)
     max_students: int = Field(8, ge=1)
-    num_cpus: float = Field(1, gt=0)
-    num_gpus: float = Field(0, ge=0)
+    num_cpus: float = Field(1, gt=0, description="CPUs of each student's trial (of each worker, with workers > 1)")
+    num_gpus: float = Field(0, ge=0, description="GPUs of each student's trial (of each worker, with workers > 1)")
+    workers: int = Field(1, ge=1, description="data-parallel Ray Train workers per student (e.g. its GPUs); 1 trains in the trial")
     amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="mixed precision on CUDA (auto: bf16 where supported)")
 
 

@@ -195,6 +195,27 @@ def test_measuring_again_keeps_the_faster_of_two_measurements(tmp_path, target, 
     assert again.get("op1", (1, 4, 2, 2)) == 4.0 and again.entry("op1", (1, 4, 2, 2))["slower_measurement_ms"] == 6.0
 
 
+def test_timing_side_by_side_times_every_item_in_each_sweep_and_leaves_the_table_as_it_was(tmp_path, target, monkeypatch):
+    """time_now: rounds sweep over all items in turn, each keeps its fastest sweep; no entry changes."""
+    order, speed = [], {"factor": 2.0}
+
+    def measure(module, input_shape, target, protocol=None, database_dir=None, key=None):
+        order.append(input_shape[-1])
+        ms = speed["factor"] * input_shape[-1]
+        speed["factor"] = max(0.5, speed["factor"] - 0.5)  # the machine speeds up during the sweeps
+        return Measurement(median_ms=ms, spread=0.01, repeats=3, samples_ms=[ms] * 3)
+
+    monkeypatch.setattr(tvm_backend, "measure", measure)
+    fake_compiles(monkeypatch)
+    t = open_table(tmp_path / "t.json", target)
+    t.passes = 1
+    t.measure_many(items(2), progress=False)
+    before, order[:] = open_table(tmp_path / "t.json", target).entries, []
+    assert t.time_now(items(2), rounds=2) == [0.5 * 1, 0.5 * 2]
+    assert order == [1, 2, 1, 2]  # whole sweeps, not one item's repeats back to back
+    assert open_table(tmp_path / "t.json", target).entries == before and t.entries == before
+
+
 def test_a_two_pass_table_times_every_entry_twice_in_separate_passes(tmp_path, target, monkeypatch):
     """passes=2 (what searches use): first every entry, then every entry again; a burst in one pass is not kept."""
     order = []

@@ -6,6 +6,7 @@ their budgets by the latency table, finetuned students must beat chance on the t
 latencies must be real TVM measurements of the exported networks.
 """
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -191,3 +192,29 @@ def test_headline_benchmark_runs_every_baseline_and_a_second_backend_trains_noth
     assert all(tvm_rows[m]["test_acc"] == rows[m]["test_acc"] for m in rows)
     assert all(tvm_rows[m]["latency_ms"] != rows[m]["latency_ms"] for m in rows)  # measured again, on the other runtime
     assert (out.parent / "figures" / f"headline-{search.run.root.name}-tvm.png").stat().st_size > 0
+
+
+def test_finetune_with_two_data_parallel_workers_per_student_trains_and_saves_it(finished, tmp_path):
+    from eta.phases import finetune
+    from eta.phases.context import PhaseContext
+    from eta.runs import Run
+
+    search, _, _ = finished
+    root = tmp_path / search.run.root.name
+    shutil.copytree(search.run.root, root)
+    space_dict = search.space.to_dict()
+    ft = search.space.finetune  # two workers at half the batch: the steps one process took in the fixture
+    space_dict["finetune"] |= {"workers": 2, "batch_size": ft.batch_size // 2}
+    space = parse_space(space_dict)
+    run = Run(root)
+    arch = json.loads(run.solutions.read_text())[0]["arch"]
+    sid = finetune.student_id(arch)
+    run.student_metrics(sid).unlink()
+    before = run.student_weights(sid).read_bytes()
+    alone = json.loads(search.run.student_metrics(sid).read_text())
+    ctx = PhaseContext(space, search.bound, search.splits, run, progress=False)
+    (metrics,) = finetune.finetune_all(ctx, [arch])
+    assert metrics["workers"] == 2 and len(metrics["history"]) == ft.epochs
+    res = str(space.data.resolution)  # as accurate as the student one process trained (BatchNorm statistics differ per rank)
+    assert metrics["test_acc"][res] > 0.5 and abs(metrics["test_acc"][res] - alone["test_acc"][res]) < 0.1
+    assert run.student_weights(sid).read_bytes() != before  # rank 0 saved the student the two workers trained

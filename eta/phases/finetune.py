@@ -42,8 +42,12 @@ def student_id(arch_str: str) -> str:
     return "s_" + hashlib.sha1(arch_str.encode()).hexdigest()[:10]
 
 
-def finetune_student(bound: BoundSpace, bank: OperatorBank, splits, arch, *, device="cpu", on_epoch=None, progress=False):
-    """Finetune one stitched student; returns (model, history, test accuracy per resolution)."""
+def finetune_student(bound: BoundSpace, bank: OperatorBank, splits, arch, *, device="cpu", on_epoch=None, progress=False,
+                     data_parallel: bool = False):
+    """Finetune one stitched student; returns (model, history, test accuracy per resolution).
+
+    ``data_parallel``: this process is one rank of a Ray Train worker group training the student together.
+    """
     space = bound.space
     cfg = space.finetune
     student = bank.stitch(arch).to(device)
@@ -52,45 +56,75 @@ def finetune_student(bound: BoundSpace, bank: OperatorBank, splits, arch, *, dev
     history = fit(student, splits.train, epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,
                   resolutions=space.resolutions, teacher=bound.teacher, kd_weight=cfg.kd_weight, temperature=cfg.temperature,
                   seed=space.seed, device=device, on_epoch=on_epoch, desc="finetune", progress=progress,
-                  augment=for_space(space, splits.num_classes), amp="off" if is_quantized(arch) else cfg.amp)
+                  augment=for_space(space, splits.num_classes), amp="off" if is_quantized(arch) else cfg.amp,
+                  data_parallel=data_parallel)
     accs = {int(r): evaluate(student, splits.test, resolution=r, device=device) for r in space.resolutions}
     return student, history, accs
 
 
 def finetune_trial(config: dict) -> None:
-    """Ray Tune trainable: one selected student, reported per epoch, saved into the run."""
+    """Ray Tune trainable: one selected student, reported per epoch, saved into the run.
+
+    With ``finetune.workers`` above one the trial drives a Ray Train run of that many data-parallel
+    workers (each with the trial's CPUs and GPUs) instead of training here.
+    """
     from ray import tune
 
+    cfg = config["space"]["finetune"]
+    if cfg.get("workers", 1) > 1:
+        from ..distributed import train_data_parallel
+
+        run = Run(Path(config["run_root"]))
+        train_data_parallel(finetune_worker, config, workers=cfg["workers"], cpus_per_worker=cfg.get("num_cpus", 1),
+                            gpus_per_worker=cfg.get("num_gpus", 0), storage=run.tune_dir.parent / "train",
+                            name=student_id(config["arch"]), in_tune_trial=True)
+        return
     config["context"].install()
-    device = pick_device(config["num_gpus"])
+    train_and_save(config, device=pick_device(config["num_gpus"]), report=tune.report)
+
+
+def finetune_worker(config: dict) -> None:
+    """Ray Train worker loop: one rank of a student trained data-parallel; rank 0 saves it."""
+    from ..distributed import report, worker_rank
+
+    config["context"].install()
+    rank = worker_rank()
+    train_and_save(config, device=rank.device, report=report, rank=rank)
+
+
+def train_and_save(config: dict, *, device, report, rank=None) -> None:
+    """Finetune the trial's student on ``device`` and save it into the run (rank 0 only when data-parallel)."""
     run = Run(Path(config["run_root"]))
     bound, splits = rebuild(config["space"], load_tensors(config["teacher_path"]))
     bank = OperatorBank(bound, load_block_states(run, bound))
     arch = arch_from_str(config["arch"])
     sid = student_id(config["arch"])
     space = bound.space
-    tracker = PhaseTracker(run.root, f"finetune-{sid}", mode=config["wandb"], project=config["wandb_project"],
-                           config={"arch": config["arch"], **space.finetune.model_dump()})
+    leader = rank is None or rank.leader
+    tracker = PhaseTracker(run.root, f"finetune-{sid}", mode=config["wandb"] if leader else "disabled",
+                           project=config["wandb_project"], config={"arch": config["arch"], **space.finetune.model_dump()})
     t0 = time.time()
 
     def on_epoch(epoch, m):
         tracker.log({f"finetune/{k}": v for k, v in m.items()})
-        tune.report({**m, "sid": sid})
-        if epoch == 0:
+        report({**m, "sid": sid})
+        if epoch == 0 and leader:
             faults.maybe_die(NAME, sid)
 
-    student, history, accs = finetune_student(bound, bank, splits, arch, device=device, on_epoch=on_epoch)
+    student, history, accs = finetune_student(bound, bank, splits, arch, device=device, on_epoch=on_epoch,
+                                              data_parallel=rank is not None)
     student = student.cpu().eval()
-    save_tensors(run.student_weights(sid), student.state_dict(), {"arch": config["arch"]})
-    metrics = {"id": sid, "arch": config["arch"], "test_acc": {str(r): a for r, a in accs.items()}, "history": history,
-               "params": count_params(student), "size_mb": size_mb(student, arch),
-               # MACs of the float tree (quantized convs are folded)
-               "bops": bops(skeleton(bound, arch), arch, bound.input_shape(space.data.resolution)),
-               "finetune_s": time.time() - t0}
-    write_json(run.student_metrics(sid), metrics)
-    tracker.summary(**{f"test_acc@{r}": a for r, a in accs.items()})
+    if leader:
+        save_tensors(run.student_weights(sid), student.state_dict(), {"arch": config["arch"]})
+        metrics = {"id": sid, "arch": config["arch"], "test_acc": {str(r): a for r, a in accs.items()}, "history": history,
+                   "params": count_params(student), "size_mb": size_mb(student, arch),
+                   # MACs of the float tree (quantized convs are folded)
+                   "bops": bops(skeleton(bound, arch), arch, bound.input_shape(space.data.resolution)),
+                   "finetune_s": time.time() - t0, "workers": 1 if rank is None else rank.world}
+        write_json(run.student_metrics(sid), metrics)
+        tracker.summary(**{f"test_acc@{r}": a for r, a in accs.items()})
     tracker.finish()
-    tune.report({"done": True, "sid": sid, **{f"test_acc_{r}": a for r, a in accs.items()}})
+    report({"done": True, "sid": sid, **{f"test_acc_{r}": a for r, a in accs.items()}})
 
 
 def finetune_all(ctx: PhaseContext, archs: list[str]) -> list[dict]:
@@ -109,7 +143,10 @@ def finetune_all(ctx: PhaseContext, archs: list[str]) -> list[dict]:
             def on_trial_complete(self, iteration, trials, trial, **info):
                 bar.update(1)
 
-        trainable = tune.with_resources(finetune_trial, {"cpu": cfg.num_cpus, "gpu": cfg.num_gpus})
+        # a data-parallel trial only drives its Ray Train workers, which hold the CPUs and GPUs themselves
+        # (a trial must ask for something: one byte of memory)
+        resources = {"cpu": cfg.num_cpus, "gpu": cfg.num_gpus} if cfg.workers == 1 else {"cpu": 0, "memory": 1}
+        trainable = tune.with_resources(finetune_trial, resources)
         tuner = tune.Tuner(
             trainable,
             param_space={"arch": tune.grid_search(todo), "space": ctx.space.to_dict(), "run_root": str(ctx.run.root.resolve()),
