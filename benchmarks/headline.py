@@ -263,7 +263,8 @@ def tp_points(b: Bench, targets_ms: list[float], ratios=(0.1, 0.2, 0.3, 0.4, 0.5
             order = np.argsort(lat)
             return [float(np.interp(t, lat[order], np.array(sweep["ratios"])[order])) for t in targets_ms]
 
-        for ratio in b.chosen(name, choose):
+        # targets below the sweep's fastest point all clip to its smallest ratio: that model once
+        for ratio in dict.fromkeys(round(r, 3) for r in b.chosen(name, choose)):
             def build(ratio=ratio, importance=importance, scope=scope):
                 model = b.distil(tp_prune(b, importance, scope, ratio), b.budget)
                 return model, {"resolution": b.res, "ratio": ratio, "test_acc": b.accuracy(model), "epochs": b.budget,
@@ -286,7 +287,7 @@ def fastnas_points(b: Bench, flops_limits: list[float]) -> list[dict]:
     out = []
     for limit in b.chosen("fastnas", lambda: flops_limits):
         def build(limit=limit):
-            model = copy.deepcopy(b.bound.teacher).eval()
+            model = copy.deepcopy(b.bound.teacher).eval().to(memory_format=torch.contiguous_format)  # FastNAS refuses channels-last weights
             dummy = torch.randn(*b.bound.input_shape(b.res))
             try:
                 model, _ = mtp.prune(model=model, mode=[("fastnas", {"nn.Conv2d": {"*": {"channel_divisor": 4}},

@@ -9,6 +9,22 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 REPO = Path(__file__).resolve().parent.parent
+IN_OWN_PROCESS = os.environ.get("ETA_TEST_OWN_PROCESS") == "1"
+
+
+def rerun_in_own_process(request, timeout: int = 900) -> None:
+    """Run the calling test again in a fresh pytest process, with a Ray session of its own.
+
+    For tests whose Ray Train worker groups may keep their resources after the run returns (seen
+    after a Tune trial drove a Train run): in the shared test session they would starve later tests.
+    """
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ETA_TEST_OWN_PROCESS": "1"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "", request.node.nodeid],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -12,6 +12,8 @@ from eta.data import InMemoryImages, batches, num_batches, shard_batches
 from eta.errors import EtaError
 from eta.train import fit
 
+from .conftest import IN_OWN_PROCESS, rerun_in_own_process
+
 
 def images(n=96, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -56,7 +58,10 @@ TRAIN = dict(epochs=2, lr=3e-2, weight_decay=0.01, resolutions=[8], seed=5, prog
 
 @pytest.mark.parametrize("gpus", [0, pytest.param(1, marks=[pytest.mark.gpu, pytest.mark.skipif(
     torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (NCCL gives each rank its own)")])], ids=["gloo-cpu", "nccl-gpu"])
-def test_two_ray_train_workers_train_what_one_process_trains_at_twice_the_batch(ray_local, tmp_path, gpus):
+def test_two_ray_train_workers_train_what_one_process_trains_at_twice_the_batch(request, tmp_path, gpus):
+    if not IN_OWN_PROCESS:
+        return rerun_in_own_process(request)
+    request.getfixturevalue("ray_local")
     from eta.distributed import report, train_data_parallel, worker_rank
 
     data = images(96)
@@ -84,3 +89,14 @@ def test_two_ray_train_workers_train_what_one_process_trains_at_twice_the_batch(
     # the reported loss is over every rank's share: the one process's loss on the same images
     for a, b in zip(ranks[0]["history"], history):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+
+
+def test_a_worker_group_larger_than_the_cluster_is_one_line_not_a_wait(ray_local):
+    from eta.phases.finetune import check_worker_group
+    from eta.space import FinetuneConfig
+
+    check_worker_group(FinetuneConfig(workers=2, num_cpus=1))  # the test cluster has 2 CPUs
+    with pytest.raises(EtaError, match=r"finetune.workers: 3 workers of 1 CPU\(s\) each need 3 CPUs; the Ray cluster has 2"):
+        check_worker_group(FinetuneConfig(workers=3, num_cpus=1))
+    with pytest.raises(EtaError, match=r"2 workers of 1 GPU\(s\) each need 2 GPUs; the Ray cluster has 0"):
+        check_worker_group(FinetuneConfig(workers=2, num_cpus=1, num_gpus=1))

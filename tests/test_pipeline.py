@@ -21,7 +21,7 @@ from eta.phases.solve import encode
 from eta.pipeline import Search
 from eta.space import parse_space
 
-from .conftest import tiny_space_dict
+from .conftest import IN_OWN_PROCESS, rerun_in_own_process, tiny_space_dict
 
 
 @pytest.fixture(scope="module")
@@ -194,12 +194,15 @@ def test_headline_benchmark_runs_every_baseline_and_a_second_backend_trains_noth
     assert (out.parent / "figures" / f"headline-{search.run.root.name}-tvm.png").stat().st_size > 0
 
 
-def test_finetune_with_two_data_parallel_workers_per_student_trains_and_saves_it(finished, tmp_path):
+@pytest.mark.slow
+def test_finetune_with_two_data_parallel_workers_per_student_trains_and_saves_it(request, tmp_path):
     from eta.phases import finetune
     from eta.phases.context import PhaseContext
     from eta.runs import Run
 
-    search, _, _ = finished
+    if not IN_OWN_PROCESS:
+        return rerun_in_own_process(request)
+    search, _, _ = request.getfixturevalue("finished")
     root = tmp_path / search.run.root.name
     shutil.copytree(search.run.root, root)
     space_dict = search.space.to_dict()

@@ -19,6 +19,7 @@ from ..arch import arch_from_str
 from ..bound import BoundSpace, rebuild
 from ..augment import for_space
 from ..devices import pick_device
+from ..errors import EtaError
 from ..files import load_tensors, read_json, save_tensors, write_json
 from ..mixed_precision import quantize_stitched
 from ..pareto import FRONT_COLUMNS, pareto_front
@@ -143,6 +144,8 @@ def finetune_all(ctx: PhaseContext, archs: list[str]) -> list[dict]:
             def on_trial_complete(self, iteration, trials, trial, **info):
                 bar.update(1)
 
+        if cfg.workers > 1:
+            check_worker_group(cfg)
         # a data-parallel trial only drives its Ray Train workers, which hold the CPUs and GPUs themselves
         # (a trial must ask for something: one byte of memory)
         resources = {"cpu": cfg.num_cpus, "gpu": cfg.num_gpus} if cfg.workers == 1 else {"cpu": 0, "memory": 1}
@@ -163,6 +166,17 @@ def finetune_all(ctx: PhaseContext, archs: list[str]) -> list[dict]:
         if errors:
             raise RuntimeError(f"{len(errors)} finetune trial(s) failed; first: {errors[0]}")
     return [read_json(ctx.run.student_metrics(student_id(a))) for a in archs]
+
+
+def check_worker_group(cfg) -> None:
+    """One line, instead of a trial waiting for ever, when the cluster cannot hold one student's workers."""
+    import ray
+
+    have = ray.cluster_resources()
+    for name, per in (("CPU", cfg.num_cpus), ("GPU", cfg.num_gpus)):
+        if per > 0 and cfg.workers * per > have.get(name, 0) + 1e-9:
+            raise EtaError(f"finetune.workers: {cfg.workers} workers of {per:g} {name}(s) each need {cfg.workers * per:g} {name}s; "
+                           f"the Ray cluster has {have.get(name, 0):g}")
 
 
 def front_points(ctx: PhaseContext, info: LatencyInfo, archs: list[str], metrics: list[dict], latencies: list[dict]) -> list[FrontPoint]:
