@@ -216,6 +216,11 @@ def test_finetune_with_two_data_parallel_workers_per_student_trains_and_saves_it
     before = run.student_weights(sid).read_bytes()
     alone = json.loads(search.run.student_metrics(sid).read_text())
     ctx = PhaseContext(space, search.bound, search.splits, run, progress=False)
+    others = [s["arch"] for s in json.loads(run.solutions.read_text()) if s["arch"] != arch][:1]
+    for other in others:  # two students left: one line, instead of the second one's workers waiting for ever
+        run.student_metrics(finetune.student_id(other)).unlink()
+        with pytest.raises(EtaError, match="finetune one student per Ray session"):
+            finetune.finetune_all(ctx, [arch, other])
     (metrics,) = finetune.finetune_all(ctx, [arch])
     assert metrics["workers"] == 2 and len(metrics["history"]) == ft.epochs
     res = str(space.data.resolution)  # as accurate as the student one process trained (BatchNorm statistics differ per rank)

@@ -146,6 +146,10 @@ def finetune_all(ctx: PhaseContext, archs: list[str]) -> list[dict]:
 
         if cfg.workers > 1:
             check_worker_group(cfg)
+            if len(todo) > 1:  # seen with Ray 2.60: the second student's workers then wait for ever
+                raise EtaError(f"finetune.workers: {cfg.workers} data-parallel workers finetune one student per Ray session "
+                               f"(a finished Ray Train run inside a Tune trial keeps its workers' CPUs); {len(todo)} students "
+                               "are left: set finetune.max_students: 1, or finetune.workers: 1")
         # a data-parallel trial only drives its Ray Train workers, which hold the CPUs and GPUs themselves
         # (a trial must ask for something: one byte of memory)
         resources = {"cpu": cfg.num_cpus, "gpu": cfg.num_gpus} if cfg.workers == 1 else {"cpu": 0, "memory": 1}
