@@ -47,6 +47,7 @@ from torch import nn
 from eta.errors import EtaError, first_line
 from eta.files import atomic_path, read_json, write_json
 from eta.pareto import format_table, pareto_front
+from eta.student import count_params
 from eta.train import evaluate, fit
 
 from .common import load_solved_run, setup_logging
@@ -205,7 +206,7 @@ def width_points(b: Bench, widths) -> list[dict]:
             model = build_teacher(tc.model, num_classes=b.bound.num_classes, in_chans=b.bound.in_chans,
                                   kwargs={**tc.kwargs, "width_mult": w})
             b.distil(model, epochs)
-            return model, {"resolution": b.res, "test_acc": b.accuracy(model), "epochs": epochs, "params": n_params(model)}
+            return model, {"resolution": b.res, "test_acc": b.accuracy(model), "epochs": epochs, "params": count_params(model)}
         out.append(b.trained(f"width-{w:g}", build))
     return out
 
@@ -268,7 +269,7 @@ def tp_points(b: Bench, targets_ms: list[float], ratios=(0.1, 0.2, 0.3, 0.4, 0.5
             def build(ratio=ratio, importance=importance, scope=scope):
                 model = b.distil(tp_prune(b, importance, scope, ratio), b.budget)
                 return model, {"resolution": b.res, "ratio": ratio, "test_acc": b.accuracy(model), "epochs": b.budget,
-                               "params": n_params(model)}
+                               "params": count_params(model)}
             out.append(b.trained(f"{name}-{ratio:.3f}", build))
     return out
 
@@ -328,10 +329,6 @@ def int8_points(b: Bench) -> list[dict]:
 
 def front_key(p: dict) -> str:
     return f"eta-{p['id']}-{p['resolution']}"
-
-
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def flops(model: nn.Module, shape) -> float:

@@ -28,10 +28,6 @@ class Rank:
         """Rank 0 writes results and logs; the others only train."""
         return self.rank == 0
 
-    @property
-    def shard(self) -> tuple[int, int]:
-        return self.rank, self.world
-
 
 def worker_rank() -> Rank:
     """This Ray Train worker's rank, group size and device (its GPU, or the CPU)."""
