@@ -3,6 +3,9 @@ import numpy as np
 import pytest
 import torch
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv
+from timm.models.resnet import BasicBlock as TimmBasicBlock
+from timm.models.resnet import Bottleneck as TimmBottleneck
+from timm.models.resnet import downsample_conv
 from torch import nn
 
 from eta.arch import OpSpec
@@ -126,6 +129,8 @@ INTEGER_CASES = {
     "fused": lambda: _op(OpSpec("fused", 3, 2)),
     "basic_downsample": lambda: _op(OpSpec("basic", 3, 1), out_shape=(16, 4, 4)),
     "bottleneck": lambda: _op(OpSpec("bottleneck", 3, 0.5)),
+    "timm_basic_downsample": lambda: _trained(TimmBasicBlock(8, 16, stride=2, downsample=downsample_conv(8, 16, 1, 2)), SHAPE),
+    "timm_bottleneck": lambda: _trained(TimmBottleneck(8, 2, base_width=64), SHAPE),
 }
 
 
@@ -145,7 +150,8 @@ def test_quantop_output_is_the_dequantized_integer_reference(case, bits):
     assert lo <= int(ref.min()) and int(ref.max()) <= hi
 
 
-@pytest.mark.parametrize("case,bits", [("ir_skip", 8), ("basic_downsample", 8), ("ir_relu6_stride2", 4)])
+@pytest.mark.parametrize("case,bits", [("ir_skip", 8), ("basic_downsample", 8), ("ir_relu6_stride2", 4),
+                                       ("timm_basic_downsample", 8)])
 def test_tvm_integer_module_is_bit_exact_with_the_reference(case, bits):
     qop = quantize_operator(INTEGER_CASES[case](), bits, _batches())
     x = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(5))

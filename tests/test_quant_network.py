@@ -160,3 +160,19 @@ def test_measure_network_int_returns_a_positive_latency():
     assert m.median_ms > 0 and m.repeats == 3 and m.compile_s > 0
     with pytest.raises(EtaError, match="bit-widths"):
         quantize_student(_student(), [8, 8], [torch.randn(2, *SHAPE)])
+
+
+def test_a_teacher_of_timm_resnet_blocks_quantizes_to_an_integer_network(digits):
+    """The headline's int8 baseline: the zoo ResNet teacher (timm's BasicBlock) at 8 bits in every block."""
+    from eta.zoo import small_resnet
+
+    torch.manual_seed(0)
+    teacher = with_batchnorm_statistics(small_resnet(width_mult=0.5), SHAPE, seed=0, batch=32)
+    with torch.no_grad():
+        teacher.head.fc.weight.mul_(8.0)
+    qteacher = quantize_student(teacher, [8] * len(teacher.blocks), digits[0])
+    assert all(isinstance(b, QuantOp) for b in qteacher.blocks)
+    compiled = compile_network_int(qteacher, (BATCH, *SHAPE))
+    result = agreement(qteacher, compiled, digits[1][:2])
+    assert result["top1_agreement"] >= 0.99
+    assert result["max_abs_diff"] <= 1e-3 * result["max_abs_logit"]

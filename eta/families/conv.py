@@ -15,6 +15,8 @@ from __future__ import annotations
 from timm.layers import BatchNormAct2d, create_act_layer, make_divisible
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv
 from timm.models._efficientnet_blocks import InvertedResidual as TimmInvertedResidual
+from timm.models.resnet import BasicBlock as TimmBasicBlock
+from timm.models.resnet import Bottleneck as TimmBottleneck
 from torch import nn
 
 from ..errors import EtaError
@@ -258,7 +260,7 @@ for _name in ("ir", "fused", "basic", "bottleneck"):  # a teacher made of these 
 
 
 # ---------------------------------------------------------------------------------------------
-# integer lowerings of these modules and of timm's inverted residuals
+# integer lowerings of these modules and of timm's inverted residuals and ResNet blocks
 
 
 @register_lowering(InvertedResidual, TimmInvertedResidual)
@@ -293,16 +295,18 @@ def _describe_fused(module):
                             Step(OUTPUT, (Term("h1", "conv_pwl"),) + skip, norm_activation(module.bn2)))
 
 
-@register_lowering(BasicBlock)
+@register_lowering(BasicBlock, TimmBasicBlock)
 def _describe_basic(module):
+    require_absent_or_identity(module, "drop_block", "aa", "se", "drop_path")
     convs = {"conv1": (module.conv1, module.bn1), "conv2": (module.conv2, module.bn2)}
     shortcut = projection_shortcut(module, convs)
     return "basic", convs, (Step("h1", (Term(INPUT, "conv1"),), norm_activation(module.bn1, module.act1)),
                             Step(OUTPUT, (Term("h1", "conv2"), shortcut), norm_activation(module.bn2, module.act2)))
 
 
-@register_lowering(Bottleneck)
+@register_lowering(Bottleneck, TimmBottleneck)
 def _describe_bottleneck(module):
+    require_absent_or_identity(module, "drop_block", "aa", "se", "drop_path")
     convs = {"conv1": (module.conv1, module.bn1), "conv2": (module.conv2, module.bn2), "conv3": (module.conv3, module.bn3)}
     shortcut = projection_shortcut(module, convs)
     return "bottleneck", convs, (Step("h1", (Term(INPUT, "conv1"),), norm_activation(module.bn1, module.act1)),

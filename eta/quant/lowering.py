@@ -72,8 +72,13 @@ def describe(module: nn.Module) -> Description:
             return _DESCRIBERS[cls](module)
         if cls in _NOT_LOWERABLE:
             raise EtaError(_NOT_LOWERABLE[cls])
-    raise EtaError(f"{type(module).__name__} has no integer lowering (registered: "
-                   f"{', '.join(sorted({t.__name__ for t in _DESCRIBERS}))})")
+    raise EtaError(f"{_qualified(type(module))} has no integer lowering (registered: "
+                   f"{', '.join(sorted({_qualified(t) for t in _DESCRIBERS}))})")
+
+
+def _qualified(cls: type) -> str:
+    """``module.Class``: two libraries' ``BasicBlock`` s are different classes to the registry."""
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def lowerable(module: nn.Module) -> bool:
