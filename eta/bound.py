@@ -22,6 +22,7 @@ from .data import load_splits, split_options
 from .errors import EtaError
 from .files import load_tensors
 from .families import BlockSlot
+from .interfaces import ThinnedTeacher, describe_interfaces, thin
 from .network import StemBlocksHead
 from .space import SearchSpace, parse_space
 from .teachers import block_io_shapes, build_teacher, split_teacher
@@ -43,6 +44,9 @@ class BoundSpace:
     num_classes: int
     shapes: list  # per block (in_shape, out_shape) at data.resolution, batch-free
     options: list  # per block: list[OpSpec], fixed order
+    thinned: dict  # interface width -> ThinnedTeacher (1.0: the teacher itself)
+    thinned_shapes: dict  # interface width -> per block (in_shape, out_shape)
+    interfaces: tuple = ()  # the teacher's interface groups, when a width below 1 is asked
 
     # --- construction ----------------------------------------------------------------------
     @classmethod
@@ -55,19 +59,28 @@ class BoundSpace:
         teacher.eval()
         split = split_teacher(teacher, space.teacher.blocks)
         res = space.data.resolution
-        shapes = [(tuple(i), tuple(o)) for i, o in block_io_shapes(split, (in_chans, res, res))]
+        input_shape = (in_chans, res, res)
+        interfaces = describe_interfaces(split, input_shape) if any(w < 1 for w in space.widths) else ()
+        if interfaces:
+            log.info("interface widths %s: %d coupled channel groups (%s)", ", ".join(f"{w:g}" for w in space.widths), len(interfaces),
+                     "; ".join(f"{i.group.full} channels at boundaries {list(i.boundaries)}" for i in interfaces))
+        bound = cls(space, teacher, split, in_chans, num_classes, [], [], {}, {}, interfaces)
+        bound.rethin()
+        shapes_at = {w: [(tuple(i), tuple(o)) for i, o in block_io_shapes(t.split, input_shape)] for w, t in bound.thinned.items()}
+        bound.shapes, bound.thinned_shapes = shapes_at[1.0], shapes_at
         specs = space.op_specs()
-        options = []
-        for b, (ins, outs) in enumerate(shapes):
-            slot = BlockSlot(ins, outs, split.blocks[b], b, split.block_names[b])
-            opts = [s for s in specs if families.get(s.family).fits(s, slot)]
+        for b, (ins, outs) in enumerate(bound.shapes):
+            opts = [s for s in specs if families.get(s.family).fits(s, bound.slot(b, s.width))]
             if not opts:
                 raise EtaError(f"block {b} ({split.block_names[b]}, {ins}->{outs}): no operator of the pool fits; add 'teacher' or a matching family")
-            options.append(opts)
-        unfit = {s.family for s in specs} - {s.family for opts in options for s in opts}
+            bound.options.append(opts)
+        unfit = {s.family for s in specs} - {s.family for opts in bound.options for s in opts}
         for fam in sorted(unfit):
             log.warning("operator family '%s' fits no block of this teacher and is ignored", fam)
-        return cls(space, teacher, split, in_chans, num_classes, shapes, options)
+        for w in space.widths:
+            if not all(any(s.width == w for s in opts) for opts in bound.options):
+                raise EtaError(f"interface width {w:g}: some block has no operator of the pool at that width; add 'teacher' to the pool")
+        return bound
 
     def load_teacher_weights(self, path: Path) -> None:
         state = load_tensors(path)
@@ -76,6 +89,13 @@ class BoundSpace:
         except RuntimeError as err:
             raise EtaError(f"teacher checkpoint {path} does not match {self.space.teacher.model}: {str(err).splitlines()[0]}") from None
         self.teacher.eval()
+        self.rethin()
+
+    def rethin(self) -> None:
+        """Thin the teacher again at every narrower interface width: which channels are kept follows its weights,
+        so this runs whenever they change (loaded, trained)."""
+        self.thinned = {1.0: ThinnedTeacher(1.0, self.split, None)}
+        self.thinned.update({w: thin(self.split, self.interfaces, w) for w in self.space.widths if w < 1})
 
     # --- encodings ----------------------------------------------------------------------------
     @property
@@ -102,19 +122,45 @@ class BoundSpace:
         return tuple(opts.index(t) for opts in self.options)
 
     def space_size(self) -> int:
-        return int(np.prod([len(o) for o in self.options], dtype=np.float64))
+        return int(sum(np.prod([len(k) for k in keep], dtype=np.float64) for _, keep in self.partitions()))
 
-    def slot(self, block: int) -> BlockSlot:
-        """Where block ``block`` sits: its shapes and the teacher's module (shared, not copied)."""
-        ins, outs = self.shapes[block]
-        return BlockSlot(ins, outs, self.split.blocks[block], block, self.split.block_names[block])
+    def slot(self, block: int, width: float = 1.0) -> BlockSlot:
+        """Where block ``block`` sits at an interface width: its shapes and the (thinned) teacher's module (shared, not copied)."""
+        ins, outs = self.thinned_shapes[float(width)][block]
+        return BlockSlot(ins, outs, self.thinned[float(width)].split.blocks[block], block, self.split.block_names[block])
 
     def operator(self, block: int, spec: OpSpec) -> nn.Module:
         """A standalone float operator for ``block`` with fresh weights (the teacher's own block: a copy)."""
-        return families.get(spec.family).build(spec.with_bits(32), self.slot(block))
+        return families.get(spec.family).build(spec.with_bits(32), self.slot(block, spec.width))
+
+    # --- interface widths ---------------------------------------------------------------------
+    @property
+    def widths(self) -> list[float]:
+        return list(self.space.widths)
+
+    def stem(self, width: float = 1.0) -> nn.Module:
+        """The teacher's stem keeping ``width`` of its output channels (a slice: exact on the kept channels)."""
+        return self.thinned[float(width)].split.stem
+
+    def head(self, width: float = 1.0) -> nn.Module:
+        """The teacher's head reading ``width`` of its input channels (sliced; phase 1 distils it again)."""
+        return self.thinned[float(width)].split.head
+
+    def kept_channels(self, width: float):
+        """Per boundary (block inputs, then the head's input), the teacher's channels kept at ``width``; None at 1."""
+        return self.thinned[float(width)].kept
+
+    def partitions(self) -> list[tuple[float, list[list[int]]]]:
+        """Per interface width, each block's option indices at that width: a student takes all its blocks from one."""
+        return [(w, [[j for j, s in enumerate(opts) if s.width == w] for opts in self.options]) for w in self.widths]
+
+    def random_choices(self, rng: np.random.Generator) -> tuple:
+        """A uniformly drawn student: an interface width, then one of its operators per block."""
+        _, keep = self.partitions()[int(rng.integers(len(self.widths)))]
+        return tuple(int(k[rng.integers(len(k))]) for k in keep)
 
     def trainable_specs(self, block: int) -> list[OpSpec]:
-        """Float operators of a block that phase 1 must pretrain (identity and the teacher's block need none)."""
+        """Float operators of a block that phase 1 must pretrain (identity and the teacher's own block need none), all widths."""
         seen = []
         for s in self.options[block]:
             f = s.with_bits(32)
@@ -147,6 +193,7 @@ def bound_with_teacher(space: SearchSpace, splits, teacher_state: dict | None) -
     if teacher_state is not None:
         bound.teacher.load_state_dict(teacher_state)
         bound.teacher.eval()
+        bound.rethin()
     return bound
 
 

@@ -43,7 +43,7 @@ class SuperOp(nn.Module):
             raise EtaError(f"one super-operator holds one family and kernel, got {sorted(keys)}")
         self.family = specs[0].family
         fam = families.get(self.family)
-        self.kernel, self.heads = specs[0].kernel, specs[0].heads
+        self.kernel, self.heads, self.width = specs[0].kernel, specs[0].heads, specs[0].width
         self.slot = slot
         self.expansions: tuple[float, ...] = tuple(s.expansion for s in specs)
         widths = {s.expansion: fam.hidden_widths(s, slot) for s in specs}
@@ -65,7 +65,7 @@ class SuperOp(nn.Module):
         return self.spec(self.expansions[-1]).super_key
 
     def spec(self, expansion: float) -> OpSpec:
-        return OpSpec(self.family, kernel=self.kernel, expansion=float(expansion), heads=self.heads)
+        return OpSpec(self.family, kernel=self.kernel, expansion=float(expansion), heads=self.heads, width=self.width)
 
     def _sliced(self, widths: dict[str, int]) -> dict[str, torch.Tensor]:
         return channels.sliced_tensors(self.full, self.groups, widths)

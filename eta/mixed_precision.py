@@ -165,7 +165,8 @@ def resource_limits(bound: BoundSpace) -> list[tuple[list[np.ndarray], float]]:
 
     Size counts weights at each block's bit-width (4-bit weights packed two per byte, as stored);
     BOPs are multiply-accumulates × weight bits × activation bits at the base resolution. Stem and
-    head are float and fixed, so they are taken off the limit.
+    head are float and fixed, so they are taken off the limit (the teacher's: at narrower interface widths
+they are smaller, so the limit is conservative there).
     """
     cfg = bound.space.solve
     if cfg.max_size_mb is None and cfg.max_gbops is None:
@@ -184,7 +185,7 @@ def resource_limits(bound: BoundSpace) -> list[tuple[list[np.ndarray], float]]:
                 continue
             op = bound.operator(b, spec)
             params = sum(p.numel() for p in op.parameters())
-            macs = sum(count_macs(_Wrap(op), (1, *bound.shapes[b][0])).values())
+            macs = sum(count_macs(_Wrap(op), (1, *bound.thinned_shapes[spec.width][b][0])).values())
             s_row.append(params * spec.bits / 8 / 1e6)
             o_row.append(macs * spec.bits * spec.bits / 1e9)
         size.append(np.array(s_row)), bops.append(np.array(o_row))

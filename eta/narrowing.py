@@ -224,30 +224,44 @@ def describe_block(block: nn.Module, example_input: torch.Tensor | None = None, 
 # --- any other conv block: Torch-Pruning's dependency graph -----------------------------------
 
 
-def describe_traced(block: nn.Module, example_input: torch.Tensor, *, name: str | None = None) -> tuple[ChannelGroup, ...]:
-    """Hidden groups of any conv/linear block found by Torch-Pruning, the block's interface held fixed."""
-    label = describe_module(block, name)
+def dependency_graph(module: nn.Module, example_input: torch.Tensor, label: str):
+    """(torch_pruning, its dependency graph of ``module``); ``module`` must be a copy: Torch-Pruning hooks it
+    and switches it to eval."""
     try:
         import torch_pruning as tp
     except ImportError:
         raise refuse(label, "it is not a known block type and torch-pruning is not installed "
                              "(pip install --no-deps torch-pruning==1.6.1)") from None
-    work = copy.deepcopy(block).eval()  # Torch-Pruning hooks and switches the traced model to eval: never the caller's
-    names = {m: n for n, m in work.named_modules()}
-    order = {n: i for i, n in enumerate(names.values())}
     try:
         with torch.enable_grad():
-            graph = tp.DependencyGraph().build_dependency(work, example_inputs=example_input, verbose=False)
+            graph = tp.DependencyGraph().build_dependency(module, example_inputs=example_input, verbose=False)
     except Exception as err:  # noqa: BLE001 - tracing runs the user's forward: any error means "cannot trace"
         first_line = (str(err).strip().splitlines() or [""])[0][:120]
         raise refuse(label, f"Torch-Pruning cannot trace it ({type(err).__name__}: {first_line})") from None
+    return tp, graph
+
+
+def traced_groups(module: nn.Module, example_input: torch.Tensor, label: str):
+    """Every channel group Torch-Pruning finds in a copy of ``module``, as eta's members:
+    yields (root layer path, members, reader, full, producer paths) or (root layer path, why it cannot be a prefix group)."""
+    work = copy.deepcopy(module).eval()
+    tp, graph = dependency_graph(work, example_input, label)
+    names = {m: n for n, m in work.named_modules()}
     tensors = named_tensors(work)
-    groups = []
     for tp_group in graph.get_all_groups(root_module_types=(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-        found = _from_tp_group(tp, graph, tp_group, names, tensors)
         root = names.get(tp_group[0].dep.target.module, "?")
-        if isinstance(found, str):
-            log.info("%s: channels of '%s' stay at full width: %s", label, root, found)
+        found = members_of_tp_group(tp, graph, tp_group, names, tensors)
+        yield (root, found) if isinstance(found, str) else (root, *found)
+
+
+def describe_traced(block: nn.Module, example_input: torch.Tensor, *, name: str | None = None) -> tuple[ChannelGroup, ...]:
+    """Hidden groups of any conv/linear block found by Torch-Pruning, the block's interface held fixed."""
+    label = describe_module(block, name)
+    order = {n: i for i, (n, _) in enumerate(block.named_modules())}
+    groups = []
+    for root, *found in traced_groups(block, example_input, label):
+        if len(found) == 1:
+            log.info("%s: channels of '%s' stay at full width: %s", label, root, found[0])
             continue
         members, reader, full, producers = found
         first = min(producers, key=order.__getitem__) if producers else root  # named after its first writer, in module order
@@ -263,7 +277,7 @@ def describe_traced(block: nn.Module, example_input: torch.Tensor, *, name: str 
     return tuple(kept)
 
 
-def _from_tp_group(tp, graph, tp_group, names, tensors):
+def members_of_tp_group(tp, graph, tp_group, names, tensors):
     """(members, reader, full, producer layers) of one Torch-Pruning group, or why it cannot be a prefix group."""
     O = tp.ops.OPTYPE
     passive = {O.ELEMENTWISE, O.RESHAPE, O.CONCAT, O.SPLIT, O.SLICE, O.UNBIND, O.EXPAND}
@@ -275,7 +289,7 @@ def _from_tp_group(tp, graph, tp_group, names, tensors):
         if idxs != root or sorted(idxs) != list(range(full)):
             return "its channels reach some tensor at other positions (concat, split or a partial coupling)"
         if node.type == O.OUTPUT:
-            return "they are the block's output channels"
+            return "they reach the traced module's output"
         if node.type in passive:
             continue
         m = node.module

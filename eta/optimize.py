@@ -4,7 +4,9 @@ Variables are one-hot per block over that block's options. The objective is the 
 (on the one-hot encoding) minus any additive per-option penalty (the modelled quantization drop);
 the constraint is the calibrated latency base + Σ option ms ≤ budget (every option's figure already
 calibrated, :meth:`eta.latency.calibrate.Calibration.additive`), plus any extra linear limits
-(model size, BOPs). Gekko's APOPT solves it locally, warm-started by a few
+(model size, BOPs). A space of several interface widths is a union of sub-spaces (``partitions``:
+every block takes its option from one width's subset); each is solved on its own and the best kept,
+which is exactly the optimum over the union. Gekko's APOPT solves it locally, warm-started by a few
 cheap evolutionary searches polished by two-block local search; APOPT's answer is polished the
 same way and the best found is returned, ``method`` saying where it came from. Exhaustive
 enumeration, predictor-ranked random sampling, evolution and HANT's additive ILP are the baselines.
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -44,6 +46,7 @@ class SearchProblem:
     base_latency: float = 0.0
     option_penalty: list[np.ndarray] | None = None
     limits: Sequence[tuple[list[np.ndarray], float]] = ()
+    partitions: Sequence[Sequence[Sequence[int]]] | None = None  # per sub-space, each block's allowed options
 
     def __post_init__(self):
         if self.activation not in ("tanh", "relu"):
@@ -97,10 +100,20 @@ class SearchProblem:
         return float(self.latency_many([choices])[0])
 
     def min_latency(self) -> float:
+        if self.partitions:
+            return min(sub.min_latency() for sub, _ in self.sub_problems())
         return self.base_latency + sum(r.min() for r in self.option_latency)
 
     def max_latency(self) -> float:
+        if self.partitions:
+            return max(sub.max_latency() for sub, _ in self.sub_problems())
         return self.base_latency + sum(r.max() for r in self.option_latency)
+
+    def sub_problems(self) -> list[tuple["SearchProblem", list[np.ndarray]]]:
+        """One unpartitioned problem per partition, with each block's original option indices (the problem itself if none)."""
+        if not self.partitions:
+            return [(self, [np.arange(k) for k in self.sizes])]
+        return [replace(self, partitions=None).restricted(part) for part in self.partitions]
 
     def restricted(self, keep: Sequence[Sequence[int]]) -> tuple["SearchProblem", list[np.ndarray]]:
         """The same problem over a subset of each block's options (e.g. the teacher's block at every
@@ -108,13 +121,19 @@ class SearchProblem:
         keep = [np.asarray(k, dtype=int) for k in keep]
         if len(keep) != self.num_blocks or any(len(k) == 0 for k in keep):
             raise EtaError("a restricted problem keeps at least one option in every block")
+        partitions = None
+        if self.partitions:  # each partition's options that survive, renumbered; partitions left empty somewhere drop out
+            where = [{int(j): i for i, j in enumerate(k)} for k in keep]
+            mapped = [[[where[b][int(j)] for j in opts if int(j) in where[b]] for b, opts in enumerate(part)] for part in self.partitions]
+            partitions = [p for p in mapped if all(p)] or None
         cols = np.concatenate([self.offsets[i] + k for i, k in enumerate(keep)])
         layers = [(self.layers[0][0][:, cols], self.layers[0][1]), *self.layers[1:]] if self.layers else []
         sub = SearchProblem(
             option_latency=[r[k] for r, k in zip(self.option_latency, keep)], layers=layers, activation=self.activation, output=self.output,
             base_latency=self.base_latency,
             option_penalty=[p[k] for p, k in zip(self.option_penalty, keep)] if self.option_penalty is not None else None,
-            limits=[([np.asarray(v, float)[k] for v, k in zip(values, keep)], limit) for values, limit in self.limits])
+            limits=[([np.asarray(v, float)[k] for v, k in zip(values, keep)], limit) for values, limit in self.limits],
+            partitions=partitions)
         return sub, keep
 
     def check_budget(self, budget_ms: float) -> None:
@@ -185,6 +204,16 @@ def sample_under_budget(problem, budget_ms, n, rng, *, lower_ms=None, patience=5
     Uniform draws, each out-of-band one repaired toward the band; stops early (returning fewer)
     once ``patience`` rounds in a row add nothing new, so narrow bands and tiny spaces end quickly.
     """
+    if problem.partitions:  # an equal share from each sub-space that reaches the band, the rest from those with more
+        subs = problem.sub_problems()
+        got = [[tuple(int(k[b][j]) for b, j in enumerate(c))
+                for c in sample_under_budget(sub, budget_ms, n, rng, lower_ms=lower_ms, patience=patience)] for sub, k in subs]
+        out = []
+        for i in range(n):
+            for g in got:
+                if i < len(g):
+                    out.append(g[i])
+        return out[:n]
     lower = -np.inf if lower_ms is None else float(lower_ms)
     if n <= 0 or budget_ms < problem.min_latency() - 1e-9 or lower > min(budget_ms, problem.max_latency()) + 1e-9:
         return []
@@ -253,7 +282,10 @@ def exhaustive(problem, budget_ms, *, exclude=(), max_combinations=2_000_000, ch
     for start in range(0, total, chunk):
         flat = np.arange(start, min(start + chunk, total))
         C = np.stack(np.unravel_index(flat, problem.sizes), axis=1)
-        C = C[_feasible(problem, C, budget_ms, exclude)]
+        ok = _feasible(problem, C, budget_ms, exclude)
+        if problem.partitions:  # enumerated over the whole product, kept where every block lies in one partition
+            ok &= np.any([np.all([np.isin(C[:, b], opts) for b, opts in enumerate(part)], axis=0) for part in problem.partitions], axis=0)
+        C = C[ok]
         if len(C):
             obj = problem.objective_many(C)
             i = int(np.argmax(obj))
@@ -445,7 +477,27 @@ def solve_inlp(problem, budget_ms, *, exclude=(), seed=0, time_limit_s=60) -> So
 
 
 def solve_budgets(problem, budgets_ms, k_per_budget=1, seed=0, time_limit_s=60) -> dict[float, list[Solution]]:
-    """``k`` distinct solutions per budget, each solve excluding the earlier ones of that budget."""
+    """``k`` distinct solutions per budget, each solve excluding the earlier ones of that budget.
+
+    A partitioned problem: ``k`` per budget from each sub-space, the best ``k`` of all kept.
+    """
+    if problem.partitions:
+        found: dict[float, list[Solution]] = {float(b): [] for b in budgets_ms}
+        for sub, keep in problem.sub_problems():
+            for budget in budgets_ms:
+                try:
+                    sols = solve_budgets(sub, [budget], k_per_budget, seed, time_limit_s)[float(budget)]
+                except InfeasibleBudget:
+                    continue
+                for sol in sols:
+                    c = tuple(int(keep[b][j]) for b, j in enumerate(sol.choices))
+                    found[float(budget)].append(replace(sol, choices=c))
+        for budget, sols in found.items():
+            if not sols:
+                problem.check_budget(budget)
+                raise InfeasibleBudget(f"no architecture found under the budget of {budget:.3f} ms with the limits given")
+            found[budget] = sorted(sols, key=lambda s: -s.objective)[:k_per_budget]
+        return found
     out = {}
     for budget in budgets_ms:
         sols = []

@@ -35,7 +35,7 @@ PHASES = ("teacher", "latency", "pretrain", "solve", "finetune")
 # the space's sections each phase depends on (cumulative: a phase also depends on everything before it)
 PHASE_INPUTS = {
     "teacher": ("seed", "teacher", "data"),
-    "latency": ("pool", "bits", "latency", "resolutions"),
+    "latency": ("pool", "bits", "widths", "latency", "resolutions"),
     "pretrain": ("pretrain",),
     "solve": ("budgets", "solve"),
     "finetune": ("finetune",),

@@ -297,6 +297,8 @@ class SearchSpace(_Strict):
     pool: list[PoolEntry] = Field(..., min_length=1)
     bits: list[int] = Field(default_factory=lambda: [32])
     resolutions: list[int] = Field(default_factory=list, description="the finetune phase's elastic resolutions; empty = data.resolution only")
+    widths: list[float] = Field(default_factory=lambda: [1.0], description="interface widths: fractions of the teacher's channels a "
+                                "student keeps between its blocks (eta.interfaces); [1.0] keeps the teacher's")
     latency: LatencyConfig = Field(default_factory=LatencyConfig)
     budgets: list[Union[float, str]] = Field(..., min_length=1)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
@@ -329,6 +331,13 @@ class SearchSpace(_Strict):
     @classmethod
     def _resolution_sizes(cls, v: list[int]) -> list[int]:
         return _each(v, lambda r: r >= 4, "resolution {}: input sizes are at least 4 pixels")
+
+    @field_validator("widths")
+    @classmethod
+    def _widths(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("widths: give at least one interface width (1.0 keeps the teacher's)")
+        return sorted({float(w) for w in _each(v, lambda w: 0 < w <= 1, "interface width {}: a fraction of the teacher's channels, in (0, 1]")})
 
     @field_validator("bits")
     @classmethod
@@ -373,7 +382,7 @@ class SearchSpace(_Strict):
         for entry in self.pool:
             quantizable = families.get(entry.family).integer
             for spec in entry.specs():
-                specs.extend(spec.with_bits(b) for b in (self.bits if quantizable else [32]))
+                specs.extend(spec.with_bits(b).with_width(w) for b in (self.bits if quantizable else [32]) for w in self.widths)
         return sorted(set(specs), key=str)
 
     def parsed_budgets(self) -> list[Budget]:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import families
-from .arch import OpSpec
+from .arch import OpSpec, arch_width
 from .bound import BoundSpace
 from .elastic import build_super_ops, super_op_name
 from .errors import EtaError
@@ -22,9 +22,32 @@ from .network import StemBlocksHead
 from .quant.network import quant_skeleton, quantize_student
 
 
+HEADS = "heads."  # the last block's phase-1 weights also hold the heads distilled for narrower interface widths
+
+
 def block_super_ops(bound: BoundSpace, block: int, elastic: bool) -> nn.ModuleDict:
-    """The super-operators phase 1 trains for one block (fresh weights)."""
-    return build_super_ops(bound.trainable_specs(block), bound.slot(block), elastic)
+    """The super-operators phase 1 trains for one block (fresh weights), one set per interface width."""
+    specs = bound.trainable_specs(block)
+    ops: dict[str, nn.Module] = {}
+    for w in sorted({s.width for s in specs}):
+        ops.update(build_super_ops([s for s in specs if s.width == w], bound.slot(block, w), elastic))
+    return nn.ModuleDict(dict(sorted(ops.items())))
+
+
+def width_key(width: float) -> str:
+    return f"x{width:g}".replace(".", "p")
+
+
+def narrow_heads(bound: BoundSpace) -> nn.ModuleDict:
+    """One head per interface width below 1, starting as the thinned teacher's (its dropped inputs cut away);
+    phase 1 distils each to the teacher's logits, as the blocks to the teacher's features."""
+    return nn.ModuleDict({width_key(w): copy.deepcopy(bound.head(w)) for w in bound.widths if w < 1})
+
+
+def split_heads(state: dict) -> tuple[dict, dict]:
+    """(operators' state, heads' state) of the last block's phase-1 weights."""
+    ops = {k: v for k, v in state.items() if not k.startswith(HEADS)}
+    return ops, {k[len(HEADS):]: v for k, v in state.items() if k.startswith(HEADS)}
 
 
 class OperatorBank:
@@ -34,8 +57,13 @@ class OperatorBank:
         self.bound = bound
         self.elastic = bound.space.pretrain.elastic
         self.blocks: list[nn.ModuleDict] = []
+        self.heads = narrow_heads(bound).eval()
         for b, state in enumerate(states):
             ops = block_super_ops(bound, b, self.elastic)
+            if b == len(states) - 1:
+                state, heads = split_heads(state)
+                if heads:
+                    self.heads.load_state_dict(heads)
             if len(ops):
                 try:
                     ops.load_state_dict(state)
@@ -49,17 +77,20 @@ class OperatorBank:
             return self.bound.operator(block, spec)
         return self.blocks[block][super_op_name(spec, self.elastic)].extract(spec.expansion)
 
+    def head(self, width: float) -> nn.Module:
+        return self.bound.head(width) if width == 1 else self.heads[width_key(width)]
+
     def stitch(self, arch) -> StemBlocksHead:
-        split = self.bound.split
+        w = arch_width(arch)
         ops = [self.operator(b, spec) for b, spec in enumerate(arch)]
-        return StemBlocksHead(copy.deepcopy(split.stem), ops, copy.deepcopy(split.head)).eval()
+        return StemBlocksHead(copy.deepcopy(self.bound.stem(w)), ops, copy.deepcopy(self.head(w))).eval()
 
 
 def skeleton(bound: BoundSpace, arch) -> StemBlocksHead:
     """A student with the right module tree and fresh weights, to load a saved state into."""
-    split = bound.split
+    w = arch_width(arch)
     ops = [bound.operator(b, spec) for b, spec in enumerate(arch)]
-    return StemBlocksHead(copy.deepcopy(split.stem), ops, copy.deepcopy(split.head))
+    return StemBlocksHead(copy.deepcopy(bound.stem(w)), ops, copy.deepcopy(bound.head(w)))
 
 
 def arch_bits(arch) -> list[int]:

@@ -58,8 +58,10 @@ class Family:
         return self.token or self.name
 
     def super_key(self, spec: "OpSpec") -> str:
-        """Which elastic super-operator ``spec`` is a slice of: the family and its fields but expansion."""
+        """Which elastic super-operator ``spec`` is a slice of: the family and its fields but expansion, at its interface width."""
         parts = [self.name] + [f"{f[0]}{getattr(spec, f)}" for f in self.fields if f != "expansion"]
+        if spec.width != 1:
+            parts.append(f"x{spec.width:g}".replace(".", "p"))  # a module name: no dots
         return "_".join(parts)
 
     # --- placement and construction ---------------------------------------------------------------

@@ -3,7 +3,9 @@
 ``teacher`` (expansion 1) is the block itself: it needs no training. ``teacher_e0.5`` is the same
 block with half of its hidden channels (or heads), the most important ones by the teacher's own
 weights, initialised from them and then distilled like every other candidate; its interface to
-the neighbouring blocks stays the teacher's. Every expansion of a block is one elastic
+the neighbouring blocks stays the teacher's, or is the thinned teacher's at an interface width
+below 1 (``teacher_x0.5``: the block of the teacher thinned by :mod:`eta.interfaces`, which no
+longer computes what the teacher does and is distilled too). Every expansion of a block is one elastic
 super-operator. Which channels are hidden is found by :mod:`eta.narrowing` (by hand for timm,
 torchvision and eta blocks, by Torch-Pruning's dependency graph for any other conv block); a block
 with none is offered at expansion 1 only. Below 32 bits the block (narrowed or not) is offered
@@ -57,10 +59,10 @@ class TeacherFamily(Family):
         return spec.bits == 32 or lowerable(slot.teacher_block)
 
     def is_trainable(self, spec) -> bool:
-        return spec.expansion < 1  # the block itself is the teacher's, already trained
+        return spec.expansion < 1 or spec.width < 1  # the block itself is the teacher's, already trained
 
     def hidden_widths(self, spec, slot: BlockSlot) -> dict[str, int] | None:
-        if spec.expansion == 1:
+        if spec.expansion == 1 and spec.width == 1:
             return None
         return narrowing.hidden_widths(self.groups(slot), spec.expansion)
 
@@ -72,7 +74,7 @@ class TeacherFamily(Family):
         if slot.teacher_block is None:
             raise EtaError(f"block {slot.index}: the teacher operator needs the teacher's block")
         block = copy.deepcopy(slot.teacher_block)
-        if spec.expansion == 1:
+        if spec.expansion == 1 and spec.width == 1:
             return block
         groups = self.groups(slot)
         channels.sort_channels(block, groups)

@@ -118,23 +118,27 @@ def _at_bits(module, bits: int, input_shape: tuple):
     return quantize_operator(module, bits, [x])
 
 
-def block_input_shape(bound: BoundSpace, block: int, batch: int) -> tuple:
-    return (batch, *bound.shapes[block][0])
+def block_input_shape(bound: BoundSpace, block: int, batch: int, width: float = 1.0) -> tuple:
+    return (batch, *bound.thinned_shapes[float(width)][block][0])
+
+
+def _stem_head_workloads(bound: BoundSpace, width: float, batch: int) -> list[Workload]:
+    stem, head = bound.stem(width), bound.head(width)
+    return [Workload(workload_signature("stem", stem), lambda: stem, bound.input_shape(batch=batch)),
+            Workload(workload_signature("head", head), lambda: head, (batch, *bound.thinned_shapes[float(width)][-1][1]))]
 
 
 def space_workloads(bound: BoundSpace) -> list[Workload]:
-    """The stem, the head, and every operator of every block at its bit-width (each distinct one once)."""
+    """The stem, the head (at every interface width), and every operator of every block at its bit-width (each distinct one once)."""
     batch = bound.space.latency.batch_size
-    split = bound.split
-    out = [Workload(workload_signature("stem", split.stem), lambda: split.stem, bound.input_shape(batch=batch)),
-           Workload(workload_signature("head", split.head), lambda: split.head, (batch, *bound.shapes[-1][1]))]
+    out = [w for width in sorted({1.0, *bound.widths}, reverse=True) for w in _stem_head_workloads(bound, width, batch)]
     seen = set()
     for b, opts in enumerate(bound.options):
         for spec in opts:
             if not families.get(spec.family).costs_latency:
                 continue
             module = bound.operator(b, spec)
-            shape = block_input_shape(bound, b, batch)
+            shape = block_input_shape(bound, b, batch, spec.width)
             key = (_operator_signature(spec, module), shape, spec.bits)
             if key not in seen:
                 seen.add(key)
@@ -143,13 +147,18 @@ def space_workloads(bound: BoundSpace) -> list[Workload]:
 
 
 def option_latency_matrix(bound: BoundSpace, table: LatencyTable) -> tuple[float, list[np.ndarray]]:
-    """(stem + head ms, per-block ms of each option) read from the table; operators that cost nothing are 0."""
+    """(stem + head ms, per-block ms of each option) read from the table; operators that cost nothing are 0.
+
+    Narrower interface widths have a cheaper stem and head: the difference to the teacher's goes into
+    each block-0 option of that width, so a student's latency stays base + Σ options.
+    """
     batch = bound.space.latency.batch_size
-    split = bound.split
-    base = table.get(workload_signature("stem", split.stem), bound.input_shape(batch=batch), 32)
-    head = table.get(workload_signature("head", split.head), (batch, *bound.shapes[-1][1]), 32)
-    if base is None or head is None:
-        raise EtaError(f"latency table {table.path} lacks the stem or head entry: run 'eta latency build' first")
+    stem_head = {}
+    for width in sorted({1.0, *bound.widths}):
+        ms = [table.get(w.signature, w.input_shape, 32) for w in _stem_head_workloads(bound, width, batch)]
+        if None in ms:
+            raise EtaError(f"latency table {table.path} lacks the stem or head entry: run 'eta latency build' first")
+        stem_head[width] = float(sum(ms))
     per_block = []
     for b, opts in enumerate(bound.options):
         row = []
@@ -157,13 +166,14 @@ def option_latency_matrix(bound: BoundSpace, table: LatencyTable) -> tuple[float
             if not families.get(spec.family).costs_latency:
                 row.append(0.0)
                 continue
-            ms = table.get(_operator_signature(spec, bound.operator(b, spec)), block_input_shape(bound, b, batch), spec.bits)
+            ms = table.get(_operator_signature(spec, bound.operator(b, spec)), block_input_shape(bound, b, batch, spec.width), spec.bits)
             if ms is None:
                 raise EtaError(f"block {b} operator {spec}: no executable latency entry in {table.path} "
                                f"(bit-width {spec.bits} not executable on this target?)")
             row.append(float(ms))
         per_block.append(np.array(row))
-    return float(base + head), per_block
+    per_block[0] = per_block[0] + np.array([stem_head[s.width] - stem_head[1.0] for s in bound.options[0]])
+    return stem_head[1.0], per_block
 
 
 def option_masks(options) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -196,7 +206,7 @@ def calibration_archs(bound: BoundSpace, n_students: int, seed: int, stored: dic
     want = n_students + (tc is not None)
     rng = np.random.default_rng(seed)
     while len(archs) < want and len(archs) < bound.space_size():
-        c = tuple(int(rng.integers(k)) for k in bound.options_per_block)
+        c = bound.random_choices(rng) if len(bound.widths) > 1 else tuple(int(rng.integers(k)) for k in bound.options_per_block)
         if c not in archs:
             archs.append(c)
     return archs
@@ -280,7 +290,7 @@ def search_problem(bound: BoundSpace, info: LatencyInfo, layers=(), *, activatio
     base, per_block = Calibration.from_dict(info.calibration).additive(info.base_ms, info.option_ms, identity, integer)
     return SearchProblem(option_latency=per_block, layers=list(layers), activation=activation, output=output, base_latency=base,
                          option_penalty=[np.asarray(r, float) for r in option_penalty] if option_penalty is not None else None,
-                         limits=resource_limits(bound))
+                         limits=resource_limits(bound), partitions=[k for _, k in bound.partitions()] if len(bound.widths) > 1 else None)
 
 
 def budgets_ms(space, info: LatencyInfo) -> list[float]:

@@ -29,7 +29,8 @@ from ..errors import EtaError, first_line
 from ..files import load_tensors, read_json, save_tensors, write_json
 from ..raycluster import Task, completed, cpu_slots
 from ..runs import Run
-from ..student import block_super_ops
+from ..interfaces import slice_channels
+from ..student import HEADS, block_super_ops, narrow_heads, split_heads, width_key
 from ..teachers import features_at_blocks
 from ..threads import torch_threads
 from .context import PhaseContext
@@ -49,10 +50,13 @@ def pretrain_group(bound: BoundSpace, splits, blocks: list[int], *, seed: int = 
         gens[b] = set_seed(seed + 7919 * b)
         ops[b] = block_super_ops(bound, b, cfg.elastic).to(device, memory_format=torch.channels_last)
     trainable = [b for b in blocks if len(ops[b])]
-    params = [p for b in trainable for p in ops[b].parameters()]
+    last = bound.num_blocks - 1
+    heads = narrow_heads(bound).to(device, memory_format=torch.channels_last) if last in blocks else torch.nn.ModuleDict()
+    params = [p for b in trainable for p in ops[b].parameters()] + list(heads.parameters())
     if not params:
         return {b: ({}, {"candidates": {}}) for b in blocks}
     teacher = bound.split.to(device, memory_format=torch.channels_last).eval()
+    kept = {w: bound.kept_channels(w) or [None] * (bound.num_blocks + 1) for w in bound.widths}
     opt = create_optimizer_v2(params, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = num_batches(splits.train, cfg.batch_size, drop_last=True) or 1
     total = steps_per_epoch * cfg.epochs
@@ -73,8 +77,9 @@ def pretrain_group(bound: BoundSpace, splits, blocks: list[int], *, seed: int = 
                         op.sort_channels(optimizer=opt)
             x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, cfg.amp):
-                with torch.no_grad():
-                    feats = features_at_blocks(teacher, x, trainable)  # one teacher forward for the whole group
+                with torch.no_grad():  # one teacher forward for the whole group
+                    feats = features_at_blocks(teacher, x, trainable + ([last] if len(heads) else []))
+                    logits = teacher.head(feats[last][1]) if len(heads) else None
                 loss = 0.0
                 for b in trainable:
                     t_in, t_out = feats[b]
@@ -82,9 +87,13 @@ def pretrain_group(bound: BoundSpace, splits, blocks: list[int], *, seed: int = 
                     for op in ops[b].values():
                         op.train()
                         e = op.sample_expansion(gens[b]) if cfg.elastic else None
-                        block_loss = block_loss + F.mse_loss(op(t_in, e).float(), t_out.float())
+                        k = kept[op.width]  # a narrower interface: the teacher's kept channels in and out
+                        block_loss = block_loss + F.mse_loss(op(slice_channels(t_in, k[b]), e).float(), slice_channels(t_out, k[b + 1]).float())
                     history[b].append(block_loss.item() / len(ops[b]))
                     loss = loss + block_loss
+                for w in (w for w in bound.widths if w < 1 and len(heads)):
+                    head = heads[width_key(w)].train()
+                    loss = loss + F.mse_loss(head(slice_channels(feats[last][1], kept[w][last + 1])).float(), logits.float())
             optimizer_step(loss, opt, scaler)
             step += 1
             sched.step_update(step)
@@ -101,7 +110,10 @@ def pretrain_group(bound: BoundSpace, splits, blocks: list[int], *, seed: int = 
             k = max(1, len(h) // 10)
             metrics["loss_first"] = float(np.mean(h[:k]))
             metrics["loss_last"] = float(np.mean(h[-k:]))
-        out[b] = ({k: v.detach().cpu() for k, v in ops[b].state_dict().items()}, metrics)
+        state = {k: v.detach().cpu() for k, v in ops[b].state_dict().items()}
+        if b == last:
+            state |= {HEADS + k: v.detach().cpu() for k, v in heads.state_dict().items()}
+        out[b] = (state, metrics)
     return out
 
 
@@ -115,11 +127,12 @@ def evaluate_block(bound: BoundSpace, block: int, ops, splits, *, device="cpu", 
         if i >= max_batches:
             break
         t_in, t_out = features_at_blocks(bound.split, x, [block])[block]
-        var = t_out.var().clamp_min(1e-12)
         for spec in bound.trainable_specs(block):
+            k = bound.kept_channels(spec.width) or [None] * (bound.num_blocks + 1)
+            target = slice_channels(t_out, k[block + 1])
             op = ops[super_op_name(spec, elastic)].eval()
-            pred = op(t_in, spec.expansion) if elastic else op(t_in)
-            errs.setdefault(str(spec), []).append(float(F.mse_loss(pred, t_out) / var))
+            pred = op(slice_channels(t_in, k[block]), spec.expansion) if elastic else op(slice_channels(t_in, k[block]))
+            errs.setdefault(str(spec), []).append(float(F.mse_loss(pred, target) / target.var().clamp_min(1e-12)))
     return {k: float(np.mean(v)) for k, v in errs.items()}
 
 
@@ -171,11 +184,10 @@ def block_costs(bound: BoundSpace, blocks: list[int], batch: int = 32, reps: int
             if not len(ops):  # nothing to train (identity or teacher only)
                 out[b] = 0.0
                 continue
-            x = torch.randn(batch, *bound.shapes[b][0])
             best = float("inf")
             for _ in range(reps):
                 t0 = time.perf_counter()
-                sum(op(x).float().square().mean() for op in ops.values()).backward()
+                sum(op(torch.randn(batch, *op.slot.in_shape)).float().square().mean() for op in ops.values()).backward()
                 best = min(best, time.perf_counter() - t0)
             out[b] = best
     return out
@@ -185,8 +197,9 @@ def load_block_states(run: Run, bound: BoundSpace) -> list[dict]:
     """Every block's pretrained super-operators (empty for blocks with nothing to train), each checked
     against the space's operators of that block: a missing, corrupt or foreign file is one line naming it."""
     states = []
+    last = bound.num_blocks - 1
     for b in range(bound.num_blocks):
-        if not bound.trainable_specs(b):
+        if not bound.trainable_specs(b) and not (b == last and len(narrow_heads(bound))):
             states.append({})
             continue
         path = run.block_weights(b)
@@ -194,7 +207,10 @@ def load_block_states(run: Run, bound: BoundSpace) -> list[dict]:
             raise EtaError(f"missing weights file {path}: block {b} of the pretrain phase; run 'eta pretrain {run.root} --rerun'")
         state = load_tensors(path)
         try:
-            block_super_ops(bound, b, bound.space.pretrain.elastic).load_state_dict(state)
+            ops_state, heads_state = split_heads(state) if b == last else (state, {})
+            block_super_ops(bound, b, bound.space.pretrain.elastic).load_state_dict(ops_state)
+            if b == last:
+                narrow_heads(bound).load_state_dict(heads_state)
         except RuntimeError as err:
             raise EtaError(f"{path} does not hold the pretrained operators of block {b} of this space: {first_line(err)}") from None
         states.append(state)

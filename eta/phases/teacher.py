@@ -40,6 +40,7 @@ def run(ctx: PhaseContext) -> dict:
             progress=ctx.progress, augment=for_space(space, ctx.splits.num_classes), amp=tc.amp, device=device)
         bound.teacher.cpu()
         save_tensors(ctx.teacher_path, bound.teacher.state_dict(), {"model": space.teacher.model})
+    bound.rethin()
     acc = {str(r): evaluate(bound.teacher, ctx.splits.test, resolution=r) for r in space.resolutions}
     with ctx.tracker(NAME) as tr:
         tr.summary(**{f"teacher_test_acc@{r}": a for r, a in acc.items()})
