@@ -251,10 +251,10 @@ def tp_prune(b: Bench, importance: str, scope: str, ratio: float) -> nn.Module:
     return model.eval()
 
 
-def tp_points(b: Bench, targets_ms: list[float], ratios=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)) -> list[dict]:
+def tp_points(b: Bench, targets_ms: list[float], ratios=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7), variants=TP_VARIANTS) -> list[dict]:
     """Each variant swept over ``ratios`` (latency only), then pruned at the ratio that lands on each target and trained."""
     out = []
-    for importance, scope in TP_VARIANTS:
+    for importance, scope in variants:
         name = f"tp-{importance}-{scope}"
 
         def choose(importance=importance, scope=scope, name=name):
@@ -379,6 +379,8 @@ def main(argv=None) -> int:
     ap.add_argument("--baselines", nargs="+", default=list(BASELINES), choices=BASELINES)
     ap.add_argument("--widths", type=float, nargs="+", default=[0.5, 0.75])
     ap.add_argument("--targets", type=int, default=3, help="latencies of eta's front the pruning baselines aim at")
+    ap.add_argument("--tp", nargs="+", default=[f"{i}-{s}" for i, s in TP_VARIANTS], choices=[f"{i}-{s}" for i, s in TP_VARIANTS],
+                    help="Torch-Pruning variants (importance-scope)")
     ap.add_argument("--backend", choices=["tvm", "torch"], help="measure on this backend (default: the run's)")
     ap.add_argument("--out", type=Path, default=Path("docs/measurements"), help="folder for the JSON table and the plot")
     ap.add_argument("--no-side-by-side", dest="side_by_side", action="store_false",
@@ -396,7 +398,7 @@ def main(argv=None) -> int:
         if "resolution" in args.baselines:
             rows += resolution_points(b)
         if "tp" in args.baselines:
-            rows += tp_points(b, [p["latency_ms"] for p in picks])
+            rows += tp_points(b, [p["latency_ms"] for p in picks], variants=[tuple(v.split("-")) for v in args.tp])
         if "fastnas" in args.baselines:
             from eta.export import build_student
             from eta.runs import Run

@@ -292,6 +292,7 @@ CASES = [
     E(space(_set_in("pool.0.colour", "red"), "pool.0.colour"), id="space-pool-unknown-key", marks=SLOW),
     E(space(lambda d: d.update(bits=[16]), "'bits", "16"), id="space-bits-unsupported"),
     E(space(lambda d: d.update(resolutions=[0, 16]), "'resolutions", "resolution 0"), id="space-resolutions-zero"),
+    E(space(lambda d: d.update(widths=[0.5, 2]), "'widths", "interface width 2"), id="space-widths-above-one"),
     E(space(_set("latency", backend="onnx"), "latency.backend"), id="space-latency-backend", marks=SLOW),
     E(space(_set("latency", target="quantum"), "latency.target", "quantum"), id="space-latency-target"),
     E(space(_set("latency", repeat=1), "latency.repeat"), id="space-latency-repeat", marks=SLOW),
