@@ -355,7 +355,7 @@ def plot(front: list[dict], rows: list[dict], teacher: dict, path: Path, title: 
     fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
     ax.plot([p["latency_ms"] for p in front], [p["test_acc"] for p in front], "o-", lw=2, c="tab:blue", label="eta front")
     groups: dict[str, list[dict]] = {}
-    for r in rows:
+    for r in (r for r in rows if r["method"] != "teacher"):  # the teacher is the star
         groups.setdefault(r["method"].rsplit("-", 1)[0] if r["method"].startswith(("tp-", "width", "resolution", "fastnas")) else r["method"],
                           []).append(r)
     for name, pts in sorted(groups.items()):

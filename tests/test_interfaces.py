@@ -234,3 +234,29 @@ def _images(split):
 
     x, _ = next(iter(batches(split, 64, resolution=16)))
     return x
+
+
+@pytest.mark.slow
+def test_a_search_at_half_the_teachers_interface_width_finetunes_and_exports_narrow_students(tmp_path, ray_local):
+    """Every phase at one narrower width: students keep half the teacher's channels between blocks, and the
+    exported student is that network (its stem reads 1 channel and writes half the teacher's)."""
+    import eta
+    from eta.export import export_student, load_exported
+    from eta.pipeline import Search
+    from eta.train import evaluate
+
+    d = tiny_space_dict(widths=[0.5])
+    d["pool"].append({"family": "teacher", "expansion": [0.5]})
+    d["latency"]["backend"] = "torch"  # TVM's part (tables, export) is width-blind and tested elsewhere; this saves compiling
+    search = Search(parse_space(d), runs_dir=tmp_path / "runs", progress=False)
+    pareto = search.run_all()
+    assert pareto["front"] and all(arch_width(arch_from_str(p["arch"])) == 0.5 for p in pareto["front"])
+    best = max(pareto["front"], key=lambda p: p["test_acc"])
+    assert best["test_acc"] > 0.5  # ten classes: far above chance after finetuning
+    model = eta.load_student(search.run.root, max_latency_ms=best["latency_ms"])
+    teacher_channels = search.bound.shapes[0][0][0]
+    assert model.blocks[0](torch.zeros(1, teacher_channels // 2, 16, 16)).shape[1] == search.bound.thinned_shapes[0.5][0][1][0]
+    assert evaluate(model, search.splits.test, resolution=best["resolution"]) == pytest.approx(best["test_acc"], abs=1e-9)
+    export_student(search.run.root, tmp_path / "out", max_latency_ms=best["latency_ms"])
+    x = torch.randn(3, 1, best["resolution"], best["resolution"])
+    assert torch.allclose(load_exported(tmp_path / "out")(x), model(x), atol=1e-5)
