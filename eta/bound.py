@@ -154,6 +154,15 @@ class BoundSpace:
         """Per interface width, each block's option indices at that width: a student takes all its blocks from one."""
         return [(w, [[j for j, s in enumerate(opts) if s.width == w] for opts in self.options]) for w in self.widths]
 
+    def thinned_teacher_choices(self) -> list[tuple]:
+        """The teacher's own block in every block at each interface width below 1: the width-scaled teacher."""
+        out = []
+        for w in self.widths:
+            spec = OpSpec("teacher", width=w)
+            if w < 1 and all(spec in opts for opts in self.options):
+                out.append(tuple(opts.index(spec) for opts in self.options))
+        return out
+
     def random_choices(self, rng: np.random.Generator) -> tuple:
         """A uniformly drawn student: an interface width, then one of its operators per block."""
         _, keep = self.partitions()[int(rng.integers(len(self.widths)))]

@@ -260,3 +260,20 @@ def test_a_search_at_half_the_teachers_interface_width_finetunes_and_exports_nar
     export_student(search.run.root, tmp_path / "out", max_latency_ms=best["latency_ms"])
     x = torch.randn(3, 1, best["resolution"], best["resolution"])
     assert torch.allclose(load_exported(tmp_path / "out")(x), model(x), atol=1e-5)
+
+
+def test_the_width_scaled_teacher_anchors_phase_2_and_the_best_measured_student_under_a_budget_is_found(bound):
+    from eta.phases.solve import best_measured, sampled_choices
+
+    rng = np.random.default_rng(4)
+    problem = SearchProblem([rng.uniform(0.1, 1.0, len(o)) for o in bound.options], partitions=[k for _, k in bound.partitions()])
+    chosen = sampled_choices(bound, problem)
+    anchor = tuple(opts.index(OpSpec("teacher", width=0.5)) for opts in bound.options)
+    assert chosen[0] == anchor and chosen.count(anchor) == 1
+    assert all(len({bound.options[b][j].width for b, j in enumerate(c)}) == 1 for c in chosen)
+    samples = [{"choices": list(c), "proxy_acc": float(rng.uniform())} for c in chosen]
+    for budget in np.quantile([problem.latency(c) for c in chosen], [0.1, 0.5, 1.0]):
+        best = best_measured(samples, problem, budget)
+        expect = max((s["proxy_acc"] for s in samples if problem.latency(s["choices"]) <= budget), default=None)
+        assert best["proxy_acc"] == expect and problem.latency(best["choices"]) <= budget
+    assert best_measured(samples, problem, problem.min_latency() - 1) is None
