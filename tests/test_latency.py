@@ -337,7 +337,7 @@ def test_fresh_measurement_agrees_with_cached_entry(tmp_path, target):
     assert entry["number"] * entry["median_ms"] >= 2.5  # one repeat lasted about min_repeat_ms
     assert entry["slower_measurement_ms"] >= entry["median_ms"]
     fresh = min((tvm_backend.measure(op, shape, target, protocol) for _ in range(2)), key=lambda m: m.median_ms)
-    tolerance = max(3 * entry["spread"], 0.3)
+    tolerance = max(3 * entry["spread"], 0.5)  # this VM's speed drifts (docs/results.md: 1.6x between two sweeps minutes apart)
     assert abs(fresh.median_ms - entry["median_ms"]) / entry["median_ms"] <= tolerance
 
 
