@@ -1,7 +1,7 @@
-"""The teacher uniformly thinned at each interface width of a finished run, through eta's own recipe.
+"""The teacher thinned between its blocks at each interface width of a finished run, through eta's own recipe.
 
-`teacher_x<w>` in every block is the teacher's architecture at width multiplier w, initialised from
-the teacher: this trains it as phase 3 trains a chosen student (from the run's phase-1 operators,
+`teacher_x<w>` in every block is the teacher with w of its channels between blocks (hidden widths
+kept), initialised from the teacher: this trains it as phase 3 trains a chosen student (from the run's phase-1 operators,
 the space's finetune recipe) and reports its proxy accuracy before and its test accuracy after, so
 it can be set against the width-scaled baselines of `benchmarks.headline` and the run's own front:
 whether a loss is in eta's operators and training or in its selection.

@@ -155,7 +155,8 @@ class BoundSpace:
         return [(w, [[j for j, s in enumerate(opts) if s.width == w] for opts in self.options]) for w in self.widths]
 
     def thinned_teacher_choices(self) -> list[tuple]:
-        """The teacher's own block in every block at each interface width below 1: the width-scaled teacher."""
+        """The teacher's own block in every block at each interface width below 1: the teacher thinned between
+        its blocks only (hidden widths kept)."""
         out = []
         for w in self.widths:
             spec = OpSpec("teacher", width=w)
@@ -164,8 +165,9 @@ class BoundSpace:
         return out
 
     def random_choices(self, rng: np.random.Generator) -> tuple:
-        """A uniformly drawn student: an interface width, then one of its operators per block."""
-        _, keep = self.partitions()[int(rng.integers(len(self.widths)))]
+        """A uniformly drawn student: an interface width (when there are several), then one of its operators per block."""
+        parts = self.partitions()
+        _, keep = parts[int(rng.integers(len(parts)))] if len(parts) > 1 else parts[0]
         return tuple(int(k[rng.integers(len(k))]) for k in keep)
 
     def trainable_specs(self, block: int) -> list[OpSpec]:

@@ -165,8 +165,8 @@ def resource_limits(bound: BoundSpace) -> list[tuple[list[np.ndarray], float]]:
 
     Size counts weights at each block's bit-width (4-bit weights packed two per byte, as stored);
     BOPs are multiply-accumulates × weight bits × activation bits at the base resolution. Stem and
-    head are float and fixed, so they are taken off the limit (the teacher's: at narrower interface widths
-they are smaller, so the limit is conservative there).
+    head are float and fixed, so they are taken off the limit (the teacher's: at narrower interface
+    widths they are smaller, so the limit is conservative there).
     """
     cfg = bound.space.solve
     if cfg.max_size_mb is None and cfg.max_gbops is None:

@@ -148,7 +148,9 @@ class _Table:
 def test_a_narrower_stem_and_head_enter_the_students_latency_through_block_zero(bound):
     table = _Table()
     base, per_block = option_latency_matrix(bound, table)
-    assert len(space_workloads(bound)[:4]) == 4  # a stem and a head at each width
+    first = [w.signature for w in space_workloads(bound)[:4]]  # a stem and a head at each width, before the operators
+    assert first == [workload_signature(kind, part) for w in (1.0, 0.5)
+                     for kind, part in (("stem", bound.stem(w)), ("head", bound.head(w)))]
     in_shape = (1, 1, 16, 16)
 
     def stem_head(width):

@@ -206,7 +206,7 @@ def calibration_archs(bound: BoundSpace, n_students: int, seed: int, stored: dic
     want = n_students + (tc is not None)
     rng = np.random.default_rng(seed)
     while len(archs) < want and len(archs) < bound.space_size():
-        c = bound.random_choices(rng) if len(bound.widths) > 1 else tuple(int(rng.integers(k)) for k in bound.options_per_block)
+        c = bound.random_choices(rng)
         if c not in archs:
             archs.append(c)
     return archs

@@ -91,7 +91,9 @@ def pretrain_group(bound: BoundSpace, splits, blocks: list[int], *, seed: int = 
                         block_loss = block_loss + F.mse_loss(op(slice_channels(t_in, k[b]), e).float(), slice_channels(t_out, k[b + 1]).float())
                     history[b].append(block_loss.item() / len(ops[b]))
                     loss = loss + block_loss
-                for w in (w for w in bound.widths if w < 1 and len(heads)):
+                for w in (bound.widths if len(heads) else ()):
+                    if w == 1:
+                        continue
                     head = heads[width_key(w)].train()
                     loss = loss + F.mse_loss(head(slice_channels(feats[last][1], kept[w][last + 1])).float(), logits.float())
             optimizer_step(loss, opt, scaler)
