@@ -154,14 +154,16 @@ class BoundSpace:
         """Per interface width, each block's option indices at that width: a student takes all its blocks from one."""
         return [(w, [[j for j, s in enumerate(opts) if s.width == w] for opts in self.options]) for w in self.widths]
 
-    def thinned_teacher_choices(self) -> list[tuple]:
-        """The teacher's own block in every block at each interface width below 1: the teacher thinned between
-        its blocks only (hidden widths kept)."""
+    def uniform_teacher_choices(self) -> list[tuple]:
+        """The teacher's own block, at one hidden width and one interface width in every block, for each such
+        pair the space offers but the teacher itself: the uniformly thinned teachers a user would try first."""
         out = []
-        for w in self.widths:
-            spec = OpSpec("teacher", width=w)
-            if w < 1 and all(spec in opts for opts in self.options):
-                out.append(tuple(opts.index(spec) for opts in self.options))
+        for spec in self.options[0]:
+            if spec.family != "teacher" or spec.bits != 32 or not all(spec in opts for opts in self.options):
+                continue
+            choice = tuple(opts.index(spec) for opts in self.options)
+            if choice != self.teacher_choices():
+                out.append(choice)
         return out
 
     def random_choices(self, rng: np.random.Generator) -> tuple:

@@ -264,14 +264,17 @@ def test_a_search_at_half_the_teachers_interface_width_finetunes_and_exports_nar
     assert torch.allclose(load_exported(tmp_path / "out")(x), model(x), atol=1e-5)
 
 
-def test_the_width_scaled_teacher_anchors_phase_2_and_the_best_measured_student_under_a_budget_is_found(bound):
+def test_the_uniformly_thinned_teachers_anchor_phase_2_and_the_best_measured_student_under_a_budget_is_found(bound):
     from eta.phases.solve import best_measured, sampled_choices
 
     rng = np.random.default_rng(4)
     problem = SearchProblem([rng.uniform(0.1, 1.0, len(o)) for o in bound.options], partitions=[k for _, k in bound.partitions()])
     chosen = sampled_choices(bound, problem)
-    anchor = tuple(opts.index(OpSpec("teacher", width=0.5)) for opts in bound.options)
-    assert chosen[0] == anchor and chosen.count(anchor) == 1
+    # the teacher at every hidden width x interface width the space offers, all blocks alike, the teacher itself excepted
+    anchors = {tuple(opts.index(OpSpec("teacher", expansion=e, width=w)) for opts in bound.options)
+               for e, w in [(1.0, 0.5), (0.5, 0.5), (0.5, 1.0)]}
+    assert set(chosen[:3]) == anchors and all(chosen.count(a) == 1 for a in anchors)
+    assert bound.teacher_choices() not in chosen
     assert all(len({bound.options[b][j].width for b, j in enumerate(c)}) == 1 for c in chosen)
     samples = [{"choices": list(c), "proxy_acc": float(rng.uniform())} for c in chosen]
     for budget in np.quantile([problem.latency(c) for c in chosen], [0.1, 0.5, 1.0]):

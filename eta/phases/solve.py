@@ -209,9 +209,9 @@ def sampled_choices(bound: BoundSpace, problem: SearchProblem) -> list[tuple]:
     """
     cfg = bound.space.solve
     if not is_mixed(bound):
-        # the teacher thinned between its blocks at each narrower width first: the natural anchor of its
-        # sub-space, which random draws that mix operators almost never hit
-        anchors = bound.thinned_teacher_choices()
+        # the teacher thinned uniformly (hidden widths, interface widths) first: the natural anchors of the
+        # sub-spaces, which random draws that mix operators almost never hit
+        anchors = bound.uniform_teacher_choices()
         drawn = sample_architectures(problem, cfg.samples, cfg.sample_levels, bound.space.seed, exclude=bound.teacher_choices())
         return anchors + [c for c in drawn if c not in anchors]
     # Float students over their own latency range, free of the size/BOPs limits, which only quantized
