@@ -1,5 +1,6 @@
 """Tuning a space: tasks deduplicated across modules, one resumable budget, foreign databases refused."""
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -79,13 +80,15 @@ def test_a_target_tvm_cannot_build_for_is_one_line(tmp_path, target):
 
 
 @pytest.mark.slow  # real MetaSchedule trials: about a minute on 2 cores
-def test_interrupted_run_resumes_with_the_budget_left(tmp_path, target):
+def test_interrupted_run_resumes_with_the_budget_left(tmp_path, target, caplog):
     db = tmp_path / "db"
     space = [(module_a(), SHAPE), (module_b(), SHAPE)]
     # interrupted after its first measured batch (a time limit stops it the way Ctrl-C would)
-    first = tuning.tune_space(space, target, db, total_trials=6, max_seconds=0, **FAST)
+    with caplog.at_level(logging.WARNING, logger="eta.latency.tuning"):
+        first = tuning.tune_space(space, target, db, total_trials=6, max_seconds=0, **FAST)
     assert (first.tasks_found, first.distinct, first.already_tuned) == (3, 2, 0)
     assert first.stopped == "time" and first.trials_run == first.trials_spent == 2
+    assert "1 of 2 tasks have no tuned schedule yet" in caplog.text  # the user is told which part runs untuned
     # the batch was joined (saved, counted) before another task was searched: one batch went to the builder in all
     log = next((db / "logs").glob("*task_scheduler.log")).read_text()
     assert log.count("to builder") == 1

@@ -350,6 +350,11 @@ def tune_space(workloads, target: dict, database_dir, *, total_trials: int | Non
     out.nodes = this_run.get("nodes", [])
     log.info("tuned %d tasks with %d trials%s in %.0f s (%s)", out.tuned, out.trials_run,
              f" on {len(out.nodes)} nodes" if spread else "", out.seconds, stopped)
+    untried = [t for t in tasks if t.hash in own and spent(t) == 0 and open_space(t)]
+    if untried:
+        log.warning("tuning: %d of %d tasks have no tuned schedule yet (stopped: %s) and run TVM's untuned fallback, often "
+                    "several times slower; `eta latency build SPACE --rerun` tunes them with the budget left (latency.tune sets it)",
+                    len(untried), len(tasks), stopped)
     return out
 
 
