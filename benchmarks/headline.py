@@ -382,11 +382,15 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", type=int, default=3, help="latencies of eta's front the pruning baselines aim at")
     ap.add_argument("--tp", nargs="+", default=[f"{i}-{s}" for i, s in TP_VARIANTS], choices=[f"{i}-{s}" for i, s in TP_VARIANTS],
                     help="Torch-Pruning variants (importance-scope)")
+    ap.add_argument("--tp-ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
+                    help="pruning ratios of the latency sweep that places the Torch-Pruning points (fewer: less tuning on TVM)")
     ap.add_argument("--backend", choices=["tvm", "torch"], help="measure on this backend (default: the run's)")
     ap.add_argument("--out", type=Path, default=Path("docs/measurements"), help="folder for the JSON table and the plot")
     ap.add_argument("--no-side-by-side", dest="side_by_side", action="store_false",
                     help="compare the figures each point got when measured, not a fresh timing of all in one sweep")
     args = ap.parse_args(argv)
+    if not all(0 < r < 1 for r in args.tp_ratios):
+        ap.error(f"--tp-ratios {args.tp_ratios}: each ratio is the fraction of channels pruned, in (0, 1)")
     setup_logging()
 
     b = Bench(args.run, args.backend)
@@ -401,7 +405,8 @@ def main(argv=None) -> int:
         if "resolution" in args.baselines:
             rows += resolution_points(b)
         if "tp" in args.baselines:
-            rows += tp_points(b, [p["latency_ms"] for p in picks], variants=[tuple(v.split("-")) for v in args.tp])
+            rows += tp_points(b, [p["latency_ms"] for p in picks], ratios=tuple(args.tp_ratios),
+                              variants=[tuple(v.split("-")) for v in args.tp])
         if "fastnas" in args.baselines:
             teacher_flops = flops(b.bound.teacher, b.bound.input_shape(b.res))
             rows += fastnas_points(b, [teacher_flops * p["latency_ms"] / teacher["latency_ms"] for p in picks])
