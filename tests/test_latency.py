@@ -288,6 +288,34 @@ def test_interrupted_build_resumes(tmp_path, target, fake_measure, monkeypatch):
     assert all(v is not None for v in out.values()) and len(out) == 5
 
 
+def test_an_entry_whose_schedules_were_tuned_further_is_measured_again(tmp_path, target, monkeypatch):
+    """A tuned table re-measures a cached entry once the database holds other schedules for its workloads."""
+    from eta.latency import compile_cache
+
+    monkeypatch.setenv("ETA_CACHE_DIR", str(tmp_path / "cache"))
+    digest = {"now": "d1"}
+    timed = []
+
+    def measure(module, input_shape, target, protocol=None, database_dir=None, key=None):
+        assert database_dir is not None  # a tuned table compiles with its database
+        timed.append(tuple(input_shape))
+        return Measurement(median_ms=float(len(timed)), spread=0.01, repeats=3, samples_ms=[1.0] * 3, schedules=digest["now"])
+
+    monkeypatch.setattr(tvm_backend, "measure", measure)
+    monkeypatch.setattr(compile_cache, "schedule_digest_of", lambda module, shape, target, key, db, relax_mod=None: digest["now"])
+    fake_compiles(monkeypatch)
+    todo = items(3)
+    table = LatencyTable.open(tmp_path / "t.json", backend="tvm", target=target, device="test-cpu", protocol=FAST, schedule="tuned")
+    assert table.database_dir is not None
+    first = table.measure_many(todo, progress=False)
+    assert len(timed) == 3
+    assert table.measure_many(todo, progress=False) == first and len(timed) == 3  # same schedules: nothing timed again
+    digest["now"] = "d2"  # tuning went on: every workload has new schedules
+    again = table.measure_many(todo, progress=False)
+    assert len(timed) == 6 and all(again[k] != first[k] for k in first)
+    assert all(e["schedules"] == "d2" for e in table.entries.values())
+
+
 def test_bit_width_without_integer_kernels_is_reported_not_replaced(tmp_path, target, fake_measure):
     """An operator with no integer lowering at 8 bits is recorded as not executable, with the reason; never timed in float."""
     path = tmp_path / "t.json"

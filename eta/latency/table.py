@@ -335,7 +335,10 @@ class LatencyTable:
         local = executor is None or executor is measure_entry
         executor = executor or measure_entry
         t0 = time.perf_counter()
-        todo = [it for it in items if self.key(it[0], it[2], it[3]) not in self.entries]
+        retuned = [it for it in items if self._schedules_changed(it)]
+        if retuned:
+            log.info("%s: %d cached entries ran schedules that were tuned further since: measured again", desc, len(retuned))
+        todo = [it for it in items if self.key(it[0], it[2], it[3]) not in self.entries or it in retuned]
         todo = list({self.key(it[0], it[2], it[3]): it for it in todo}.values())  # the same workload listed twice
         second = [it for it in items if self.passes > 1 and it not in todo and self._once(it)]
         summary = {"entries": len(items), "measured": len(todo), "cached": len(items) - len(todo), "compiled": 0, "compile_s": 0.0,
@@ -362,6 +365,18 @@ class LatencyTable:
                      desc, summary["entries"], summary["measured"], summary["cached"], summary["compiled"], summary["compile_s"],
                      summary["timing_s"], summary["wall_s"])
         return {self.key(s, sh, b): self.get(s, sh, b) for s, _, sh, b in items}
+
+    def _schedules_changed(self, item) -> bool:
+        """Whether a cached tuned entry ran other schedules than the database now holds for its workloads (tuning
+        went on since): its figure is measured again, so the table never mixes old and new schedules."""
+        database = self.database_dir
+        e = self.entry(item[0], item[2], item[3])
+        if database is None or not e or not e.get("executable", True) or e.get("schedules") is None:
+            return False
+        from .compile_cache import schedule_digest_of
+
+        key = self.key(item[0], item[2], item[3])
+        return schedule_digest_of(item[1](), tuple(item[2]), self.provenance["target"], key, database) != e["schedules"]
 
     def _once(self, item) -> bool:
         """Whether an entry was timed once only (its second timing is owed)."""
