@@ -481,3 +481,18 @@ def test_torch_compile_failure_is_one_line_error(monkeypatch):
     monkeypatch.setattr(torch, "compile", broken_compile)
     with pytest.raises(EtaError, match="^torch.compile failed for Sequential: InductorError: no working C\\+\\+ compiler"):
         torch_backend.measure(conv_block(), (1, 8, 12, 12), protocol=FAST, compile=True)
+
+
+def test_a_tuned_table_tunes_float_networks_only(monkeypatch):
+    """An integer network (its kernels run untuned) is never handed to MetaSchedule's task extraction."""
+    from eta.latency import backends
+    from eta.phases import latency as latency_phase
+    from eta.quant.network import QuantStudent
+
+    integer = QuantStudent.__new__(QuantStudent)  # its class is what decides how the backend runs it
+    assert backends.is_float_module("tvm", nn.Conv2d(1, 1, 1)) and not backends.is_float_module("tvm", integer)
+    monkeypatch.setattr(latency_phase, "tune_space", lambda *a, **k: pytest.fail("an integer network was tuned"))
+    space = type("S", (), {"latency": type("L", (), {"tune": None, "trials_per_task": 8})()})()
+    m = type("M", (), {"schedule": "tuned", "backend": "tvm"})()
+    w = type("W", (), {"bits": 32, "factory": staticmethod(lambda: integer), "input_shape": (1, 1, 8, 8)})()
+    assert latency_phase.tune(space, m, None, [w], name="int8", progress=False) is None

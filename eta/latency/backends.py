@@ -89,6 +89,12 @@ def measurer(backend: str, module, bits: int) -> Measure:
     return get(backend).measure_float
 
 
+def is_float_module(backend: str, module) -> bool:
+    """Whether ``backend`` runs ``module`` through its float path (the one tuned schedules apply to), not a registered
+    measurer of its class (integer networks on TVM, say, whose kernels run untuned)."""
+    return not any((backend, cls) in _MEASURERS for cls in type(module).__mro__)
+
+
 def schedule_policy(backend: str, tuned: bool = True, torch_compile: bool = False) -> str:
     """What the numbers of a table mean besides the target: ``tuned`` or ``untuned`` (TVM), ``eager`` or
     ``torch.compile`` (PyTorch)."""

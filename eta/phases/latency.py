@@ -24,7 +24,7 @@ from ..bound import BoundSpace
 from ..errors import EtaError
 from ..raycluster import nodes_holding
 from ..files import read_json, write_json
-from ..latency.backends import schedule_policy, uses_schedules
+from ..latency.backends import is_float_module, schedule_policy, uses_schedules
 from ..latency.calibrate import Calibration, fit_rows
 from ..latency.measurer import Measurer
 from ..latency.protocol import Protocol
@@ -65,7 +65,10 @@ def tune(space, m: Measurer, table: LatencyTable, workloads: list[Workload], *, 
     if not uses_schedules(m.schedule):
         return None
     cfg = space.latency.tune
-    pairs = [(w.factory(), tuple(w.input_shape)) for w in workloads if w.bits == 32]
+    modules = [(w.factory(), tuple(w.input_shape)) for w in workloads if w.bits == 32]
+    pairs = [(module, shape) for module, shape in modules if is_float_module(m.backend, module)]  # integer kernels run untuned
+    if not pairs:
+        return None
     kw = dict(trials_per_task=space.latency.trials_per_task, total_trials=cfg.total_trials, population=cfg.population,
               max_seconds=60 * cfg.max_minutes if cfg.max_minutes else None, run=name)
     if cfg.nodes and ray.is_initialized():  # outside a Ray session (a benchmark, say) the few tasks left are tuned here
