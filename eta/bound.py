@@ -157,12 +157,12 @@ class BoundSpace:
     def uniform_teacher_choices(self) -> list[tuple]:
         """The teacher's own block, at one hidden width and one interface width in every block, for each such
         pair the space offers but the teacher itself: the uniformly thinned teachers a user would try first."""
-        out = []
+        teacher, out = self.teacher_choices(), []
         for spec in self.options[0]:
             if spec.family != "teacher" or spec.bits != 32 or not all(spec in opts for opts in self.options):
                 continue
             choice = tuple(opts.index(spec) for opts in self.options)
-            if choice != self.teacher_choices():
+            if choice != teacher:
                 out.append(choice)
         return out
 
