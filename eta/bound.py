@@ -154,6 +154,10 @@ class BoundSpace:
         """Per interface width, each block's option indices at that width: a student takes all its blocks from one."""
         return [(w, [[j for j, s in enumerate(opts) if s.width == w] for opts in self.options]) for w in self.widths]
 
+    def width_of(self, choices) -> float:
+        """The interface width of a student (all its blocks share one)."""
+        return float(self.options[0][int(choices[0])].width)
+
     def uniform_teacher_choices(self) -> list[tuple]:
         """The teacher's own block, at one hidden width and one interface width in every block, for each such
         pair the space offers but the teacher itself: the uniformly thinned teachers a user would try first."""

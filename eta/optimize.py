@@ -476,10 +476,11 @@ def solve_inlp(problem, budget_ms, *, exclude=(), seed=0, time_limit_s=60) -> So
     return _solution(problem, choices, t0, method)
 
 
-def solve_budgets(problem, budgets_ms, k_per_budget=1, seed=0, time_limit_s=60) -> dict[float, list[Solution]]:
+def solve_budgets(problem, budgets_ms, k_per_budget=1, seed=0, time_limit_s=60, *, each_partition: bool = False) -> dict[float, list[Solution]]:
     """``k`` distinct solutions per budget, each solve excluding the earlier ones of that budget.
 
-    A partitioned problem: ``k`` per budget from each sub-space, the best ``k`` of all kept.
+    A partitioned problem: ``k`` per budget from each sub-space, the best ``k`` of all kept, or with
+    ``each_partition`` the best ``k`` of every sub-space that fits the budget (best first overall).
     """
     if problem.partitions:
         found: dict[float, list[Solution]] = {float(b): [] for b in budgets_ms}
@@ -496,7 +497,7 @@ def solve_budgets(problem, budgets_ms, k_per_budget=1, seed=0, time_limit_s=60) 
             if not sols:
                 problem.check_budget(budget)
                 raise InfeasibleBudget(f"no architecture found under the budget of {budget:.3f} ms with the limits given")
-            found[budget] = sorted(sols, key=lambda s: -s.objective)[:k_per_budget]
+            found[budget] = sorted(sols, key=lambda s: -s.objective)[: None if each_partition else k_per_budget]
         return found
     out = {}
     for budget in budgets_ms:

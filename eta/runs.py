@@ -40,6 +40,7 @@ PHASE_INPUTS = {
     "solve": ("budgets", "solve"),
     "finetune": ("finetune",),
 }
+LATE_SECTIONS = ("tracking", "budgets", "solve", "finetune")  # a change to these resumes a run (its later phases re-run)
 FORMAT = 2  # 1: folders phase1/phase2/phase3 and space sections of those names; 2: named after the phases
 LEGACY_FOLDERS = {"phase1": "pretrain", "phase2": "solve", "phase3": "finetune"}
 
@@ -184,9 +185,14 @@ class Run:
         if run.manifest_path.exists():
             run.migrate()
             manifest = run.manifest()
-            if manifest.get("space_fingerprint") == space.fingerprint() and not force:
+            same = manifest.get("space_fingerprint") == space.fingerprint()
+            late = None if same else run.late_changes(space)
+            if (same or late is not None) and not force:
                 done = [p for p in PHASES if run.is_done(p)]
                 log.info("resuming run %s (finished: %s)", run.root, ", ".join(done) or "nothing yet")
+                if late is not None:
+                    log.info("run %s: new %s settings; the phases that read them run again", run.root, ", ".join(late))
+                    write_json(run.manifest_path, {**manifest, "space_fingerprint": space.fingerprint()})
                 with atomic_path(run.space_path) as tmp:  # budgets may differ; phases notice by their inputs hash
                     tmp.write_text(dump_space(space))
                 return run
@@ -204,6 +210,17 @@ class Run:
         write_json(run.manifest_path, {"name": run.root.name, "format": FORMAT, "space_fingerprint": space.fingerprint(),
                                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": _versions(), "phases": {}})
         return run
+
+    def late_changes(self, space: SearchSpace) -> list[str] | None:
+        """The sections of the last phases (solve, finetune) in which ``space`` differs from the run's, or None
+        when it differs elsewhere too. What came before stays valid; the later phases notice by their inputs hash."""
+        try:
+            old = load_space(self.space_path)
+        except (EtaError, OSError):
+            return None
+        if old.section_hash(exclude=LATE_SECTIONS) != space.section_hash(exclude=LATE_SECTIONS):
+            return None
+        return [s for s in LATE_SECTIONS if old.section_hash(include=(s,)) != space.section_hash(include=(s,))]
 
     @classmethod
     def open(cls, path: Path) -> "Run":

@@ -263,6 +263,8 @@ class SolveConfig(_Strict):
     eval_tasks: Optional[int] = Field(None, ge=1)
     num_gpus: float = Field(0, ge=0, description="GPUs (or fractions) per proxy-evaluation task")
     solutions_per_budget: int = Field(2, ge=1)
+    each_width: bool = Field(True, description="per budget, also hand phase 3 the best student of every other interface width: "
+                             "the unfinetuned proxy ranks narrow interfaces below full-width students they pass in finetuning")
     max_size_mb: Optional[float] = Field(None, gt=0, description="model size limit (weights at their bit-widths), as HAWQV3 eq. 11.9")
     max_gbops: Optional[float] = Field(None, gt=0, description="bit-operations limit at the base resolution (GBOPs), as HAWQV3 eq. 11.10")
     predictor: PredictorConfig = Field(default_factory=PredictorConfig)

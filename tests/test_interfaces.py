@@ -193,6 +193,14 @@ def test_the_solver_over_several_widths_finds_the_optimum_of_their_union(seed):
         for s in sols:
             assert len({c // 3 for c in s.choices}) == 1  # every block from one width's options
             assert p.latency(s.choices) <= budget + 1e-9
+        # each width's own optimum, for phase 3 to finetune beside the overall one
+        per_width = solve_budgets(p, [budget], k_per_budget=1, seed=seed, each_partition=True)[float(budget)]
+        assert per_width[0].objective == pytest.approx(best.objective, abs=1e-9)
+        expect = {}
+        for part, (sub, keep) in enumerate(p.sub_problems()):
+            if sub.min_latency() <= budget:
+                expect[part] = exhaustive(sub, budget).objective
+        assert {s.choices[0] // 3: s.objective for s in per_width} == pytest.approx(expect, abs=1e-9)
     got = sample_under_budget(p, hi, 40, np.random.default_rng(seed))
     assert len(got) == 40 and all(len({c // 3 for c in choices}) == 1 for choices in got)
     assert {c[0] // 3 for c in got} == {0, 1}  # both widths sampled
@@ -282,3 +290,31 @@ def test_the_uniformly_thinned_teachers_anchor_phase_2_and_the_best_measured_stu
         expect = max((s["proxy_acc"] for s in samples if problem.latency(s["choices"]) <= budget), default=None)
         assert best["proxy_acc"] == expect and problem.latency(best["choices"]) <= budget
     assert best_measured(samples, problem, problem.min_latency() - 1) is None
+
+
+@pytest.mark.parametrize("each_width", [True, False])
+def test_each_budget_hands_phase_3_the_best_measured_student_first_and_with_each_width_the_best_of_every_width(bound, each_width):
+    from eta.phases.solve import budget_rows, sampled_choices
+
+    rng = np.random.default_rng(7)
+    n = sum(len(o) for o in bound.options)
+    layers = [(rng.normal(0, 1, (8, n)), rng.normal(0, 0.5, 8)), (rng.normal(0, 1, (1, 8)), rng.normal(0, 1, 1))]
+    problem = SearchProblem([rng.uniform(0.1, 1.0, len(o)) for o in bound.options], layers,
+                            partitions=[k for _, k in bound.partitions()])
+    chosen = sampled_choices(bound, problem)
+    samples = [{"choices": list(c), "arch": arch_to_str(bound.arch(c)), "proxy_acc": float(rng.uniform(0.5, 0.9))} for c in chosen]
+    budget = float(np.quantile([problem.latency(c) for c in chosen], 0.6))
+    # the solver's answers: one per width, their proxy accuracies drawn like the samples'
+    solver = [{"budget_ms": budget, "rank": 0, "choices": [int(k[0]) for k in keep], "proxy_acc": float(rng.uniform(0.5, 0.9)),
+               "arch": "", "method": "inlp"} for _, keep in bound.partitions()]
+    rows = budget_rows(solver, samples, problem, budget, bound.width_of, each_width)
+    assert [r["rank"] for r in rows] == list(range(len(rows)))
+    feasible = [s for s in samples if problem.latency(s["choices"]) <= budget]
+    pool = solver + feasible
+    assert rows[0]["proxy_acc"] == max(r["proxy_acc"] for r in pool)  # the best measured on the proxy, solver or sample
+    heads = {bound.width_of(r["choices"]): r["proxy_acc"] for r in rows[: len(bound.widths)]}
+    if each_width:
+        assert heads == {w: max(r["proxy_acc"] for r in pool if bound.width_of(r["choices"]) == w) for w in bound.widths}
+        assert [r["proxy_acc"] for r in rows[1: len(bound.widths)]] == sorted(heads.values(), reverse=True)[1:]
+    else:
+        assert sum(r["method"] == "sampled" for r in rows) <= 1 and len(rows) <= len(solver) + 1

@@ -93,3 +93,22 @@ def test_a_run_of_the_previous_format_resumes_without_redoing_anything(tmp_path)
     assert acc == pytest.approx(model.eta_info["test_acc"], abs=1e-9)
     Run.open(root)  # opening a current run again changes nothing
     assert run.manifest()["format"] == FORMAT
+
+
+def test_new_solve_and_finetune_settings_resume_the_run_and_only_their_phases_are_stale(tmp_path, digits_space_dict):
+    from eta.runs import phase_inputs
+
+    space = parse_space(digits_space_dict)
+    run = Run.create_or_resume(tmp_path, space)
+    for phase in ("pretrain", "solve", "finetune"):
+        run.mark_done(phase, inputs=phase_inputs(space, phase))
+    digits_space_dict["finetune"]["max_students"] = 11
+    more = parse_space(digits_space_dict)
+    again = Run.create_or_resume(tmp_path, more)
+    assert again.space().finetune.max_students == 11
+    assert again.is_done("pretrain", phase_inputs(more, "pretrain")) and again.is_done("solve", phase_inputs(more, "solve"))
+    assert not again.is_done("finetune", phase_inputs(more, "finetune"))
+    assert read_json(again.manifest_path)["space_fingerprint"] == more.fingerprint()
+    digits_space_dict["pretrain"]["epochs"] = 9  # an earlier phase's setting still needs a new run or --force
+    with pytest.raises(EtaError, match="--force"):
+        Run.create_or_resume(tmp_path, parse_space(digits_space_dict))

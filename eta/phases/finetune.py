@@ -213,7 +213,7 @@ def run(ctx: PhaseContext, info: LatencyInfo, archs: list[str]) -> tuple[dict, d
     with ctx.latency_session():
         m, table = latency.opened_table(ctx, info)
         executor = m.executor()
-        lats = [latency.network_latency(ctx.bound, table, arch_from_str(a), executor, m) for a in archs]
+        lats = latency.networks_latency(ctx.bound, table, [arch_from_str(a) for a in archs], executor, m, progress=ctx.progress)
     points = [p.to_dict() for p in front_points(ctx, info, archs, metrics, lats)]
     teacher_acc = run_dir.phase_info("teacher")["test_acc"]
     teacher_pts = [{"resolution": int(r), "latency_ms": info.teacher_ms[str(r)], "test_acc": teacher_acc[str(r)]} for r in space.resolutions]

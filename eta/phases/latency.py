@@ -271,17 +271,26 @@ def table_and_calibration(ctx: PhaseContext, students: int, seed: int):
 
 
 def network_latency(bound: BoundSpace, table: LatencyTable, arch, executor=None, m: Measurer | None = None) -> dict[str, float]:
-    """End-to-end latency of the teacher (``arch`` None) or a student at every resolution, cached in the table.
+    """End-to-end latency of the teacher (``arch`` None) or a student at every resolution, cached in the table."""
+    return networks_latency(bound, table, [arch], executor, m)[0]
+
+
+def networks_latency(bound: BoundSpace, table: LatencyTable, archs: list, executor=None, m: Measurer | None = None,
+                     progress: bool = False) -> list[dict[str, float]]:
+    """End-to-end latency of each network (the teacher for None) at every resolution, cached in the table.
 
     Like every table entry, each network is compiled and timed twice and the faster kept (both are
     in its entry): a burst of load during one measurement must not become the front's figure. On a
-    tuned table (``m`` given) the network's tasks at every resolution are tuned first.
+    tuned table (``m`` given) the tasks of all the networks at every resolution are tuned first, in one
+    run: tasks the networks share are tuned once, and the budget goes where the scheduler finds gains.
     """
-    nets = {r: network_workload(bound, arch, r) for r in bound.space.resolutions}
-    if m is not None:
-        tune(bound.space, m, table, list(nets.values()), name=f"network {list(nets.values())[0].signature}", progress=False)
-    table.measure_many(list(nets.values()), desc="whole-network latency", progress=False, executor=executor)
-    return {str(r): float(table.get(w.signature, w.input_shape, 32)) for r, w in nets.items()}
+    nets = [{r: network_workload(bound, arch, r) for r in bound.space.resolutions} for arch in archs]
+    workloads = [w for n in nets for w in n.values()]
+    if m is not None and workloads:
+        name = "networks " + hashlib.sha1(" ".join(sorted(w.signature for w in workloads)).encode()).hexdigest()[:12]
+        tune(bound.space, m, table, workloads, name=name, progress=progress)
+    table.measure_many(workloads, desc="whole-network latency", progress=progress, executor=executor)
+    return [{str(r): float(table.get(w.signature, w.input_shape, 32)) for r, w in n.items()} for n in nets]
 
 
 # --- the solver's view -------------------------------------------------------------------------------

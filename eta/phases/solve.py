@@ -49,9 +49,10 @@ def predictor_problem(bound: BoundSpace, info: LatencyInfo, predictor: MLPPredic
                                   output=predictor.config.get("output", "linear"), option_penalty=option_penalty)
 
 
-def solve_key(problem: SearchProblem, k_per_budget: int, seed: int) -> str:
+def solve_key(problem: SearchProblem, k_per_budget: int, seed: int, each_width: bool = False) -> str:
     """A digest of everything a budget's solutions depend on, so a resumed solve reuses only what still holds."""
-    h = hashlib.sha1(repr((k_per_budget, seed, problem.activation, problem.output, problem.base_latency)).encode())
+    h = hashlib.sha1(repr((k_per_budget, seed, problem.activation, problem.output, problem.base_latency)
+                          + (("each_width",) if each_width else ())).encode())
     arrays = [*problem.option_latency, *(a for layer in problem.layers for a in layer), *(problem.option_penalty or [])]
     for values, limit in problem.limits:
         arrays += [*values, np.array([limit])]
@@ -187,17 +188,17 @@ def fit_predictor(bound: BoundSpace, samples: list[dict], seed: int, encoding: s
     return model, metrics
 
 
-def solve_in_parallel(problem: SearchProblem, budgets: list[float], k_per_budget: int, seed: int):
+def solve_in_parallel(problem: SearchProblem, budgets: list[float], k_per_budget: int, seed: int, each_partition: bool = False):
     """Yield (budget, solutions) as each budget is solved: one Ray task per budget when Ray runs, else in turn."""
     import ray
 
     if len(budgets) <= 1 or not ray.is_initialized():
         for b in budgets:
-            yield b, solve_budgets(problem, [b], k_per_budget=k_per_budget, seed=seed)[b]
+            yield b, solve_budgets(problem, [b], k_per_budget=k_per_budget, seed=seed, each_partition=each_partition)[b]
         return
     task = Task(solve_budgets, threads=1, num_cpus=1, max_retries=2)
     shared = ray.put(problem)
-    refs = {task.submit(shared, [b], k_per_budget, seed): b for b in budgets}
+    refs = {task.submit(shared, [b], k_per_budget, seed, each_partition=each_partition): b for b in budgets}
     for ref, result in completed(list(refs), desc="solve (budgets)", total=len(budgets), progress=False):
         yield refs[ref], result[refs[ref]]
 
@@ -225,11 +226,44 @@ def sampled_choices(bound: BoundSpace, problem: SearchProblem) -> list[tuple]:
             for c in sample_architectures(floats, cfg.samples, cfg.sample_levels, bound.space.seed, exclude=teacher)]
 
 
-def best_measured(samples: list[dict], problem: SearchProblem, budget_ms: float) -> dict | None:
-    """The sampled student with the highest measured proxy accuracy whose calibrated latency meets the budget (None if none)."""
-    feasible = [s for s in samples if problem.latency(s["choices"]) <= budget_ms + 1e-9
+def best_measured(samples: list[dict], problem: SearchProblem, budget_ms: float, where=None) -> dict | None:
+    """The sampled student with the highest measured proxy accuracy whose calibrated latency meets the budget
+    (None if none); ``where(choices)`` narrows the samples (one interface width, say)."""
+    feasible = [s for s in samples if (where is None or where(s["choices"])) and problem.latency(s["choices"]) <= budget_ms + 1e-9
                 and bool(problem.within_limits_many([s["choices"]])[0])]
     return max(feasible, key=lambda s: s["proxy_acc"], default=None)
+
+
+def budget_rows(rows: list[dict], samples: list[dict] | None, problem: SearchProblem, budget_ms: float, group, each_group: bool) -> list[dict]:
+    """One budget's solutions in the order phase 3 takes them, ranked.
+
+    The solver maximises a prediction of the proxy accuracy, so a sampled student measured under the
+    budget that beats the solver's answers on the proxy itself joins them (per group, ``group(choices)``:
+    the interface width). The best on the proxy goes first; with ``each_group`` the best of every
+    other group follows (best first), then the rest, in the solver's order.
+    """
+    rows = list(rows)
+    groups = list(dict.fromkeys(group(r["choices"]) for r in rows)) if each_group else [None]
+    for g in groups if samples is not None else ():
+        where = None if g is None else (lambda c, g=g: group(c) == g)
+        best = best_measured(samples, problem, budget_ms, where)
+        mine = [r["proxy_acc"] for r in rows if where is None or where(r["choices"])]
+        if best is not None and best["proxy_acc"] > max(mine, default=-1.0) and list(best["choices"]) not in [r["choices"] for r in rows]:
+            c = [int(v) for v in best["choices"]]
+            rows.append(SolutionRow(budget_ms=float(budget_ms), rank=0, arch=best["arch"], choices=c,
+                                    predicted_acc=float(problem.objective(c)), proxy_acc=float(best["proxy_acc"]),
+                                    predicted_latency_ms=float(problem.latency(c)), solver_s=0.0, method="sampled").to_dict())
+    if not rows:
+        return rows
+    top = max(rows, key=lambda r: r["proxy_acc"])
+    heads = [top]
+    if each_group:
+        for g in dict.fromkeys(group(r["choices"]) for r in rows):
+            if g != group(top["choices"]):
+                heads.append(max((r for r in rows if group(r["choices"]) == g), key=lambda r: r["proxy_acc"]))
+        heads = [top] + sorted(heads[1:], key=lambda r: -r["proxy_acc"])
+    ordered = heads + [r for r in rows if not any(r is h for h in heads)]
+    return [dict(r, rank=i) for i, r in enumerate(ordered)]
 
 
 def selected_archs(ctx: PhaseContext) -> list[str]:
@@ -273,7 +307,8 @@ def run(ctx: PhaseContext, info: LatencyInfo, block_states: list[dict]) -> tuple
                 write_json(run_dir.quantization, qterms)
             penalty = qterms["penalty"]
         problem = predictor_problem(bound, info, predictor, penalty)
-        key = solve_key(problem, cfg.solutions_per_budget, seed)
+        each_width = cfg.each_width and len(bound.widths) > 1
+        key = solve_key(problem, cfg.solutions_per_budget, seed, each_width)
         solved = read_json(run_dir.solved) if run_dir.solved.exists() else {}
         if solved.get("key") != key:  # solved with another predictor, latency table or settings
             solved = {"key": key, "budgets": {}}
@@ -282,23 +317,15 @@ def run(ctx: PhaseContext, info: LatencyInfo, block_states: list[dict]) -> tuple
             if repr(budget) in solved["budgets"]:
                 log.info("solve: budget %.4f ms already solved, keeping its solutions", budget)
         todo = [b for b in budgets if repr(b) not in solved["budgets"]]
-        for budget, sols in solve_in_parallel(problem, todo, cfg.solutions_per_budget, seed):
+        for budget, sols in solve_in_parallel(problem, todo, cfg.solutions_per_budget, seed, each_partition=each_width):
             rows = []
             for rank, sol in enumerate(sols):
                 acc = proxy_accuracy(bank, splits, [sol.choices], seed=seed)[0]  # quantized when its bits say so
                 rows.append(SolutionRow(budget_ms=float(budget), rank=rank, arch=arch_to_str(bound.arch(sol.choices)),
                                         choices=[int(c) for c in sol.choices], predicted_acc=float(sol.objective), proxy_acc=float(acc),
                                         predicted_latency_ms=float(sol.latency), solver_s=float(sol.wall_s), method=sol.method).to_dict())
-            # the solver maximises a prediction of the proxy accuracy; a student already measured under the
-            # budget that beats its answer on the proxy itself goes first (float spaces: the samples are float)
-            best = None if is_mixed(bound) else best_measured(samples, problem, budget)
-            if best is not None and rows and best["proxy_acc"] > max(r["proxy_acc"] for r in rows) \
-                    and list(best["choices"]) not in [r["choices"] for r in rows]:
-                c = tuple(int(v) for v in best["choices"])
-                rows = [SolutionRow(budget_ms=float(budget), rank=0, arch=best["arch"], choices=list(c),
-                                    predicted_acc=float(problem.objective(c)), proxy_acc=float(best["proxy_acc"]),
-                                    predicted_latency_ms=float(problem.latency(c)), solver_s=0.0, method="sampled").to_dict()] \
-                    + [dict(r, rank=r["rank"] + 1) for r in rows]
+            # float spaces: the samples are float students, comparable with the solutions (mixed: quantized)
+            rows = budget_rows(rows, None if is_mixed(bound) else samples, problem, budget, bound.width_of, each_width)
             solved["budgets"][repr(budget)] = rows  # a solved budget survives a crash of the driver
             write_json(run_dir.solved, solved)
         rows = [r for b in budgets for r in solved["budgets"][repr(b)]]
