@@ -1,5 +1,7 @@
 """Latency tables: TVM agrees with PyTorch, entries are cached, invalidated and resumed as promised."""
 import json
+import os
+import time
 
 import numpy as np
 import pytest
@@ -314,6 +316,17 @@ def test_an_entry_whose_schedules_were_tuned_further_is_measured_again(tmp_path,
     again = table.measure_many(todo, progress=False)
     assert len(timed) == 6 and all(again[k] != first[k] for k in first)
     assert all(e["schedules"] == "d2" for e in table.entries.values())
+    # no record added since the entries were timed: their digest is not even computed
+    records = table.database_dir / "database_tuning_record.json"
+    records.parent.mkdir(parents=True, exist_ok=True)
+    records.write_text("")
+    past = time.time() - 3600
+    os.utime(records, (past, past))
+    digest["now"] = "d3"
+    assert table.measure_many(todo, progress=False) == again and len(timed) == 6
+    os.utime(records, None)  # records written now: the digests are compared, and differ
+    table.measure_many(todo, progress=False)
+    assert len(timed) == 9
 
 
 def test_bit_width_without_integer_kernels_is_reported_not_replaced(tmp_path, target, fake_measure):

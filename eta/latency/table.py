@@ -40,7 +40,7 @@ from ..locks import file_lock
 from . import backends
 from .backends import measure_entry, uses_schedules
 from .protocol import Protocol
-from .schedules import best_records, target_slug, unpack
+from .schedules import RECORDS, best_records, target_slug, unpack
 
 log = logging.getLogger(__name__)
 
@@ -373,6 +373,9 @@ class LatencyTable:
         e = self.entry(item[0], item[2], item[3])
         if database is None or not e or not e.get("executable", True) or e.get("schedules") is None:
             return False
+        records, measured = Path(database) / RECORDS, e.get("measured_at")
+        if measured and records.exists() and records.stat().st_mtime < time.mktime(time.strptime(measured, "%Y-%m-%dT%H:%M:%S")):
+            return False  # no record added since the entry was timed (building the module for its digest costs more)
         from .compile_cache import schedule_digest_of
 
         key = self.key(item[0], item[2], item[3])

@@ -65,17 +65,20 @@ def tune(space, m: Measurer, table: LatencyTable, workloads: list[Workload], *, 
     if not uses_schedules(m.schedule):
         return None
     cfg = space.latency.tune
-    kw = dict(trials_per_task=space.latency.trials_per_task, total_trials=cfg.total_trials, population=cfg.population,
-              max_seconds=60 * cfg.max_minutes if cfg.max_minutes else None, run=name)
-    if cfg.nodes and ray.is_initialized():  # outside a Ray session (a benchmark, say) the few tasks left are tuned here
+    nodes = None
+    if cfg is not None and cfg.nodes and ray.is_initialized():  # outside a Ray session (a benchmark, say) the few tasks left are tuned here
         count = nodes_holding(cfg.nodes)
         if count == 0:  # checked before anything is built: a misnamed resource is an error even with nothing to tune
             raise EtaError(f"latency.tune.nodes: no node of the Ray cluster holds the resource '{cfg.nodes}'")
-        kw["nodes"] = (cfg.nodes, count)
+        nodes = (cfg.nodes, count)
     modules = [(w.factory(), tuple(w.input_shape)) for w in workloads if w.bits == 32]
     pairs = [(module, shape) for module, shape in modules if is_float_module(m.backend, module)]  # integer kernels run untuned
     if not pairs:
         return None
+    kw = dict(trials_per_task=space.latency.trials_per_task, total_trials=cfg.total_trials, population=cfg.population,
+              max_seconds=60 * cfg.max_minutes if cfg.max_minutes else None, run=name)
+    if nodes is not None:
+        kw["nodes"] = nodes
     if m.node_resource:
         task = ray.remote(_tune_on_node).options(num_cpus=1, resources={m.node_resource: 1})
         summary = ray.get(task.remote(pairs, m.target, str(table.database_dir), kw))
