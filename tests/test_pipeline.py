@@ -218,7 +218,7 @@ def test_finetune_with_two_data_parallel_workers_per_student_trains_and_saves_it
     ctx = PhaseContext(space, search.bound, search.splits, run, progress=False)
     others = [s["arch"] for s in json.loads(run.solutions.read_text()) if s["arch"] != arch][:1]
     for other in others:  # two students left: one line, instead of the second one's workers waiting for ever
-        run.student_metrics(finetune.student_id(other)).unlink()
+        run.student_metrics(finetune.student_id(other)).unlink(missing_ok=True)  # finetuned in the fixture or not: left now
         with pytest.raises(EtaError, match="finetune one student per Ray session"):
             finetune.finetune_all(ctx, [arch, other])
     (metrics,) = finetune.finetune_all(ctx, [arch])
