@@ -159,24 +159,24 @@ class Bench:
             log.info("%s: settings chosen on the %s backend reused", name, targets[name]["chosen_on"])
         return targets[name]["values"]
 
-    def eta_front(self) -> list[dict]:
-        """eta's front, re-measured on this backend when it is not the run's."""
+    def eta_points(self) -> list[dict]:
+        """Every point eta finetuned (student x resolution), re-measured on this backend when it is not the run's:
+        the front is taken after the side-by-side timing, which may reorder points measured hours apart."""
         from eta.export import build_student
         from eta.runs import Run
 
         run = Run(self.search.run.root)
-        front = read_json(self.search.run.pareto_json)["all"]
+        points = read_json(self.search.run.pareto_json)["all"]
         if self.measurer.backend != self.info.backend:
-            points = []
-            for p in front:
-                point = self.cached(front_key(p), lambda p=p: {
-                    "latency_ms": self.latency(build_student(run, p), p["resolution"]), "test_acc": p["test_acc"]})
-                points.append({**p, **{k: point[k] for k in ("latency_ms", "test_acc")}})
-            front = points
-        front = pareto_front(front)
-        for p in front:
+            measured = []
+            for p in points:
+                m = self.cached(front_key(p), lambda p=p: {"latency_ms": self.latency(build_student(run, p), p["resolution"]),
+                                                           "test_acc": p["test_acc"]})
+                measured.append({**p, "latency_ms": m["latency_ms"], "test_acc": m["test_acc"]})
+            points = measured
+        for p in points:
             self.networks[front_key(p)] = (lambda p=p: build_student(run, p), p["resolution"])
-        return front
+        return points
 
     def side_by_side(self, points: list[dict]) -> None:
         """Time every network of the comparison afresh in the same sweeps, and compare those figures.
@@ -394,7 +394,8 @@ def main(argv=None) -> int:
     setup_logging()
 
     b = Bench(args.run, args.backend)
-    front = b.eta_front()
+    points = b.eta_points()
+    front = pareto_front(points)
     picks = [front[int(i)] for i in np.unique(np.linspace(0, len(front) - 1, min(args.targets, len(front))).round())]
     rows = []
     with b.search.ctx.latency_session():
@@ -419,8 +420,8 @@ def main(argv=None) -> int:
         failed = [r for r in rows if "error" in r]
         rows = [r for r in rows if "error" not in r] + [teacher]
         if args.side_by_side:
-            b.side_by_side(front + rows)
-            front = pareto_front(front)
+            b.side_by_side(points + rows)
+            front = pareto_front(points)
     for r in rows:
         r.update(compare(r, front))
     name = b.search.run.root.name

@@ -355,7 +355,8 @@ def tune_space(workloads, target: dict, database_dir, *, total_trials: int | Non
     untried = [t for t in tasks if t.hash in own and spent(t) == 0 and open_space(t)]
     if untried:
         log.warning("tuning: %d of %d tasks have no tuned schedule yet (stopped: %s) and run TVM's untuned fallback, often "
-                    "several times slower; `eta latency build SPACE --rerun` tunes them with the budget left (latency.tune sets it)",
+                    "several times slower; tuning the same networks again resumes with the budget left (a space's table: "
+                    "`eta latency build SPACE --rerun`; latency.tune sets the budget)",
                     len(untried), len(tasks), stopped)
     return out
 
