@@ -406,8 +406,9 @@ def _eta_lines(stderr: str) -> list[str]:
 
 def _until_phase_runs(ctx: Ctx, args, sig: int, marker: str = "Ray tasks", timeout: float = 240) -> tuple[int, str]:
     """Start ``eta args``, send ``sig`` once the phase's work has started (its log says ``marker``); (exit code, stderr)."""
+    # as a foreground command gets Ctrl-C: a suite started as a shell's background job passes SIGINT on ignored
     proc = subprocess.Popen([sys.executable, "-m", "eta.cli", *args], cwd=ctx.root, env=ctx.env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: list[str] = []
     started = threading.Event()
 
