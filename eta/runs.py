@@ -40,7 +40,8 @@ PHASE_INPUTS = {
     "solve": ("budgets", "solve"),
     "finetune": ("finetune",),
 }
-LATE_SECTIONS = ("tracking", "budgets", "solve", "finetune")  # a change to these resumes a run (its later phases re-run)
+# a change to these resumes a run: the inputs of its last two phases, and tracking (which no phase reads)
+LATE_SECTIONS = ("tracking", *PHASE_INPUTS["solve"], *PHASE_INPUTS["finetune"])
 FORMAT = 2  # 1: folders phase1/phase2/phase3 and space sections of those names; 2: named after the phases
 LEGACY_FOLDERS = {"phase1": "pretrain", "phase2": "solve", "phase3": "finetune"}
 

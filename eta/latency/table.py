@@ -335,7 +335,9 @@ class LatencyTable:
         local = executor is None or executor is measure_entry
         executor = executor or measure_entry
         t0 = time.perf_counter()
-        retuned = [it for it in items if self._schedules_changed(it)]
+        records = Path(self.database_dir) / RECORDS if self.database_dir is not None else None
+        records_mtime = records.stat().st_mtime if records is not None and records.exists() else None
+        retuned = [it for it in items if self._schedules_changed(it, records_mtime)]
         if retuned:
             log.info("%s: %d cached entries ran schedules that were tuned further since: measured again", desc, len(retuned))
         todo = [it for it in items if self.key(it[0], it[2], it[3]) not in self.entries or it in retuned]
@@ -366,15 +368,15 @@ class LatencyTable:
                      summary["timing_s"], summary["wall_s"])
         return {self.key(s, sh, b): self.get(s, sh, b) for s, _, sh, b in items}
 
-    def _schedules_changed(self, item) -> bool:
+    def _schedules_changed(self, item, records_mtime: float | None) -> bool:
         """Whether a cached tuned entry ran other schedules than the database now holds for its workloads (tuning
         went on since): its figure is measured again, so the table never mixes old and new schedules."""
         database = self.database_dir
         e = self.entry(item[0], item[2], item[3])
         if database is None or not e or not e.get("executable", True) or e.get("schedules") is None:
             return False
-        records, measured = Path(database) / RECORDS, e.get("measured_at")
-        if measured and records.exists() and records.stat().st_mtime < time.mktime(time.strptime(measured, "%Y-%m-%dT%H:%M:%S")):
+        measured = e.get("measured_at")
+        if measured and records_mtime is not None and records_mtime < time.mktime(time.strptime(measured, "%Y-%m-%dT%H:%M:%S")):
             return False  # no record added since the entry was timed (building the module for its digest costs more)
         from .compile_cache import schedule_digest_of
 

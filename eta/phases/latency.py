@@ -57,7 +57,7 @@ def measurer(space) -> Measurer:
                            schedule_policy(cfg.backend, cfg.tuned(space.bits), cfg.torch_compile), cfg.node_resource)
 
 
-def tune(space, m: Measurer, table: LatencyTable, workloads: list[Workload], *, name: str, progress: bool = True) -> dict | None:
+def tune(space, m: Measurer, table: LatencyTable, workloads: list[Workload], *, name: str | None = None, progress: bool = True) -> dict | None:
     """Tune the float workloads' MetaSchedule tasks the target's database lacks, under the space's budget (a no-op
     for untuned tables). Runs on the measuring node when one is named; returns the tuning summary."""
     import ray
@@ -84,7 +84,7 @@ def tune(space, m: Measurer, table: LatencyTable, workloads: list[Workload], *, 
         summary = ray.get(task.remote(pairs, m.target, str(table.database_dir), kw))
     else:
         summary = tune_space(pairs, m.target, table.database_dir, progress=progress, **kw)
-    log.info("tuning %s: %d distinct tasks (%d tuned before), %d trials in %.0f s (%s)", name, summary.distinct,
+    log.info("tuning %s: %d distinct tasks (%d tuned before), %d trials in %.0f s (%s)", name or summary.run, summary.distinct,
              summary.already_tuned, summary.trials_run, summary.seconds, summary.stopped)
     out = summary.to_dict()
     out.pop("tasks", None)
@@ -289,9 +289,8 @@ def networks_latency(bound: BoundSpace, table: LatencyTable, archs: list, execut
     """
     nets = [{r: network_workload(bound, arch, r) for r in bound.space.resolutions} for arch in archs]
     workloads = [w for n in nets for w in n.values()]
-    if m is not None and workloads:
-        name = "networks " + hashlib.sha1(" ".join(sorted(w.signature for w in workloads)).encode()).hexdigest()[:12]
-        tune(bound.space, m, table, workloads, name=name, progress=progress)
+    if m is not None and workloads:  # a tuning run named by its set of tasks: the same networks resume it
+        tune(bound.space, m, table, workloads, progress=progress)
     table.measure_many(workloads, desc="whole-network latency", progress=progress, executor=executor)
     return [{str(r): float(table.get(w.signature, w.input_shape, 32)) for r, w in n.items()} for n in nets]
 
