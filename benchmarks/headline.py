@@ -275,6 +275,26 @@ def tp_points(b: Bench, targets_ms: list[float], ratios=(0.1, 0.2, 0.3, 0.4, 0.5
     return out
 
 
+# Every layer type of eta's teachers FastNAS should resize, at a divisor of 4 (its default, 32, leaves 16- and 32-channel
+# layers of small networks unprunable). A type missing here is not made dynamic, and the layers it couples with stay fixed.
+FASTNAS_RULES = {**{t: {"*": {"channel_divisor": 4}} for t in ("nn.Conv2d", "nn.GroupNorm")},
+                 **{t: {"*": {"feature_divisor": 4}} for t in ("nn.Linear", "nn.BatchNorm2d", "nn.LayerNorm")}}
+
+
+def feasible_flops_limits(model: nn.Module, dummy: torch.Tensor, flops_limits: list[float]) -> list[float]:
+    """The limits raised to the smallest network FastNAS can make of ``model`` (below it the search has no answer), deduplicated."""
+    import modelopt.torch.nas as mtn
+    from modelopt.torch.nas.utils import inference_flops
+
+    space = mtn.convert(model, mode=[("fastnas", FASTNAS_RULES)])
+    mtn.sample(space, sample_func=min)
+    smallest = float(inference_flops(space, dummy_input=dummy, unit=1.0))
+    raised = sorted({max(limit, 1.02 * smallest) for limit in flops_limits})
+    if len(raised) < len(flops_limits) or min(flops_limits) < smallest:
+        log.info("FastNAS: its smallest network has %.3g FLOPs; limits %s", smallest, ", ".join(f"{v:.3g}" for v in raised))
+    return raised
+
+
 def fastnas_points(b: Bench, flops_limits: list[float]) -> list[dict]:
     """Model-Optimizer's FastNAS on the trained teacher under each FLOPs limit, scored on the proxy split."""
     import modelopt.torch.prune as mtp
@@ -286,15 +306,16 @@ def fastnas_points(b: Bench, flops_limits: list[float]) -> list[dict]:
     def score(model):
         return evaluate(model, b.splits.proxy, resolution=b.res)
 
+    def teacher_copy():
+        return copy.deepcopy(b.bound.teacher).eval().to(memory_format=torch.contiguous_format)  # FastNAS refuses channels-last weights
+
+    dummy = torch.randn(*b.bound.input_shape(b.res))
     out = []
-    for limit in b.chosen("fastnas", lambda: flops_limits):
+    for limit in b.chosen("fastnas", lambda: feasible_flops_limits(teacher_copy(), dummy, flops_limits)):
         def build(limit=limit):
-            model = copy.deepcopy(b.bound.teacher).eval().to(memory_format=torch.contiguous_format)  # FastNAS refuses channels-last weights
-            dummy = torch.randn(*b.bound.input_shape(b.res))
+            model = teacher_copy()
             try:
-                model, _ = mtp.prune(model=model, mode=[("fastnas", {"nn.Conv2d": {"*": {"channel_divisor": 4}},
-                                                                   "nn.Linear": {"*": {"feature_divisor": 4}}})],
-                                     constraints={"flops": limit}, dummy_input=dummy,
+                model, _ = mtp.prune(model=model, mode=[("fastnas", FASTNAS_RULES)], constraints={"flops": limit}, dummy_input=dummy,
                                      config={"data_loader": score_data, "score_func": score,
                                              "checkpoint": str(b.models / f"fastnas-{limit:.0f}-search.pth")})
             except Exception as err:  # noqa: BLE001 - FastNAS raises many types for models it cannot convert

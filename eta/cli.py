@@ -114,7 +114,7 @@ def _phase_cmd(phase: str):
                 if p == phase or phase == "latency":  # latency depends on the teacher's architecture, not on its weights
                     break
                 search.phase(p)
-            out = search.phase(phase, force=args.rerun)
+            out = search.phase(phase, force=args.rerun, **({"remeasure": True} if getattr(args, "remeasure", False) else {}))
         if phase == "finetune":
             _print_front(out, search.run.pareto_json)
         elif phase == "solve":
@@ -271,7 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(verb, help=text)
         common(p)
-        p.add_argument("--rerun", action="store_true", help="run this phase again even if it finished")
+        again = p.add_mutually_exclusive_group()
+        again.add_argument("--rerun", action="store_true", help="run this phase again even if it finished")
+        if phase == "finetune":
+            again.add_argument("--remeasure", action="store_true",
+                               help="keep the finetuned students; tune what their networks still lack (tasks left untried by "
+                                    "latency.tune.max_minutes) and time again what changed, then rebuild the front")
         p.set_defaults(func=_phase_cmd(phase))
 
     lat = sub.add_parser("latency", help="latency lookup tables").add_subparsers(dest="latency_cmd", required=True, metavar="ACTION")

@@ -120,10 +120,10 @@ class Search:
             out = self.phase(phase, force=phase in force_phases)
         return {**out, "wall_s_this_invocation": time.time() - t0}
 
-    def phase(self, name: str, force: bool = False):
+    def phase(self, name: str, force: bool = False, **options):
         """Run phase ``name`` (its prerequisites first, loaded when finished), or load it when it finished
         with the same settings and ``force`` is not set. Returns the phase's output."""
-        return getattr(self, f"_{name}")(force)
+        return getattr(self, f"_{name}")(force, **options)
 
     def _teacher(self, force: bool):
         if self.done("teacher") and not force:
@@ -169,15 +169,17 @@ class Search:
         self._finish("solve", **note)
         return out
 
-    def _finetune(self, force: bool):
-        if self.done("finetune") and not force:
+    def _finetune(self, force: bool, remeasure: bool = False):
+        """``remeasure``: keep the finetuned students, tune what their networks still lack (tasks a time limit left
+        untried, or a larger trial budget) and time again what that changed, then rebuild the front."""
+        if self.done("finetune") and not (force or remeasure):
             return finetune.load(self.ctx)
         self._check_tracking()
         self._teacher(False)  # what the phase needs is read before a re-run clears anything
         info = self._latency(False)
         archs = solve.selected_archs(self.ctx)
         pretrain.load_block_states(self.run, self.bound)  # checked here: the trials load them on their nodes
-        if force:
+        if force and not remeasure:
             self._clear(self.run.finetune_dir)
         out, note = finetune.run(self.ctx, info, archs)
         self._finish("finetune", **note)

@@ -118,6 +118,22 @@ def test_resume_redoes_nothing(finished):
     assert before == {f: f.stat().st_mtime_ns for f in files}
 
 
+def test_remeasure_keeps_the_students_and_rebuilds_the_front_from_the_table(finished):
+    search, pareto, _ = finished
+    weights = sorted(search.run.finetune_dir.rglob("*.safetensors"))
+    before = {f: f.stat().st_mtime_ns for f in weights}
+    stale = json.loads(search.run.pareto_json.read_text())
+    for p in stale["all"] + stale["front"]:
+        p["latency_ms"] = 999.0
+    search.run.pareto_json.write_text(json.dumps(stale))
+    again = Search(parse_space(tiny_space_dict()), runs_dir=search.run.root.parent, progress=False)
+    out = again.phase("finetune", remeasure=True)
+    assert [(p["id"], p["resolution"], p["latency_ms"]) for p in out["all"]] == \
+        [(p["id"], p["resolution"], p["latency_ms"]) for p in pareto["all"]]  # each network's latency from the table again
+    assert out["front"] == pareto["front"]
+    assert weights and before == {f: f.stat().st_mtime_ns for f in weights}  # no student trained again
+
+
 def test_export_and_load_student(finished, tmp_path):
     import eta
     from eta.export import export_student, load_exported

@@ -356,7 +356,7 @@ def tune_space(workloads, target: dict, database_dir, *, total_trials: int | Non
     if untried:
         log.warning("tuning: %d of %d tasks have no tuned schedule yet (stopped: %s) and run TVM's untuned fallback, often "
                     "several times slower; tuning the same networks again resumes with the budget left (a space's table: "
-                    "`eta latency build SPACE --rerun`; latency.tune sets the budget)",
+                    "`eta latency build SPACE --rerun`; the front's networks: `eta finetune RUN --remeasure`; latency.tune sets the budget)",
                     len(untried), len(tasks), stopped)
     return out
 
