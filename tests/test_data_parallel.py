@@ -91,12 +91,15 @@ def test_two_ray_train_workers_train_what_one_process_trains_at_twice_the_batch(
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
 
 
-def test_a_worker_group_larger_than_the_cluster_is_one_line_not_a_wait(ray_local):
-    from eta.phases.finetune import check_worker_group
+def test_students_start_only_as_many_worker_groups_as_the_cluster_holds_and_a_larger_group_is_one_line(ray_local):
+    from eta.phases.finetune import worker_groups_held
     from eta.space import FinetuneConfig
 
-    check_worker_group(FinetuneConfig(workers=2, num_cpus=1))  # the test cluster has 2 CPUs
+    # the test cluster has 2 CPUs
+    assert worker_groups_held(FinetuneConfig(workers=2, num_cpus=1)) == 1
+    assert worker_groups_held(FinetuneConfig(workers=2, num_cpus=0.5)) == 2
+    assert worker_groups_held(FinetuneConfig(workers=3, num_cpus=0.25)) == 2
     with pytest.raises(EtaError, match=r"finetune.workers: 3 workers of 1 CPU\(s\) each need 3 CPUs; the Ray cluster has 2"):
-        check_worker_group(FinetuneConfig(workers=3, num_cpus=1))
+        worker_groups_held(FinetuneConfig(workers=3, num_cpus=1))
     with pytest.raises(EtaError, match=r"2 workers of 1 GPU\(s\) each need 2 GPUs; the Ray cluster has 0"):
-        check_worker_group(FinetuneConfig(workers=2, num_cpus=1, num_gpus=1))
+        worker_groups_held(FinetuneConfig(workers=2, num_cpus=1, num_gpus=1))

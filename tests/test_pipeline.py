@@ -162,7 +162,8 @@ def test_export_and_load_student(finished, tmp_path):
     one = x[:1].numpy()
     assert np.allclose(library(one), model(x[:1]).detach().numpy(), atol=1e-4)
     assert deployed["schedule"] == search.space.latency.schedules == "untuned"
-    assert abs(deployed["latency_ms"] - deployed["front_latency_ms"]) / deployed["front_latency_ms"] < 0.5  # timed again
+    # timed again, as written (not the front's figure copied); the bound is loose, this VM's speed drifts by 1.5x
+    assert deployed["latency_ms"] != deployed["front_latency_ms"] and 1 / 3 < deployed["latency_ms"] / deployed["front_latency_ms"] < 3
     run = subprocess.run([sys.executable, "run_student.py"], cwd=tmp_path / "out", capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and "predicted classes" in run.stdout, run.stderr[-2000:]
     with pytest.raises(EtaError, match="fastest"):
@@ -232,13 +233,12 @@ def test_finetune_with_two_data_parallel_workers_per_student_trains_and_saves_it
     before = run.student_weights(sid).read_bytes()
     alone = json.loads(search.run.student_metrics(sid).read_text())
     ctx = PhaseContext(space, search.bound, search.splits, run, progress=False)
-    others = [s["arch"] for s in json.loads(run.solutions.read_text()) if s["arch"] != arch][:1]
-    for other in others:  # two students left: one line, instead of the second one's workers waiting for ever
-        run.student_metrics(finetune.student_id(other)).unlink(missing_ok=True)  # finetuned in the fixture or not: left now
-        with pytest.raises(EtaError, match="finetune one student per Ray session"):
-            finetune.finetune_all(ctx, [arch, other])
-    (metrics,) = finetune.finetune_all(ctx, [arch])
-    assert metrics["workers"] == 2 and len(metrics["history"]) == ft.epochs
+    # a second student in the same Ray session: its workers used to wait for ever on the first one's CPUs
+    other = next(s["arch"] for s in json.loads(run.samples.read_text()) if s["arch"] != arch)
+    run.student_metrics(finetune.student_id(other)).unlink(missing_ok=True)
+    metrics, second = finetune.finetune_all(ctx, [arch, other])
+    assert metrics["workers"] == second["workers"] == 2 and len(metrics["history"]) == len(second["history"]) == ft.epochs
+    assert second["test_acc"][str(space.data.resolution)] > 0.3
     res = str(space.data.resolution)  # as accurate as the student one process trained (BatchNorm statistics differ per rank)
     assert metrics["test_acc"][res] > 0.5 and abs(metrics["test_acc"][res] - alone["test_acc"][res]) < 0.1
     assert run.student_weights(sid).read_bytes() != before  # rank 0 saved the student the two workers trained

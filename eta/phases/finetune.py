@@ -125,7 +125,9 @@ def train_and_save(config: dict, *, device, report, rank=None) -> None:
         write_json(run.student_metrics(sid), metrics)
         tracker.summary(**{f"test_acc@{r}": a for r, a in accs.items()})
     tracker.finish()
-    report({"done": True, "sid": sid, **{f"test_acc_{r}": a for r, a in accs.items()}})
+    # not "done": Tune ends a trial that reports it at once, and a data-parallel trial's Train run died with it before
+    # it could free its workers' CPUs
+    report({"saved": True, "sid": sid, **{f"test_acc_{r}": a for r, a in accs.items()}})
 
 
 def finetune_all(ctx: PhaseContext, archs: list[str]) -> list[dict]:
@@ -144,12 +146,10 @@ def finetune_all(ctx: PhaseContext, archs: list[str]) -> list[dict]:
             def on_trial_complete(self, iteration, trials, trial, **info):
                 bar.update(1)
 
-        if cfg.workers > 1:
-            check_worker_group(cfg)
-            if len(todo) > 1:  # seen with Ray 2.60: the second student's workers then wait for ever
-                raise EtaError(f"finetune.workers: {cfg.workers} data-parallel workers finetune one student per Ray session "
-                               f"(a finished Ray Train run inside a Tune trial keeps its workers' CPUs); {len(todo)} students "
-                               "are left: set finetune.max_students: 1, or finetune.workers: 1")
+        # Data-parallel trials ask Tune for nothing, so Tune would start them all at once; each Train run's workers then
+        # compete for the cluster, those that wait time out and are retried, and the groups left by the retries can hold
+        # the CPUs for ever. No more students start than the cluster holds worker groups.
+        concurrent = worker_groups_held(cfg) if cfg.workers > 1 else None
         # a data-parallel trial only drives its Ray Train workers, which hold the CPUs and GPUs themselves
         # (a trial must ask for something: one byte of memory)
         resources = {"cpu": cfg.num_cpus, "gpu": cfg.num_gpus} if cfg.workers == 1 else {"cpu": 0, "memory": 1}
@@ -160,7 +160,7 @@ def finetune_all(ctx: PhaseContext, archs: list[str]) -> list[dict]:
                          "teacher_path": str(Path(ctx.teacher_path).resolve()),
                          "num_gpus": cfg.num_gpus, "wandb": ctx.space.tracking.wandb, "wandb_project": ctx.space.tracking.project,
                          "context": TaskContext.from_driver(threads=max(1, int(cfg.num_cpus)))},
-            tune_config=tune.TuneConfig(max_concurrent_trials=None, reuse_actors=False),
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=False),
             run_config=tune.RunConfig(name="tune", storage_path=str(ctx.run.tune_dir.parent.resolve()), verbose=0, callbacks=[_Progress()],
                                       failure_config=tune.FailureConfig(max_failures=2)),
         )
@@ -172,15 +172,21 @@ def finetune_all(ctx: PhaseContext, archs: list[str]) -> list[dict]:
     return [read_json(ctx.run.student_metrics(student_id(a))) for a in archs]
 
 
-def check_worker_group(cfg) -> None:
-    """One line, instead of a trial waiting for ever, when the cluster cannot hold one student's workers."""
+def worker_groups_held(cfg) -> int:
+    """How many students' worker groups the Ray cluster holds at once; one line, instead of a trial waiting for ever,
+    when it cannot hold one."""
     import ray
 
     have = ray.cluster_resources()
+    groups = []
     for name, per in (("CPU", cfg.num_cpus), ("GPU", cfg.num_gpus)):
-        if per > 0 and cfg.workers * per > have.get(name, 0) + 1e-9:
-            raise EtaError(f"finetune.workers: {cfg.workers} workers of {per:g} {name}(s) each need {cfg.workers * per:g} {name}s; "
-                           f"the Ray cluster has {have.get(name, 0):g}")
+        if per > 0:
+            need = cfg.workers * per
+            if need > have.get(name, 0) + 1e-9:
+                raise EtaError(f"finetune.workers: {cfg.workers} workers of {per:g} {name}(s) each need {need:g} {name}s; "
+                               f"the Ray cluster has {have.get(name, 0):g}")
+            groups.append(int((have.get(name, 0) + 1e-9) // need))
+    return max(1, min(groups, default=1))
 
 
 def front_points(ctx: PhaseContext, info: LatencyInfo, archs: list[str], metrics: list[dict], latencies: list[dict]) -> list[FrontPoint]:
