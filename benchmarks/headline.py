@@ -15,14 +15,16 @@ split), then measured end to end on the backend and evaluated on the test split:
   latencies of a ratio sweep) so that it lands near a latency of eta's front;
 - ``fastnas``: NVIDIA Model-Optimizer's FastNAS (``nvidia-modelopt``) on the CPU, under FLOPs limits a
   user would set for eta's latencies: the teacher's FLOPs times eta's latency over the teacher's (a
-  student's own FLOPs can lie below anything channel pruning reaches: eta may drop whole blocks);
+  student's own FLOPs can lie below anything channel pruning reaches: eta may drop whole blocks, so
+  limits below FastNAS's smallest network are raised to it);
 - ``int8``: the teacher with every block quantized to 8 bits (calibrated), where the backend
   executes integers (TVM).
 
 On a tuned TVM table every baseline's tasks are tuned first with the per-task budget eta's own
 networks got, so no baseline runs TVM's untuned fallback where eta's students run tuned code. At
 the end every network compared, eta's front and the teacher included, is timed again in the same
-sweeps, so no comparison carries the machine's drift between the times its two points were measured.
+sweeps (``--rounds``, each network's fastest kept), so no comparison carries the machine's drift between
+the times its two points were measured.
 
 It prints one table (method, measured latency, test accuracy, eta's accuracy at that latency, eta's
 speed-up at that accuracy), writes it as JSON under ``docs/measurements/`` and draws every front on
@@ -178,7 +180,7 @@ class Bench:
             self.networks[front_key(p)] = (lambda p=p: build_student(run, p), p["resolution"])
         return points
 
-    def side_by_side(self, points: list[dict]) -> None:
+    def side_by_side(self, points: list[dict], rounds: int = 2) -> None:
         """Time every network of the comparison afresh in the same sweeps, and compare those figures.
 
         Points measured minutes or hours apart (eta's front in the search, each baseline when it was
@@ -189,7 +191,7 @@ class Bench:
         keys = [p.get("method") or front_key(p) for p in points]
         workloads = [model_workload(self.bound, self.networks[k][0]().eval(), self.networks[k][1]) for k in keys]
         log.info("timing %d networks side by side (%s)", len(workloads), self.measurer.backend)
-        for p, ms in zip(points, self.table.time_now(workloads, self.measurer.executor())):
+        for p, ms in zip(points, self.table.time_now(workloads, self.measurer.executor(), rounds=rounds)):
             if ms is not None:
                 p["table_latency_ms"], p["latency_ms"] = p["latency_ms"], ms
 
@@ -380,9 +382,9 @@ def plot(front: list[dict], rows: list[dict], teacher: dict, path: Path, title: 
     for r in (r for r in rows if r["method"] != "teacher"):  # the teacher is the star
         groups.setdefault(r["method"].rsplit("-", 1)[0] if r["method"].startswith(("tp-", "width", "resolution", "fastnas")) else r["method"],
                           []).append(r)
-    for name, pts in sorted(groups.items()):
+    for i, (name, pts) in enumerate(sorted(groups.items())):  # C0 is eta's
         pts = sorted(pts, key=lambda p: p["latency_ms"])
-        ax.plot([p["latency_ms"] for p in pts], [p["test_acc"] for p in pts], "s--", ms=4, lw=0.8, label=name)
+        ax.plot([p["latency_ms"] for p in pts], [p["test_acc"] for p in pts], "s--", ms=4, lw=0.8, c=f"C{i % 9 + 1}", label=name)
     ax.plot([teacher["latency_ms"]], [teacher["test_acc"]], "k*", ms=12, label="teacher")
     ax.set_xlabel("measured latency (ms)")
     ax.set_ylabel("test accuracy")
@@ -409,7 +411,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("docs/measurements"), help="folder for the JSON table and the plot")
     ap.add_argument("--no-side-by-side", dest="side_by_side", action="store_false",
                     help="compare the figures each point got when measured, not a fresh timing of all in one sweep")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="sweeps of the side-by-side timing, each network's fastest kept (more on a noisy machine)")
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error(f"--rounds {args.rounds}: at least one sweep")
     if not all(0 < r < 1 for r in args.tp_ratios):
         ap.error(f"--tp-ratios {args.tp_ratios}: each ratio is the fraction of channels pruned, in (0, 1)")
     setup_logging()
@@ -441,13 +447,14 @@ def main(argv=None) -> int:
         failed = [r for r in rows if "error" in r]
         rows = [r for r in rows if "error" not in r] + [teacher]
         if args.side_by_side:
-            b.side_by_side(points + rows)
+            b.side_by_side(points + rows, rounds=args.rounds)
             front = pareto_front(points)
     for r in rows:
         r.update(compare(r, front))
     name = b.search.run.root.name
     where = f"{b.measurer.backend} ({b.measurer.schedule}) on {b.measurer.device}"
-    when = "every network timed again side by side in one sweep" if args.side_by_side else "each as measured when it was made"
+    when = (f"every network timed again side by side, the fastest of {args.rounds} sweeps" if args.side_by_side
+            else "each as measured when it was made")
     print(f"\n{name}: eta's front ({len(front)} points, {front[0]['latency_ms']:.3f}-{front[-1]['latency_ms']:.3f} ms) against "
           f"the baselines; latency measured end to end with {where} ({when}); training budget {b.budget} epochs per baseline\n")
     print(format_table(rows, [("method", "baseline", "s"), ("latency_ms", "latency ms", ".3f"), ("test_acc", "test acc", ".4f"),
