@@ -146,9 +146,8 @@ def finetune_all(ctx: PhaseContext, archs: list[str]) -> list[dict]:
             def on_trial_complete(self, iteration, trials, trial, **info):
                 bar.update(1)
 
-        # Data-parallel trials ask Tune for nothing, so Tune would start them all at once; each Train run's workers then
-        # compete for the cluster, those that wait time out and are retried, and the groups left by the retries can hold
-        # the CPUs for ever. No more students start than the cluster holds worker groups.
+        # Data-parallel trials ask Tune for nothing, so Tune would start them all at once and their Train runs would wait
+        # on each other's workers (timing out and retrying): no more students start than the cluster holds worker groups.
         concurrent = worker_groups_held(cfg) if cfg.workers > 1 else None
         # a data-parallel trial only drives its Ray Train workers, which hold the CPUs and GPUs themselves
         # (a trial must ask for something: one byte of memory)
