@@ -340,7 +340,7 @@ def int8_teacher(b: Bench) -> nn.Module:
 
 def int8_points(b: Bench) -> list[dict]:
     def compute():
-        try:  # quantizing, or timing: a tuned table refuses integer kernels, which run untuned
+        try:  # quantizing (a block with no integer lowering), or timing (a backend without integer kernels)
             q = int8_teacher(b)
             return {"resolution": b.res, "latency_ms": b.latency(q, b.res), "test_acc": b.accuracy(q), "epochs": 0}
         except EtaError as err:

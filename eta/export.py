@@ -192,9 +192,11 @@ def write_text_atomic(path: Path, text: str) -> None:
 def export_integer(run: Run, model, entry: dict, out_dir: Path) -> dict:
     """Compile the quantized student as one integer TVM module, check it against PyTorch, time it."""
     space = run.space()
-    target = LatencyInfo.from_dict(read_json(run.latency_info)).target
+    info = LatencyInfo.from_dict(read_json(run.latency_info))
+    target = info.target
     r = entry["resolution"]
-    compiled = compile_network_int(model, (space.latency.batch_size, model.eta_info["in_chans"], r, r), target)
+    database = schedules_database(target) if uses_schedules(info.schedule) else None  # the schedules the front was timed with
+    compiled = compile_network_int(model, (space.latency.batch_size, model.eta_info["in_chans"], r, r), target, database)
     with atomic_path(out_dir / "student_int.so") as tmp:
         compiled.executable.export_library(str(tmp))
     test = splits_for(space).test
@@ -205,6 +207,7 @@ def export_integer(run: Run, model, entry: dict, out_dir: Path) -> dict:
     # timed twice and the faster kept, as the front's figure was: one burst of load must not be the report
     slower, latency = sorted((compiled.time(protocol) for _ in range(2)), key=lambda m: m.median_ms, reverse=True)
     out = {"module": "student_int.so", "bits": arch_bits(arch_from_str(entry["arch"])), "target": target,
+           "schedule": info.schedule, "tuned_functions": compiled.tuned_functions,
            "test_images": agree["n"], "top1_agreement": agree["top1_agreement"], "max_abs_logit_diff": agree["max_abs_diff"],
            "latency_ms": latency.median_ms, "latency_spread": latency.spread,
            "slower_measurement_ms": slower.median_ms, "front_latency_ms": entry["latency_ms"],

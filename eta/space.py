@@ -190,7 +190,7 @@ class LatencyConfig(_Strict):
     max_spread: float = Field(0.05, gt=0, description="re-measure entries whose relative spread is wider")
     schedules: Optional[Literal["tuned", "untuned"]] = Field(
         None, description="tvm: compile with MetaSchedule-tuned schedules (tuned first, under latency.tune's budget) or TVM's "
-                          "untuned defaults; null: tuned, except in spaces with bits below 32 (integer kernels run untuned)")
+                          "untuned defaults; null: tuned (integer kernels of bits below 32 too)")
     tune: TuneConfig = Field(default_factory=TuneConfig)
     tune_trials: int = Field(0, ge=0, description="spaces of earlier eta: > 0 means tuned, this many trials per task")
     torch_compile: bool = Field(False, description="torch backend: time torch.compile'd modules instead of eager ones")
@@ -206,13 +206,10 @@ class LatencyConfig(_Strict):
                              "of the machine that measures, so measure on the driver's machine (drop node_resource)")
         return self
 
-    def tuned(self, bits: list[int]) -> bool:
-        """TVM with tuned schedules (``tune_trials`` > 0: how spaces of earlier eta asked for it)."""
-        if self.backend != "tvm":
-            return False
-        if self.schedules is not None:
-            return self.schedules == "tuned"
-        return self.tune_trials > 0 or all(b == 32 for b in bits)
+    @property
+    def tuned(self) -> bool:
+        """TVM with tuned schedules: unless ``schedules: untuned`` says otherwise, float and integer kernels alike."""
+        return self.backend == "tvm" and self.schedules != "untuned"
 
     @property
     def trials_per_task(self) -> int:
@@ -358,13 +355,6 @@ class SearchSpace(_Strict):
             except EtaError as err:
                 raise ValueError(str(err)) from None
         return v
-
-    @model_validator(mode="after")
-    def _integer_kernels_are_untuned(self):
-        if self.latency.tuned(self.bits) and any(b < 32 for b in self.bits):
-            raise ValueError("bits below 32 run on TVM's integer kernels, which are measured with untuned schedules only: "
-                             "set latency.schedules: untuned for a mixed-precision space")
-        return self
 
     @model_validator(mode="after")
     def _resolutions(self):

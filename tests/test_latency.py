@@ -216,6 +216,10 @@ def test_timing_side_by_side_times_every_item_in_each_sweep_and_leaves_the_table
     assert t.time_now(items(2), rounds=2) == [0.5 * 1, 0.5 * 2]
     assert order == [1, 2, 1, 2]  # whole sweeps, not one item's repeats back to back
     assert open_table(tmp_path / "t.json", target).entries == before and t.entries == before
+    # one network reached twice (a baseline that is one of eta's students): timed once a sweep, one figure for both
+    order[:] = []
+    twice = items(2) + items(2)[:1]
+    assert t.time_now(twice, rounds=2) == [0.5 * 1, 0.5 * 2, 0.5 * 1] and order == [1, 2, 1, 2]
 
 
 def test_a_two_pass_table_times_every_entry_twice_in_separate_passes(tmp_path, target, monkeypatch):
@@ -494,18 +498,3 @@ def test_torch_compile_failure_is_one_line_error(monkeypatch):
     monkeypatch.setattr(torch, "compile", broken_compile)
     with pytest.raises(EtaError, match="^torch.compile failed for Sequential: InductorError: no working C\\+\\+ compiler"):
         torch_backend.measure(conv_block(), (1, 8, 12, 12), protocol=FAST, compile=True)
-
-
-def test_a_tuned_table_tunes_float_networks_only(monkeypatch):
-    """An integer network (its kernels run untuned) is never handed to MetaSchedule's task extraction."""
-    from eta.latency import backends
-    from eta.phases import latency as latency_phase
-    from eta.quant.network import QuantStudent
-
-    integer = QuantStudent.__new__(QuantStudent)  # its class is what decides how the backend runs it
-    assert backends.is_float_module("tvm", nn.Conv2d(1, 1, 1)) and not backends.is_float_module("tvm", integer)
-    monkeypatch.setattr(latency_phase, "tune_space", lambda *a, **k: pytest.fail("an integer network was tuned"))
-    space = type("S", (), {"latency": type("L", (), {"tune": None, "trials_per_task": 8})()})()
-    m = type("M", (), {"schedule": "tuned", "backend": "tvm"})()
-    w = type("W", (), {"bits": 32, "factory": staticmethod(lambda: integer), "input_shape": (1, 1, 8, 8)})()
-    assert latency_phase.tune(space, m, None, [w], name="int8", progress=False) is None

@@ -229,3 +229,54 @@ def test_tuning_spread_over_two_nodes_merges_every_share_into_one_database(tmp_p
     assert first["trials_run"] == first["trials_spent"] == sum(res["state_trials"].values()) == 2 * len(hashes)
     assert again["trials_run"] == 0
     assert res["tuned_functions"][0] >= 2 and res["tuned_functions"][1] >= 2  # TVM applies the merged records
+
+
+def _int8_conv_block():
+    """A basic block (two 3x3 convs and a projection shortcut), it quantized to 8 bits, one batch of its input codes."""
+    from eta.arch import OpSpec
+    from eta.families import build_operator
+    from eta.quant import quantize_operator
+
+    g = torch.Generator().manual_seed(1)
+    float_op = build_operator(OpSpec("basic", 3, 1), (4, 8, 8), (8, 4, 4)).eval()
+    qop = quantize_operator(float_op, 8, [torch.randn(8, *SHAPE[1:], generator=g)])
+    return float_op, qop, qop.quantize_input(torch.randn(*SHAPE, generator=g))
+
+
+def test_integer_kernels_are_tuning_tasks_of_their_own(target):
+    """A quantized operator's integer convolutions are MetaSchedule tasks (int8 in, int32 out), distinct from the
+    float operator's: a tuned table has them to tune."""
+    float_op, qop, q_in = _int8_conv_block()
+    integer, _ = tuning.space_tasks([(qop, tuple(q_in.shape))], target)
+    floating, _ = tuning.space_tasks([(float_op, SHAPE)], target)
+    assert any("conv2d" in t.name for t in integer)
+    assert any("int8" in t.mod.script() and "int32" in t.mod.script() for t in integer)
+    assert not {t.hash for t in integer} & {t.hash for t in floating}
+
+
+@pytest.mark.slow  # real MetaSchedule trials: about 40 s on 2 cores
+def test_tuned_integer_kernels_are_applied_and_stay_bit_exact(tmp_path, target, monkeypatch):
+    """Tuned into the database, an integer operator compiles with those schedules (through the compiled-module
+    cache, as a table entry) and its output codes still equal the exact integer reference."""
+    from eta.latency import backends
+    from eta.latency.protocol import Protocol
+    from eta.quant.integer import integer_reference
+
+    monkeypatch.setenv("ETA_CACHE_DIR", str(tmp_path / "cache"))
+    db = tmp_path / "db"
+    _, qop, q_in = _int8_conv_block()
+    shape = tuple(q_in.shape)
+    summary = tuning.tune_space([(qop, shape)], target, db, trials_per_task=1, **FAST)
+    assert summary.tuned == summary.distinct >= 2
+    tuned = cc.compiled_module(qop, shape, target, key="basic|w8", database_dir=db)
+    untuned = cc.compiled_module(qop, shape, target, key="basic|w8")
+    assert tuned.tuned_functions >= 2 and untuned.tuned_functions == 0 and tuned.input_dtype == qop.input_dtype
+    reference = integer_reference(qop, q_in).numpy()
+    np.testing.assert_array_equal(tuned.run(q_in.numpy()), reference)
+    np.testing.assert_array_equal(untuned.run(q_in.numpy()), reference)
+    # a tuned table's 8-bit entry: timed on those schedules, not refused
+    protocol = Protocol(warmup=1, repeat=3, retries=0, min_repeat_ms=2)
+    provenance = {"backend": "tvm", "target": target, "schedule": "tuned", "protocol": protocol.__dict__}
+    entry = backends.measure_entry(provenance, qop, shape, 8, db, key="basic|w8")
+    assert entry["executable"] and entry["kernel_dtype"] == "int8" and entry["schedules"] == tuned.schedules
+    assert entry["cache_hit"] and entry["median_ms"] > 0

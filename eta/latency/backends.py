@@ -1,11 +1,12 @@
 """Latency backends behind one registry: how a module is timed on a target, and by what software.
 
 A backend (``tvm``, ``torch``) names the software a table's numbers come from, reads the target
-of the machine it runs on, and times float modules. Modules of other kinds register their own
-measurer for a backend by class (:func:`register_measurer`): the integer TVM measurer of
-:mod:`eta.quant` times its ``QuantOp`` and ``QuantStudent`` that way, so the latency package
-never imports the quantizers, and a Ray worker that receives such a module has imported its
-measurer with its class.
+of the machine it runs on, and times modules. Modules of other kinds register their own
+measurer for a backend by class (:func:`register_measurer`): :mod:`eta.quant` registers its
+``QuantOp`` and ``QuantStudent`` that way for TVM (and their Relax lowering with
+:func:`tvm_backend.register_relax_lowering`, so TVM's own measure compiles, tunes and caches them
+like float modules), the latency package never imports the quantizers, and a Ray worker that
+receives such a module has imported its measurer with its class.
 
 :func:`measure_entry` is what a table entry runs, here or as a Ray task on the measuring node.
 """
@@ -37,14 +38,14 @@ Precompile = Callable[..., dict]
 @dataclass(frozen=True)
 class LatencyBackend:
     """One way of running networks: its name, the provenance key of its software version, the schedule
-    policy of tables that did not record one, how it describes the local target, how it times a float
-    module, which policies it offers, and (optionally) how it compiles many modules before any is timed."""
+    policy of tables that did not record one, how it describes the local target, how it times a module
+    (float ones; on TVM also those with a registered Relax lowering), which policies it offers, and (optionally) how it compiles many modules before any is timed."""
 
     name: str
     version_package: str
     default_schedule: str
     describe_target: Callable[[str, str], tuple[dict, str]]
-    measure_float: Measure
+    measure_module: Measure
     schedules: Callable[[bool, bool], str]
     precompile: Precompile | None = None
 
@@ -86,13 +87,7 @@ def measurer(backend: str, module, bits: int) -> Measure:
     if bits != 32:
         raise NotExecutable(f"{bits}-bit execution of {type(module).__name__} is not built for backend {backend} "
                             "(integer kernels are TVM's, for quantized operators)")
-    return get(backend).measure_float
-
-
-def is_float_module(backend: str, module) -> bool:
-    """Whether ``backend`` runs ``module`` through its float path (the one tuned schedules apply to), not a registered
-    measurer of its class (integer networks on TVM, say, whose kernels run untuned)."""
-    return not any((backend, cls) in _MEASURERS for cls in type(module).__mro__)
+    return get(backend).measure_module
 
 
 def schedule_policy(backend: str, tuned: bool = True, torch_compile: bool = False) -> str:
@@ -149,7 +144,7 @@ def _tvm_target(kind: str, schedule: str) -> tuple[dict, str]:
     return target, tvm_backend.device_name(target)
 
 
-def _tvm_float(module, input_shape, provenance, database_dir, key=None):
+def _tvm_measure(module, input_shape, provenance, database_dir, key=None):
     """Compiled once into the compiled-module cache under the table's key, then timed (tuned: the schedule database applied)."""
     tuned = uses_schedules(provenance["schedule"])
     m = tvm_backend.measure(module, input_shape, provenance["target"], protocol_of(provenance), database_dir if tuned else None, key=key)
@@ -174,16 +169,16 @@ def _torch_target(kind: str, schedule: str) -> tuple[dict, str]:
     return {"kind": dev}, torch_backend.device_name(dev)
 
 
-def _torch_float(module, input_shape, provenance, database_dir, key=None):
+def _torch_measure(module, input_shape, provenance, database_dir, key=None):
     m = torch_backend.measure(module, input_shape, device=provenance["target"].get("kind", "cpu"), protocol=protocol_of(provenance),
                               compile=provenance["schedule"] == "torch.compile")
     return m, {}
 
 
 register_backend(LatencyBackend(
-    "tvm", "apache-tvm", "untuned", _tvm_target, _tvm_float,
+    "tvm", "apache-tvm", "untuned", _tvm_target, _tvm_measure,
     lambda tuned, _compile: "tuned" if tuned else "untuned", _tvm_precompile))
 register_backend(LatencyBackend(
-    "torch", "torch", "eager", _torch_target, _torch_float,
+    "torch", "torch", "eager", _torch_target, _torch_measure,
     lambda _tuned, compile_: "torch.compile" if compile_ else "eager"))
 

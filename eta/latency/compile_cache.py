@@ -152,7 +152,8 @@ def _remove(path: Path) -> None:
             pass
 
 
-def _store(executable, path: Path, identity: dict, compile_s: float, tuned_functions: int, database_dir) -> dict:
+def _store(executable, path: Path, identity: dict, compile_s: float, tuned_functions: int, database_dir,
+           dtype: str = "float32") -> dict:
     """Export the library beside its final name, then rename it and its sidecar into place."""
     from ..files import atomic_path
 
@@ -165,7 +166,7 @@ def _store(executable, path: Path, identity: dict, compile_s: float, tuned_funct
         if tmp.exists():
             tmp.unlink()
     meta = {"format": FORMAT, **identity, "database_dir": None if database_dir is None else str(database_dir),
-            "compile_s": round(float(compile_s), 4), "tuned_functions": int(tuned_functions), "so_bytes": size,
+            "compile_s": round(float(compile_s), 4), "tuned_functions": int(tuned_functions), "input_dtype": dtype, "so_bytes": size,
             "so_sha256": sha, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     with atomic_path(record_path(path)) as tmp:
         tmp.write_text(json.dumps(meta, indent=1) + "\n")
@@ -174,7 +175,7 @@ def _store(executable, path: Path, identity: dict, compile_s: float, tuned_funct
 
 def _build(module, input_shape, target: dict, key: str, database_dir, relax_mod=None, import_s: float = 0.0) -> tuple[Path, dict]:
     """Compile and store one entry (after a miss); returns its path and sidecar (``import_s``: import time spent before)."""
-    from .tvm_backend import build_executable, to_relax
+    from .tvm_backend import build_executable, input_dtype, to_relax
 
     t0 = time.perf_counter() - import_s
     relax_mod = relax_mod if relax_mod is not None else to_relax(module, input_shape)
@@ -182,7 +183,8 @@ def _build(module, input_shape, target: dict, key: str, database_dir, relax_mod=
     executable, tuned = build_executable(module, input_shape, target, None if database_dir is None else Path(database_dir), relax_mod)
     compile_s = time.perf_counter() - t0
     path = entry_path(key, input_shape, target, digest)
-    meta = _store(executable, path, _identity(key, input_shape, target, digest), compile_s, tuned, database_dir)
+    meta = _store(executable, path, _identity(key, input_shape, target, digest), compile_s, tuned, database_dir,
+                  input_dtype(relax_mod))
     log.debug("compiled %s %s in %.2f s -> %s", key, tuple(input_shape), compile_s, path.name)
     return path, meta
 
@@ -208,7 +210,7 @@ def _load(path: Path, meta: dict, input_shape, target: dict, hit: bool) -> Compi
     executable = tvm.runtime.load_module(str(path))
     compiled = CompiledModule.from_executable(executable, input_shape, target, compile_s=meta["compile_s"],
                                               tuned_functions=meta.get("tuned_functions", 0), cache_hit=hit, path=path,
-                                              load_s=time.perf_counter() - t0)
+                                              load_s=time.perf_counter() - t0, dtype=meta.get("input_dtype", "float32"))
     compiled.schedules = meta.get("schedules")  # the digest of the schedules applied (None: untuned)
     return compiled
 

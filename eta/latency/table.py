@@ -309,16 +309,23 @@ class LatencyTable:
 
         Entries measured at different times carry the machine's drift between those times; networks
         compared against each other are best timed within one sweep. Each is compiled once (the
-        compiled-module cache); None for an item the backend cannot run.
+        compiled-module cache), and items with one key (the same network reached by two methods) are
+        timed once and share the figure, as they share the compiled code; None for an item the
+        backend cannot run.
         """
         executor = executor or measure_entry
-        best: list[float | None] = [None] * len(items)
+        keys = [self.key(signature, shape, bits) for signature, _, shape, bits in items]
+        first = {}
+        for i, key in enumerate(keys):
+            first.setdefault(key, i)
+        best: dict[str, float] = {}
         for _ in range(rounds):
-            for i, (signature, factory, shape, bits) in enumerate(items):
-                m = executor(self.provenance, factory(), tuple(shape), bits, self.database_dir, self.key(signature, shape, bits))
+            for key, i in first.items():
+                signature, factory, shape, bits = items[i]
+                m = executor(self.provenance, factory(), tuple(shape), bits, self.database_dir, key)
                 if m.get("executable", False):
-                    best[i] = m["median_ms"] if best[i] is None else min(best[i], m["median_ms"])
-        return best
+                    best[key] = min(best.get(key, m["median_ms"]), m["median_ms"])
+        return [best.get(key) for key in keys]
 
     def measure_many(self, items: list[tuple[str, Callable, tuple, int]], desc: str = "latency", progress: bool = True,
                      executor: Executor | None = None) -> dict:
@@ -389,22 +396,21 @@ class LatencyTable:
         return bool(e) and e.get("executable", True) and "slower_measurement_ms" not in e
 
     def _precompile(self, items, progress: bool) -> dict:
-        """Compile the float modules of ``items`` before any is timed (a no-op for backends that compile nothing)."""
+        """Compile the modules of ``items`` (float and integer) before any is timed (a no-op for backends that compile nothing)."""
         backend = backends.get(self.provenance["backend"])
         if backend.precompile is None:
             return {}
-        floats = []
+        jobs = []
         for signature, factory, shape, bits in items:
             module = factory()
             try:
-                measure = backends.measurer(backend.name, module, bits)
+                backends.measurer(backend.name, module, bits)
             except backends.NotExecutable:  # recorded as such when it is timed
                 continue
-            if measure is backend.measure_float:
-                floats.append((self.key(signature, shape, bits), module, tuple(shape)))
-        if not floats:
+            jobs.append((self.key(signature, shape, bits), module, tuple(shape)))
+        if not jobs:
             return {}
-        done = backend.precompile(self.provenance, floats, self.database_dir, progress)
+        done = backend.precompile(self.provenance, jobs, self.database_dir, progress)
         for err in done.get("errors", []):
             log.warning("compiling: %s", err)
         return {k: done[k] for k in ("compiled", "compile_s") if k in done}

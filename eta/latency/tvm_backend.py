@@ -14,6 +14,7 @@ import os
 import platform
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -68,8 +69,30 @@ def device_name(target: dict) -> str:
     return cpu_name()
 
 
+# module type -> lower(module, input_shape) -> Relax IRModule, for modules torch.export cannot express (integer kernels)
+_RELAX_LOWERINGS: dict[type, Callable] = {}
+
+
+def register_relax_lowering(module_type: type, lower: Callable) -> None:
+    """Build the Relax form of ``module_type`` (and subclasses) with ``lower(module, input_shape)``.
+
+    Everything that compiles, tunes or caches a module goes through :func:`to_relax`, so a module
+    type registered here gets tuned schedules and the compiled-module cache like any float module.
+    """
+    _RELAX_LOWERINGS[module_type] = lower
+
+
 def to_relax(module: torch.nn.Module, input_shape: tuple):
-    """The module as a Relax IRModule with its weights as constants (``torch.export`` then TVM's frontend)."""
+    """The module as a Relax IRModule with its weights as constants (``torch.export`` then TVM's frontend,
+    or the lowering registered for its type)."""
+    for cls in type(module).__mro__:
+        if cls in _RELAX_LOWERINGS:
+            return _RELAX_LOWERINGS[cls](module, tuple(input_shape))
+    return exported_relax(module, input_shape)
+
+
+def exported_relax(module: torch.nn.Module, input_shape: tuple):
+    """The module through ``torch.export`` and TVM's frontend, whatever lowering its type has registered."""
     from tvm.relax.frontend.torch import from_exported_program
 
     try:
@@ -187,6 +210,11 @@ def _tuned_count(mod) -> int:
                and bool(f.attrs.get("tirx.is_scheduled", False)))
 
 
+def input_dtype(relax_mod) -> str:
+    """The dtype ``main`` takes (float32 for imported networks, integer codes for integer kernels)."""
+    return str(relax_mod["main"].params[0].ty.dtype)
+
+
 def build_executable(module: torch.nn.Module, input_shape: tuple, target: dict, database_dir: Path | None = None,
                      relax_mod=None) -> tuple:
     """(Relax executable, number of TIR functions with a tuned schedule) of a module at one input shape.
@@ -229,32 +257,40 @@ class CompiledModule:
 
     def __init__(self, module: torch.nn.Module, input_shape: tuple, target: dict, database_dir: Path | None = None):
         t0 = time.perf_counter()
-        executable, self.tuned_functions = build_executable(module, input_shape, target, database_dir)
-        self._attach(executable, input_shape, target)
+        mod = to_relax(module, input_shape)
+        executable, self.tuned_functions = build_executable(module, input_shape, target, database_dir, relax_mod=mod)
+        self._attach(executable, input_shape, target, input_dtype(mod))
         self.compile_s = time.perf_counter() - t0
 
     @classmethod
     def from_executable(cls, executable, input_shape: tuple, target: dict, *, compile_s: float, tuned_functions: int,
-                        cache_hit: bool = False, path: Path | None = None, load_s: float = 0.0) -> "CompiledModule":
+                        cache_hit: bool = False, path: Path | None = None, load_s: float = 0.0,
+                        dtype: str = "float32") -> "CompiledModule":
         self = cls.__new__(cls)
-        self._attach(executable, input_shape, target)
+        self._attach(executable, input_shape, target, dtype)
         self.compile_s, self.tuned_functions = float(compile_s), int(tuned_functions)
         self.cache_hit, self.path, self.load_s = cache_hit, path, float(load_s)
         return self
 
-    def _attach(self, executable, input_shape, target) -> None:
+    def _attach(self, executable, input_shape, target, dtype: str = "float32") -> None:
         import tvm
         from tvm import relax
 
         self.executable, self.device = executable, device_of(target)
         self.vm = relax.VirtualMachine(executable, self.device)
-        self.input_shape = tuple(input_shape)
-        self._input = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(input_shape).astype("float32"), self.device)
+        self.input_shape, self.input_dtype = tuple(input_shape), dtype
+        rng = np.random.default_rng(0)
+        if np.dtype(dtype).kind == "f":
+            x = rng.standard_normal(input_shape).astype(dtype)
+        else:  # integer codes over the dtype's whole range: integer kernels take no data-dependent branches
+            info = np.iinfo(dtype)
+            x = rng.integers(info.min, info.max, size=input_shape, endpoint=True).astype(dtype)
+        self._input = tvm.runtime.tensor(x, self.device)
 
     def run(self, x: np.ndarray) -> np.ndarray:
         import tvm
 
-        out = self.vm["main"](tvm.runtime.tensor(np.ascontiguousarray(x, dtype="float32"), self.device))
+        out = self.vm["main"](tvm.runtime.tensor(np.ascontiguousarray(x, dtype=self.input_dtype), self.device))
         out = out[0] if not hasattr(out, "numpy") else out
         return out.numpy()
 

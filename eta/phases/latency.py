@@ -24,7 +24,7 @@ from ..bound import BoundSpace
 from ..errors import EtaError
 from ..raycluster import nodes_holding
 from ..files import read_json, write_json
-from ..latency.backends import is_float_module, schedule_policy, uses_schedules
+from ..latency.backends import schedule_policy, uses_schedules
 from ..latency.calibrate import Calibration, fit_rows
 from ..latency.measurer import Measurer
 from ..latency.protocol import Protocol
@@ -54,11 +54,11 @@ def measurer(space) -> Measurer:
     """Where and how ``space`` measures (on the Ray node its ``latency.node_resource`` names, if any)."""
     cfg = space.latency
     return Measurer.create(cfg.backend, cfg.target, measurer_protocol(space),
-                           schedule_policy(cfg.backend, cfg.tuned(space.bits), cfg.torch_compile), cfg.node_resource)
+                           schedule_policy(cfg.backend, cfg.tuned, cfg.torch_compile), cfg.node_resource)
 
 
 def tune(space, m: Measurer, table: LatencyTable, workloads: list[Workload], *, name: str | None = None, progress: bool = True) -> dict | None:
-    """Tune the float workloads' MetaSchedule tasks the target's database lacks, under the space's budget (a no-op
+    """Tune the workloads' MetaSchedule tasks the target's database lacks, under the space's budget (a no-op
     for untuned tables). Runs on the measuring node when one is named; returns the tuning summary."""
     import ray
 
@@ -71,8 +71,7 @@ def tune(space, m: Measurer, table: LatencyTable, workloads: list[Workload], *, 
         if count == 0:  # checked before anything is built: a misnamed resource is an error even with nothing to tune
             raise EtaError(f"latency.tune.nodes: no node of the Ray cluster holds the resource '{cfg.nodes}'")
         nodes = (cfg.nodes, count)
-    modules = [(w.factory(), tuple(w.input_shape)) for w in workloads if w.bits == 32]
-    pairs = [(module, shape) for module, shape in modules if is_float_module(m.backend, module)]  # integer kernels run untuned
+    pairs = [(w.factory(), tuple(w.input_shape)) for w in workloads]  # float and integer kernels alike
     if not pairs:
         return None
     kw = dict(trials_per_task=space.latency.trials_per_task, total_trials=cfg.total_trials, population=cfg.population,

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from ..errors import EtaError
-from ..latency.backends import NotExecutable, protocol_of, register_measurer, uses_schedules
-from ..latency import tvm_backend
+from ..latency import backends, tvm_backend
+from ..latency.backends import NotExecutable, register_measurer
 from ..latency.protocol import Measurement, Protocol
 from .lowering import INPUT
 from .qop import LoweredStep, QuantOp, quantize_operator
@@ -206,11 +206,14 @@ __all__ = ["CONTAINER_DTYPE", "CompiledIntModule", "LoweredStep", "compile_int",
 
 
 def _measure_for_table(op: QuantOp, input_shape: tuple, provenance: dict, database_dir=None, key=None):
-    """A latency-table entry of a quantized operator: integer kernels, untuned schedules."""
-    if uses_schedules(provenance["schedule"]):
-        raise NotExecutable(f"{op.bits}-bit operators are measured with untuned schedules only")
+    """A latency-table entry of a quantized operator: its integer kernels compiled and timed as the table's float
+    entries are (tuned schedules where the table's are, the compiled-module cache)."""
+    if op.is_float:
+        raise NotExecutable("a 32-bit QuantOp is float; time the float module")
     # 4-bit values run on the 8-bit kernels (TVM's llvm int4 conv2d packs two values per byte but reads one)
-    return measure_int(op, input_shape, provenance["target"], protocol_of(provenance)), {"kernel_dtype": kernel_dtype(op.bits)}
+    m, extra = backends.get("tvm").measure_module(op, input_shape, provenance, database_dir, key)
+    return m, {**extra, "kernel_dtype": kernel_dtype(op.bits)}
 
 
 register_measurer("tvm", QuantOp, _measure_for_table)
+tvm_backend.register_relax_lowering(QuantOp, lambda op, shape: tvm_backend.exported_relax(op, shape) if op.is_float else to_relax(op, shape))

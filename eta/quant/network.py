@@ -41,8 +41,8 @@ import torch
 from torch import nn
 
 from ..errors import EtaError
-from ..latency.backends import NotExecutable, protocol_of, register_measurer, uses_schedules
-from ..latency import tvm_backend
+from ..latency import backends, tvm_backend
+from ..latency.backends import register_measurer
 from ..latency.protocol import Measurement, Protocol
 from ..network import StemBlocksHead
 from .integer import to_relax as int_block_to_relax
@@ -323,14 +323,18 @@ def to_relax_network(qstudent: QuantStudent, input_shape: tuple, inline: bool = 
 class CompiledNetworkInt:
     """A :class:`QuantStudent` compiled as one TVM module for one input shape (mirrors CompiledModule)."""
 
-    def __init__(self, qstudent: QuantStudent, input_shape: tuple, target: dict | None = None):
+    def __init__(self, qstudent: QuantStudent, input_shape: tuple, target: dict | None = None, database_dir=None):
         import tvm
-
+        from tvm import relax
 
         target = target or tvm_backend.host_target()
         t0 = time.perf_counter()
         self.mod = to_relax_network(qstudent, input_shape)
-        self.executable, self.device, self.vm = tvm_backend.load_vm(self.mod, target)
+        # with ``database_dir``: the schedules a tuned table timed the network with
+        self.executable, self.tuned_functions = tvm_backend.build_executable(qstudent, input_shape, target, database_dir,
+                                                                             relax_mod=self.mod)
+        self.device = tvm_backend.device_of(target)
+        self.vm = relax.VirtualMachine(self.executable, self.device)
         self.compile_s = time.perf_counter() - t0
         self.input_shape = tuple(int(d) for d in input_shape)
         self.bits = list(getattr(qstudent, "bits", []))
@@ -365,8 +369,8 @@ class CompiledNetworkInt:
         return tvm_backend.time_vm(self.vm, self.device, self._input, protocol, self.compile_s)
 
 
-def compile_network_int(qstudent: QuantStudent, input_shape: tuple, target: dict | None = None) -> CompiledNetworkInt:
-    return CompiledNetworkInt(qstudent, input_shape, target)
+def compile_network_int(qstudent: QuantStudent, input_shape: tuple, target: dict | None = None, database_dir=None) -> CompiledNetworkInt:
+    return CompiledNetworkInt(qstudent, input_shape, target, database_dir)
 
 
 def measure_network_int(model: nn.Module, input_shape: tuple, target: dict | None = None, protocol: Protocol | None = None, *,
@@ -423,11 +427,11 @@ __all__ = ["CompiledNetworkInt", "QuantStudent", "agreement", "boundary_multipli
 
 
 def _measure_for_table(model: QuantStudent, input_shape: tuple, provenance: dict, database_dir=None, key=None):
-    """A latency-table entry of a quantized student: one integer network, untuned schedules."""
-    if uses_schedules(provenance["schedule"]):
-        raise NotExecutable("quantized networks are measured with untuned schedules only")
-    m = measure_network_int(model, input_shape, provenance["target"], protocol_of(provenance))
-    return m, {"kernel_dtype": "mixed", "block_bits": list(model.bits)}
+    """A latency-table entry of a quantized student: one network of float and integer kernels, compiled and timed
+    as the table's float networks are (tuned schedules where the table's are, the compiled-module cache)."""
+    m, extra = backends.get("tvm").measure_module(model, input_shape, provenance, database_dir, key)
+    return m, {**extra, "kernel_dtype": "mixed", "block_bits": list(model.bits)}
 
 
 register_measurer("tvm", QuantStudent, _measure_for_table)
+tvm_backend.register_relax_lowering(QuantStudent, to_relax_network)
