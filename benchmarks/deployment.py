@@ -8,6 +8,11 @@ over 80 ms after TVM had run). It prints every figure, which runtime is fastest 
 and the students' speed-ups over the teacher on each runtime, and writes them as JSON.
 
     python -m benchmarks.deployment runs/digits
+    python -m benchmarks.deployment runs/fashion --max-latency-ms 0.39 --tune-trials 32   # one student, deeper schedules
+
+``--max-latency-ms`` keeps the students ``eta export --max-latency-ms`` would pick instead of the whole front;
+``--tune-trials N`` first gives every task of the networks timed on tuned TVM up to N trials, those tuned
+before with the space's smaller budget included (``latency.tune.deepen``).
 """
 from __future__ import annotations
 
@@ -31,9 +36,14 @@ def main(argv=None) -> int:
     ap.add_argument("run", type=Path)
     ap.add_argument("--runtimes", nargs="+", default=[r[0] for r in RUNTIMES], choices=[r[0] for r in RUNTIMES])
     ap.add_argument("--out", type=Path, default=Path("docs/measurements"))
+    ap.add_argument("--max-latency-ms", type=float, nargs="+", help="the students eta export would pick under these limits "
+                    "(default: every front student)")
+    ap.add_argument("--tune-trials", type=int, help="tuned TVM: deepen every task of the networks timed to this many trials")
     args = ap.parse_args(argv)
+    if args.tune_trials is not None and args.tune_trials < 1:
+        ap.error(f"--tune-trials {args.tune_trials}: at least one trial per task")
     setup_logging()
-    from eta.export import build_student, read_front
+    from eta.export import build_student, pick, read_front
     from eta.latency.backends import schedule_policy
     from eta.latency.measurer import Measurer
     from eta.phases import latency
@@ -42,7 +52,11 @@ def main(argv=None) -> int:
     search, info, _, _ = load_solved_run(args.run)
     space, bound = search.space, search.bound
     run = Run(search.run.root)
-    front = read_front(run).front
+    front = read_front(run).front if not args.max_latency_ms else [pick(run, ms) for ms in args.max_latency_ms]
+    if args.tune_trials:  # the space's tuning settings, deepened: every task of these networks up to N trials
+        space = space.model_copy(deep=True)
+        space.latency.tune_trials = 0  # the trials asked for, not a space's older setting, and no time limit
+        space.latency.tune.trials_per_task, space.latency.tune.deepen, space.latency.tune.max_minutes = args.tune_trials, True, None
     models = [("teacher", bound.teacher, space.data.resolution)] + [
         (f"{p['arch']} @{p['resolution']}", build_student(run, p), p["resolution"]) for p in front]
     protocol = latency.measurer_protocol(space)
@@ -78,8 +92,10 @@ def main(argv=None) -> int:
         best = {row["model"]: min(row[k] for k in labels if row.get(k)) for row in rows[1:]}
         print("\nspeed-up over the eager teacher users start from (student on its fastest runtime): " +
               ", ".join(f"{n} {eager_teacher / ms:.1f}x" for n, ms in best.items()))
-    out = args.out / f"deployment-{run.root.name}.json"
-    write_json(out, {"run": run.root.name, "device": info.device, "rows": rows})
+    suffix = f"-tuned{args.tune_trials}" if args.tune_trials else ""
+    out = args.out / f"deployment-{run.root.name}{suffix}.json"
+    write_json(out, {"run": run.root.name, "device": info.device, "tune_trials": args.tune_trials or space.latency.trials_per_task,
+                     "rows": rows})
     print(f"\nwritten: {out}")
     return 0
 

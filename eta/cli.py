@@ -25,6 +25,10 @@ def _latency_overrides(args) -> dict:
         out["schedules"] = "tuned" if trials > 0 else "untuned"
         if trials > 0:
             out["tune"] = {"trials_per_task": trials}
+    if getattr(args, "deepen", False):
+        if not trials:
+            raise EtaError("--deepen needs --tune-trials N: the trials each task of the space should have had")
+        out["tune"]["deepen"] = True
     return out
 
 
@@ -50,6 +54,8 @@ def _space_or_run(arg: str, args, budgets=None):
         if budgets:
             d["budgets"] = list(budgets)
         d["latency"] = {**d.get("latency", {}), **latency}
+        if "tune" in latency:  # the flags' tuning settings over the space's, which keep what the flags do not set
+            d["latency"]["tune"] = {**(space.to_dict().get("latency", {}).get("tune") or {}), **latency["tune"]}
         space = parse_space(d, f"{p} with command-line settings")
     _apply_tracking(space, args)
     from .pipeline import Search  # after the space is read: a bad space is reported without loading the pipeline
@@ -237,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--schedules", choices=["tuned", "untuned"],
                        help="TVM: tune with MetaSchedule first (default for float spaces) or use TVM's untuned schedules")
         p.add_argument("--tune-trials", type=int, help="MetaSchedule trials per task to tune (0: TVM's untuned schedules)")
+        p.add_argument("--deepen", action="store_true", help="with --tune-trials N: also tune the space's tasks that have "
+                       "schedules already (shipped, other spaces) until each has had N trials")
         p.add_argument("--node-resource", help="measure on the Ray node holding this custom resource, e.g. latency:rpi4")
 
     p = sub.add_parser("search", help="run all phases (resumes a finished or interrupted run of the same name)")

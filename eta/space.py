@@ -175,6 +175,8 @@ class TuneConfig(_Strict):
                                  "gradient rule (tasks that matter more get more)")
     total_trials: Optional[int] = Field(None, ge=1, description="the whole budget instead, whatever the number of tasks")
     max_minutes: Optional[float] = Field(None, gt=0, description="stop tuning after this long (what was found is kept)")
+    deepen: bool = Field(False, description="also tune tasks that have schedules already (other spaces, shipped ones) "
+                                            "until each has had trials_per_task trials")
     population: int = Field(128, ge=8, description="evolutionary search's population per batch (512 is TVM's default)")
     nodes: Optional[str] = Field(None, description="tune on every Ray node holding this custom resource (machines like the "
                                  "measuring one), each a share of the tasks and budget; their records are merged into the "

@@ -106,6 +106,21 @@ def test_interrupted_run_resumes_with_the_budget_left(tmp_path, target, caplog):
     assert more.trials_run == 2 and more.trials_spent == 8
 
 
+@pytest.mark.slow  # real MetaSchedule trials: about 30 s on 2 cores
+def test_deepening_gives_tasks_tuned_before_trials_up_to_the_new_cap(tmp_path, target):
+    """Tasks with schedules already are left alone unless the run deepens: then each gets what it lacks of the cap."""
+    db = tmp_path / "db"
+    space = [(module_b(), SHAPE)]
+    assert tuning.tune_space(space, target, db, trials_per_task=2, **FAST).trials_run == 2
+    assert tuning.tune_space(space, target, db, trials_per_task=4, run="more", **FAST).trials_run == 0
+    deeper = tuning.tune_space(space, target, db, trials_per_task=4, run="more", deepen=True, **FAST)
+    assert (deeper.trials_run, deeper.already_tuned, deeper.trials_budget) == (2, 1, 2)
+    assert [t["trials"] for t in deeper.tasks] == [4]
+    assert tuning.tune_space(space, target, db, trials_per_task=4, run="more", deepen=True, **FAST).trials_run == 0
+    with pytest.raises(EtaError, match="trials per task"):
+        tuning.tune_space(space, target, db, total_trials=8, deepen=True, **FAST)
+
+
 @pytest.mark.slow  # real MetaSchedule trials: about a minute on 2 cores
 def test_a_task_tuned_for_one_space_is_not_tuned_again_for_another(tmp_path, target, monkeypatch):
     monkeypatch.setenv("ETA_CACHE_DIR", str(tmp_path / "cache"))

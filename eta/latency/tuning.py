@@ -211,7 +211,7 @@ def _contexts(tasks: list[SpaceTask], work_dir: str, seed: int, num_threads: int
 def tune_space(workloads, target: dict, database_dir, *, total_trials: int | None = None, trials_per_task: int | None = None,
                num_trials_per_iter: int = 8, max_workers: int | None = None, population: int = 512, seed: int = 0,
                max_seconds: float | None = None, progress: bool = True, run: str | None = None,
-               nodes: tuple[str, int] | None = None, only: Collection[str] | None = None) -> TuningSummary:
+               nodes: tuple[str, int] | None = None, only: Collection[str] | None = None, deepen: bool = False) -> TuningSummary:
     """Tune every distinct task of ``workloads`` (``(torch module, input shape)`` pairs) into ``database_dir``.
 
     ``total_trials``: the budget of the whole run, allocated across tasks by the gradient scheduler
@@ -225,6 +225,8 @@ def tune_space(workloads, target: dict, database_dir, *, total_trials: int | Non
     ``nodes``: (a Ray custom resource, how many nodes hold it): the tasks to tune are dealt out to
     that many Ray tasks, one per node, each tuning its share under its share of the budget into a
     database of its own, merged here when it returns. ``only``: tune just these workload hashes.
+    ``deepen``: tasks tuned before (by another space, a shipped database) are tuned too, until each
+    has had ``trials_per_task`` trials: how a user spends more on schedules found with a small budget.
     """
     from tqdm.auto import tqdm
     from tvm.s_tir import meta_schedule as ms
@@ -234,6 +236,8 @@ def tune_space(workloads, target: dict, database_dir, *, total_trials: int | Non
         raise EtaError("tuning needs a budget: total trials or trials per task")
     if (total_trials is not None and total_trials < 1) or (trials_per_task is not None and trials_per_task < 1):
         raise EtaError(f"tuning budget must be positive (total {total_trials}, per task {trials_per_task})")
+    if deepen and trials_per_task is None:
+        raise EtaError("deepening tuned schedules needs trials per task: how many trials each task should have had")
     check_target(target)
     database_dir = Path(database_dir)
     state = schedules.open_database(database_dir, target)
@@ -250,19 +254,29 @@ def tune_space(workloads, target: dict, database_dir, *, total_trials: int | Non
     if record is None:
         record = {"tasks": sorted(t.hash for t in tasks if t.hash not in tuned_before), "trials_spent": 0,
                   "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    # the run's own tasks: those it found untuned when it began, and any task nobody has tuned yet (a space that grew)
-    own = set(record["tasks"]) | {t.hash for t in tasks if t.hash not in tuned_before}
-    record["tasks"] = sorted(own)
-    record["total_trials"] = int(total_trials if total_trials is not None else trials_per_task * len(own))
-    record["trials_per_task"] = trials_per_task
-    state["runs"][run_key] = record
-    schedules.write_state(database_dir, state)
+    # the run's own tasks: those it found untuned when it began, and any task nobody has tuned yet (a space that grew);
+    # deepening: every task of the workloads
+    own = set(record["tasks"]) | {t.hash for t in tasks if deepen or t.hash not in tuned_before}
     counts = state["tasks"]
     for t in tasks:
         counts.setdefault(t.hash, {"name": t.name, "trials": 0})["weight"] = t.weight
 
     def spent(t):
         return int(counts[t.hash]["trials"])
+
+    record["tasks"] = sorted(own)
+    # distinct tasks with records before the run began (deepening: before this call)
+    before = sum(t.hash in tuned_before for t in tasks) if deepen else len(tasks) - len(own)
+    if total_trials is not None:
+        record["total_trials"] = int(total_trials)
+    elif deepen:  # what this run spent, plus what each task lacks to reach the cap
+        lacking = sum(max(0, trials_per_task - spent(t)) for t in tasks if t.hash in own and not counts[t.hash].get("exhausted"))
+        record["total_trials"] = int(record["trials_spent"]) + lacking
+    else:
+        record["total_trials"] = trials_per_task * len(own)
+    record["trials_per_task"] = trials_per_task
+    state["runs"][run_key] = record
+    schedules.write_state(database_dir, state)
 
     def open_space(t):  # a task whose design space MetaSchedule has used up (a reshape has one schedule) is done
         return not counts[t.hash].get("exhausted", False)
@@ -275,14 +289,14 @@ def tune_space(workloads, target: dict, database_dir, *, total_trials: int | Non
 
     def summary(trials_run, stopped, tuned=0):
         schedules.write_state(database_dir, state)
-        return TuningSummary(str(database_dir), found, len(tasks), len(tasks) - len(own), tuned, trials_run,
+        return TuningSummary(str(database_dir), found, len(tasks), before, tuned, trials_run,
                              int(record["trials_spent"]), record["total_trials"], round(time.perf_counter() - t0, 1),
                              round(extract_s, 1), stopped, run_key,
                              [{"hash": t.hash, "name": t.name, "weight": t.weight, "trials": spent(t)} for t in tasks])
 
     if left <= 0 or not eligible:
         log.info("tuning %s: nothing to tune (%d distinct tasks, %d tuned before, budget left %d)", database_dir, len(tasks),
-                 len(tasks) - len(own), max(left, 0))
+                 before, max(left, 0))
         return summary(0, "budget" if left <= 0 else "done" if own else "nothing to tune")
     # MetaSchedule caps every task at one number of trials in this call; a resumed task may pass its cap by what it spent before
     per_task = (trials_per_task - min(spent(t) for t in eligible)) if trials_per_task else left
@@ -311,7 +325,7 @@ def tune_space(workloads, target: dict, database_dir, *, total_trials: int | Non
 
     stopped = "budget"
     log.info("tuning %d of %d distinct tasks (%d found, %d tuned before) with %d trials, at most %d per task", len(eligible),
-             len(tasks), found, len(tasks) - len(own), left, per_task)
+             len(tasks), found, before, left, per_task)
     spread = nodes is not None and nodes[1] > 1 and len(eligible) > 1
     try:
         if spread:

@@ -75,7 +75,7 @@ def tune(space, m: Measurer, table: LatencyTable, workloads: list[Workload], *, 
     if not pairs:
         return None
     kw = dict(trials_per_task=space.latency.trials_per_task, total_trials=cfg.total_trials, population=cfg.population,
-              max_seconds=60 * cfg.max_minutes if cfg.max_minutes else None, run=name)
+              max_seconds=60 * cfg.max_minutes if cfg.max_minutes else None, run=name, deepen=cfg.deepen)
     if nodes is not None:
         kw["nodes"] = nodes
     if m.node_resource:
