@@ -106,19 +106,34 @@ def test_interrupted_run_resumes_with_the_budget_left(tmp_path, target, caplog):
     assert more.trials_run == 2 and more.trials_spent == 8
 
 
-@pytest.mark.slow  # real MetaSchedule trials: about 30 s on 2 cores
-def test_deepening_gives_tasks_tuned_before_trials_up_to_the_new_cap(tmp_path, target):
-    """Tasks with schedules already are left alone unless the run deepens: then each gets what it lacks of the cap."""
+def pooled(depth: int):
+    """Convolutions then a global average pool: the pool's TIR block is named after its Relax variable, so it
+    differs between networks of different depth while its structure (and workload hash) is the same."""
+    torch.manual_seed(depth)
+    layers = [m for _ in range(depth) for m in (nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1)).eval()
+
+
+@pytest.mark.slow  # real MetaSchedule trials: about a minute on 2 cores
+def test_deepening_gives_tasks_tuned_before_trials_up_to_the_new_cap(tmp_path, target, monkeypatch):
+    """Tasks with schedules already are left alone unless the run deepens: then each gets what it lacks of the cap,
+    tuned on the module the database stores (another network's copy names its blocks otherwise, and its traces
+    would leave a database that no longer loads)."""
+    monkeypatch.setenv("ETA_CACHE_DIR", str(tmp_path / "cache"))
     db = tmp_path / "db"
-    space = [(module_b(), SHAPE)]
-    assert tuning.tune_space(space, target, db, trials_per_task=2, **FAST).trials_run == 2
-    assert tuning.tune_space(space, target, db, trials_per_task=4, run="more", **FAST).trials_run == 0
-    deeper = tuning.tune_space(space, target, db, trials_per_task=4, run="more", deepen=True, **FAST)
-    assert (deeper.trials_run, deeper.already_tuned, deeper.trials_budget) == (2, 1, 2)
-    assert [t["trials"] for t in deeper.tasks] == [4]
-    assert tuning.tune_space(space, target, db, trials_per_task=4, run="more", deepen=True, **FAST).trials_run == 0
+    first = tuning.tune_space([(pooled(1), SHAPE)], target, db, trials_per_task=2, **FAST)
+    assert first.trials_run == 2 * first.distinct
+    deeper_net = [(pooled(2), SHAPE)]  # the same conv and pool tasks, the pool under another block name
+    assert tuning.tune_space(deeper_net, target, db, trials_per_task=4, run="more", **FAST).trials_run == 0
+    deeper = tuning.tune_space(deeper_net, target, db, trials_per_task=4, run="more", deepen=True, **FAST)
+    assert deeper.already_tuned == deeper.distinct == first.distinct
+    assert deeper.trials_run == deeper.trials_budget == 2 * deeper.distinct
+    assert all(t["trials"] == 4 for t in deeper.tasks)
+    assert tuning.tune_space(deeper_net, target, db, trials_per_task=4, run="more", deepen=True, **FAST).trials_run == 0
+    tvm_backend.opened_database(db)  # every record replays on its stored workload
+    assert cc.compiled_module(pooled(2), SHAPE, target, key="pooled2", database_dir=db).tuned_functions >= first.distinct
     with pytest.raises(EtaError, match="trials per task"):
-        tuning.tune_space(space, target, db, total_trials=8, deepen=True, **FAST)
+        tuning.tune_space(deeper_net, target, db, total_trials=8, deepen=True, **FAST)
 
 
 @pytest.mark.slow  # real MetaSchedule trials: about a minute on 2 cores

@@ -231,17 +231,28 @@ def merge_lines(workloads: str, records: str, database_dir) -> int:
     src_lines = [line for line in workloads.splitlines() if line.strip()]
     src_hashes = [json.loads(line)[0] for line in src_lines]
     dst_path = database_dir / WORKLOADS
-    dst_hashes = [w[0] if isinstance(w, list) and w else None for w in _iter_json_lines(dst_path)]
-    index = {str(h): i for i, h in enumerate(dst_hashes)}
-    new_workloads, new_records = [], []
+    dst_lines = [line for line in dst_path.read_text().splitlines() if line.strip()] if dst_path.is_file() else []
+    index = {}
+    for i, line in enumerate(dst_lines):
+        for w in _parsed_lines([line]):  # a torn line keeps its place and names no workload
+            if isinstance(w, list) and w:
+                index[str(w[0])] = i
+    new_workloads, new_records, foreign = [], [], 0
     for k, record in _parsed_records(records.splitlines()):
         if not isinstance(k, int) or k >= len(src_hashes):
             continue
         h = str(src_hashes[k])
         if h not in index:
-            index[h] = len(dst_hashes) + len(new_workloads)
+            index[h] = len(dst_lines) + len(new_workloads)
             new_workloads.append(src_lines[k])
+        elif index[h] < len(dst_lines) and dst_lines[index[h]] != src_lines[k]:
+            # the same structure under other block names: its traces would not replay on the workload stored here
+            foreign += 1
+            continue
         new_records.append(json.dumps([index[h], record], separators=(",", ":")))
+    if foreign:
+        log.warning("merging into %s: %d records left out, found on another copy of a workload stored there (other block "
+                    "names: their traces would not replay)", database_dir, foreign)
     database_dir.mkdir(parents=True, exist_ok=True)
     with open(dst_path, "a") as f:
         f.writelines(line + "\n" for line in new_workloads)

@@ -208,6 +208,23 @@ def _contexts(tasks: list[SpaceTask], work_dir: str, seed: int, num_threads: int
     return out
 
 
+def _tune_stored_modules(tasks: list[SpaceTask], database_dir) -> None:
+    """Tasks whose workload the database holds already are tuned on the module stored there.
+
+    The database keys a workload by structure, names aside; a trace found on another network's copy
+    of it names that copy's blocks and would not replay on the stored module, which breaks the whole
+    database's loading (seen when deepening a task first tuned for another network).
+    """
+    from .tvm_backend import opened_database
+
+    if not (Path(database_dir) / schedules.WORKLOADS).is_file():
+        return
+    database = opened_database(database_dir)
+    for t in tasks:
+        if database.has_workload(t.mod):
+            t.mod = database.commit_workload(t.mod).mod
+
+
 def tune_space(workloads, target: dict, database_dir, *, total_trials: int | None = None, trials_per_task: int | None = None,
                num_trials_per_iter: int = 8, max_workers: int | None = None, population: int = 512, seed: int = 0,
                max_seconds: float | None = None, progress: bool = True, run: str | None = None,
@@ -326,7 +343,8 @@ def tune_space(workloads, target: dict, database_dir, *, total_trials: int | Non
     stopped = "budget"
     log.info("tuning %d of %d distinct tasks (%d found, %d tuned before) with %d trials, at most %d per task", len(eligible),
              len(tasks), found, before, left, per_task)
-    spread = nodes is not None and nodes[1] > 1 and len(eligible) > 1
+    # deepened tasks are tuned here, on the modules the database stores (a node's fresh database would tune its own copies)
+    spread = nodes is not None and nodes[1] > 1 and len(eligible) > 1 and not deepen
     try:
         if spread:
             options = dict(num_trials_per_iter=num_trials_per_iter, max_workers=max_workers, population=population, seed=seed,
@@ -343,6 +361,7 @@ def tune_space(workloads, target: dict, database_dir, *, total_trials: int | Non
                 schedules.write_state(database_dir, state)
                 bar.update(share["trials"])
         else:
+            _tune_stored_modules(eligible, database_dir)
             contexts = _contexts(eligible, str(database_dir), seed, cores, population)
             builder = ms.builder.LocalBuilder(max_workers=max_workers or cores, f_build=build_candidate)
             callbacks = list(ms.MeasureCallback.create("default")) + [_callback(on_batch)]

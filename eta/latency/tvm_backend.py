@@ -184,7 +184,12 @@ def opened_database(database_dir):
     stamp = files_stamp(d)
     cached = _DATABASES.get(str(d))
     if cached is None or cached[0] != stamp:
-        cached = _DATABASES[str(d)] = (stamp, ms.database.JSONDatabase(work_dir=str(d)))
+        try:
+            database = ms.database.JSONDatabase(work_dir=str(d))
+        except Exception as err:  # noqa: BLE001 - TVM raises its own types, with the detail often "not rendered"
+            raise EtaError(f"schedule database {d} does not load ({type(err).__name__}: {str(err).splitlines()[0][:120]}): "
+                           "a record that does not replay on its workload; move the folder aside to start afresh") from None
+        cached = _DATABASES[str(d)] = (stamp, database)
     return cached[1]
 
 
