@@ -53,9 +53,10 @@ def _space_or_run(arg: str, args, budgets=None):
         d = space.to_dict()
         if budgets:
             d["budgets"] = list(budgets)
-        d["latency"] = {**d.get("latency", {}), **latency}
+        old = d.get("latency", {})
+        d["latency"] = {**old, **latency}
         if "tune" in latency:  # the flags' tuning settings over the space's, which keep what the flags do not set
-            d["latency"]["tune"] = {**(space.to_dict().get("latency", {}).get("tune") or {}), **latency["tune"]}
+            d["latency"]["tune"] = {**(old.get("tune") or {}), **latency["tune"]}
         space = parse_space(d, f"{p} with command-line settings")
     _apply_tracking(space, args)
     from .pipeline import Search  # after the space is read: a bad space is reported without loading the pipeline
