@@ -122,13 +122,23 @@ class Bench:
         write_json(path, point)
         return point
 
-    def trained(self, key: str, build) -> dict:
-        """A baseline trained once per run and measured on this backend.
+    def trained(self, key: str, build, epochs: int) -> dict:
+        """A baseline trained once per run for ``epochs`` and measured on this backend.
 
         ``build() -> (model, fields)`` trains and evaluates it (``fields``: resolution, test accuracy,
         epochs...; or ``{"error": ...}`` where the method cannot make it); the model and its fields are
-        kept in ``models/``, so every backend measures the same trained network.
+        kept in ``models/``, so every backend measures the same trained network. One trained for other
+        epochs (the run's budget changed since) is trained again, and its measurements are dropped.
         """
+        fields_path = self.models / f"{key}.json"
+        if fields_path.exists():
+            kept = read_json(fields_path).get("epochs")
+            if kept is not None and kept != epochs:
+                log.info("baseline %s was trained for %s epochs, the budget is now %d: training it again", key, kept, epochs)
+                fields_path.unlink()
+                for measured in self.root.glob(f"*/{key}.json"):
+                    measured.unlink()
+
         def compute():
             weights, fields_path = self.models / f"{key}.pt", self.models / f"{key}.json"
             if fields_path.exists():
@@ -210,7 +220,7 @@ def width_points(b: Bench, widths) -> list[dict]:
                                   kwargs={**tc.kwargs, "width_mult": w})
             b.distil(model, epochs)
             return model, {"resolution": b.res, "test_acc": b.accuracy(model), "epochs": epochs, "params": count_params(model)}
-        out.append(b.trained(f"width-{w:g}", build))
+        out.append(b.trained(f"width-{w:g}", build, epochs))
     return out
 
 
@@ -223,7 +233,7 @@ def resolution_points(b: Bench) -> list[dict]:
         def build(r=r):
             model = b.distil(copy.deepcopy(b.bound.teacher), b.budget, r)
             return model, {"resolution": r, "test_acc": b.accuracy(model, r), "epochs": b.budget}
-        out.append(b.trained(f"resolution-{r}", build))
+        out.append(b.trained(f"resolution-{r}", build, b.budget))
     return out
 
 
@@ -273,7 +283,7 @@ def tp_points(b: Bench, targets_ms: list[float], ratios=(0.1, 0.2, 0.3, 0.4, 0.5
                 model = b.distil(tp_prune(b, importance, scope, ratio), b.budget)
                 return model, {"resolution": b.res, "ratio": ratio, "test_acc": b.accuracy(model), "epochs": b.budget,
                                "params": count_params(model)}
-            out.append(b.trained(f"{name}-{ratio:.3f}", build))
+            out.append(b.trained(f"{name}-{ratio:.3f}", build, b.budget))
     return out
 
 
@@ -324,7 +334,7 @@ def fastnas_points(b: Bench, flops_limits: list[float]) -> list[dict]:
                 return None, {"error": f"{type(err).__name__}: {first_line(err)}"}
             b.distil(model, b.budget)
             return model, {"resolution": b.res, "flops_limit": limit, "test_acc": b.accuracy(model), "epochs": b.budget}
-        out.append(b.trained(f"fastnas-{limit:.0f}", build))
+        out.append(b.trained(f"fastnas-{limit:.0f}", build, b.budget))
     return out
 
 

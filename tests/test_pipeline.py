@@ -140,6 +140,21 @@ def test_remeasure_keeps_the_students_and_rebuilds_the_front_from_the_table(fini
     assert weights and before == {f: f.stat().st_mtime_ns for f in weights}  # no student trained again
 
 
+def test_new_finetune_settings_finetune_the_students_again_but_more_students_keep_them(finished, tmp_path):
+    search, pareto, _ = finished
+    shutil.copytree(search.run.root, tmp_path / search.run.root.name)
+    d = tiny_space_dict()
+    d["finetune"]["max_students"] += 1  # where the work runs or how many: the students stay
+    out = Search(parse_space(d), runs_dir=tmp_path, progress=False).phase("finetune")
+    kept = {p["id"]: p["test_acc"] for p in pareto["all"]}
+    assert kept.items() <= {p["id"]: p["test_acc"] for p in out["all"]}.items()
+    d["finetune"]["epochs"] = 1  # how they are trained: every student again, under the new recipe
+    Search(parse_space(d), runs_dir=tmp_path, progress=False).phase("finetune")
+    for sid in kept:
+        metrics = json.loads((tmp_path / search.run.root.name / "finetune" / sid / "metrics.json").read_text())
+        assert len(metrics["history"]) == 1 and metrics["recipe"]
+
+
 def test_export_and_load_student(finished, tmp_path):
     import eta
     from eta.export import export_student, load_exported
@@ -215,6 +230,15 @@ def test_headline_benchmark_runs_every_baseline_and_a_second_backend_trains_noth
     assert all(tvm_rows[m]["test_acc"] == rows[m]["test_acc"] for m in rows)
     assert all(tvm_rows[m]["latency_ms"] != rows[m]["latency_ms"] for m in rows)  # measured again, on the other runtime
     assert (out.parent / "figures" / f"headline-{search.run.root.name}-tvm.png").stat().st_size > 0
+
+    # a baseline trained for another budget (the run's epochs changed since) is trained again, and only it
+    kept = search.run.benchmarks_dir / "headline" / "models" / "resolution-12.json"
+    kept.write_text(json.dumps({**json.loads(kept.read_text()), "epochs": 99}))
+    trained = []
+    monkeypatch.setattr(headline, "fit", lambda model, *a, epochs, **k: trained.append(epochs))
+    assert headline.main(args + ["--backend", "torch"]) == 0
+    budget = search.space.pretrain.epochs + search.space.finetune.epochs
+    assert trained == [budget] and json.loads(kept.read_text())["epochs"] == budget
 
 
 @pytest.mark.slow

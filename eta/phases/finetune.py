@@ -9,6 +9,7 @@ whole student for the target; the Pareto front over (architecture, bits, resolut
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -41,6 +42,23 @@ NAME = "finetune"
 
 def student_id(arch_str: str) -> str:
     return "s_" + hashlib.sha1(arch_str.encode()).hexdigest()[:10]
+
+
+# finetune settings that change where the work runs or how many students, not how each is trained
+NOT_RECIPE = {"max_students", "num_cpus", "num_gpus"}
+
+
+def recipe(space) -> str:
+    """Hash of the finetune settings a student's weights depend on, kept in its metrics: a student finetuned under
+    another recipe (more epochs, another learning rate) is finetuned again when the run resumes."""
+    settings = space.finetune.model_dump(mode="json", exclude=NOT_RECIPE)
+    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def is_finetuned(run: Run, arch_str: str, space) -> bool:
+    """A finished student of this recipe (students saved before recipes were recorded count as this recipe's)."""
+    path = run.student_metrics(student_id(arch_str))
+    return path.exists() and read_json(path).get("recipe", recipe(space)) == recipe(space)
 
 
 def finetune_student(bound: BoundSpace, bank: OperatorBank, splits, arch, *, device="cpu", on_epoch=None, progress=False,
@@ -121,7 +139,7 @@ def train_and_save(config: dict, *, device, report, rank=None) -> None:
                    "params": count_params(student), "size_mb": size_mb(student, arch),
                    # MACs of the float tree (quantized convs are folded)
                    "bops": bops(skeleton(bound, arch), arch, bound.input_shape(space.data.resolution)),
-                   "finetune_s": time.time() - t0, "workers": 1 if rank is None else rank.world}
+                   "finetune_s": time.time() - t0, "workers": 1 if rank is None else rank.world, "recipe": recipe(space)}
         write_json(run.student_metrics(sid), metrics)
         tracker.summary(**{f"test_acc@{r}": a for r, a in accs.items()})
     tracker.finish()
@@ -131,14 +149,19 @@ def train_and_save(config: dict, *, device, report, rank=None) -> None:
 
 
 def finetune_all(ctx: PhaseContext, archs: list[str]) -> list[dict]:
-    """Finetune every architecture without a finished ``metrics.json`` as Ray Tune trials."""
+    """Finetune every architecture not finetuned yet under the space's recipe as Ray Tune trials."""
     from ray import tune
     from tqdm.auto import tqdm
 
     cfg = ctx.space.finetune
-    todo = [a for a in archs if not ctx.run.student_metrics(student_id(a)).exists()]
+    todo = [a for a in archs if not is_finetuned(ctx.run, a, ctx.space)]
     if len(todo) < len(archs):
         log.info("finetune: %d of %d students already finetuned, %d to finetune", len(archs) - len(todo), len(archs), len(todo))
+    again = [a for a in todo if ctx.run.student_metrics(student_id(a)).exists()]
+    if again:
+        log.info("finetune: %d students were finetuned with other finetune settings; finetuning them again", len(again))
+        for a in again:  # a trial that stops half-way must not leave the old recipe's metrics beside new weights
+            ctx.run.student_metrics(student_id(a)).unlink()
     if todo:
         bar = tqdm(total=len(todo), desc="finetune (trials)", disable=not ctx.progress, dynamic_ncols=True)
 
