@@ -25,6 +25,8 @@ from eta.phases.latency import option_masks, read_info
 from eta.records import Front, LatencyInfo
 from eta.runs import Run
 
+from .common import run_command
+
 
 def student_terms(arch: str, info: LatencyInfo) -> tuple[float, float, int]:
     """(table sum, integer entries' share of it, non-identity blocks) of one architecture string."""
@@ -74,4 +76,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_command(main)

@@ -1,8 +1,22 @@
-"""What every benchmark does first: logging, then a space (bound, with its latency measurer) or a solved run."""
+"""What every benchmark does first: logging, then a space (bound, with its latency measurer) or a solved run; and how it ends."""
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
+
+
+def run_command(main) -> None:
+    """A benchmark's command line: an :class:`eta.errors.EtaError` (bad input, a run not ready, a run in use) ends in
+    one line on stderr and exit code 2, as ``eta`` does, not a traceback."""
+    from eta.errors import EtaError
+
+    try:
+        code = main()
+    except EtaError as err:
+        print(f"{Path(sys.argv[0]).stem}: error: {err}", file=sys.stderr)
+        code = 2
+    raise SystemExit(code)
 
 
 def setup_logging() -> None:

@@ -26,7 +26,7 @@ import torch
 
 from eta.pareto import format_table
 
-from .common import setup_logging
+from .common import run_command, setup_logging
 
 
 def make_folder(root: Path, n: int, size: int, classes: int = 10, seed: int = 0) -> Path:
@@ -139,4 +139,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -23,7 +23,7 @@ from pathlib import Path
 from eta.files import write_json
 from eta.pareto import format_table
 
-from .common import load_solved_run, setup_logging
+from .common import load_solved_run, run_command, setup_logging
 
 log = logging.getLogger("benchmarks.deployment")
 
@@ -101,4 +101,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_command(main)

@@ -18,7 +18,7 @@ from eta.arch import arch_from_str
 from eta.pareto import format_table
 from eta.train import evaluate, fit
 
-from .common import load_solved_run, setup_logging
+from .common import load_solved_run, run_command, setup_logging
 
 log = logging.getLogger("benchmarks.elastic_resolution")
 
@@ -60,4 +60,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_command(main)

@@ -30,6 +30,8 @@ from eta.space import load_space, parse_space
 from eta.student import OperatorBank
 from eta.train import evaluate, fit, recalibrate_bn
 
+from .common import run_command
+
 log = logging.getLogger("benchmarks.elastic_width")
 
 
@@ -126,4 +128,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

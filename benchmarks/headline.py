@@ -53,7 +53,7 @@ from eta.pareto import format_table, pareto_front
 from eta.student import count_params
 from eta.train import evaluate, fit
 
-from .common import load_solved_run, setup_logging
+from .common import load_solved_run, run_command, setup_logging
 
 log = logging.getLogger("benchmarks.headline")
 
@@ -483,4 +483,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_command(main)

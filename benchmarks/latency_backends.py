@@ -24,7 +24,7 @@ from eta.pareto import format_table
 
 from eta.student import skeleton
 
-from .common import load_bound_space
+from .common import load_bound_space, run_command
 
 log = logging.getLogger("benchmarks.latency_backends")
 
@@ -90,4 +90,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_command(main)

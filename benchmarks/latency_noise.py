@@ -18,7 +18,7 @@ from eta.latency import tvm_backend
 from eta.pareto import format_table
 from eta.phases.latency import space_workloads
 
-from .common import load_bound_space
+from .common import load_bound_space, run_command
 
 log = logging.getLogger("benchmarks.latency_noise")
 
@@ -51,4 +51,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_command(main)

@@ -32,7 +32,7 @@ from eta.pareto import format_table
 from eta.phases.latency import budgets_ms, network_latency, opened_table
 from eta.phases.solve import predictor_problem
 
-from .common import load_solved_run, setup_logging
+from .common import load_solved_run, run_command, setup_logging
 
 log = logging.getLogger("benchmarks.mixed_precision")
 
@@ -136,4 +136,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_command(main)

@@ -28,7 +28,7 @@ from eta.raycluster import Task, ray_session
 from eta.teachers import features_at_blocks
 from eta.threads import torch_threads
 
-from .common import load_bound_space
+from .common import load_bound_space, run_command
 
 log = logging.getLogger("benchmarks.phase1_scaling")
 
@@ -113,4 +113,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_command(main)

@@ -28,7 +28,7 @@ from eta.accuracy_predictor import index_encode, one_hot_encode, spearman, train
 from eta.files import read_json, write_json
 from eta.pareto import format_table
 
-from .common import load_solved_run, setup_logging
+from .common import load_solved_run, run_command, setup_logging
 
 log = logging.getLogger("benchmarks.predictor_ablation")
 
@@ -152,4 +152,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_command(main)

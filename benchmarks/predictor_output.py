@@ -22,7 +22,7 @@ from eta.errors import EtaError
 from eta.files import read_json
 from eta.pareto import format_table
 
-from .common import load_solved_run, setup_logging
+from .common import load_solved_run, run_command, setup_logging
 
 log = logging.getLogger("benchmarks.predictor_output")
 
@@ -95,4 +95,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_command(main)

@@ -25,7 +25,7 @@ from eta.phases.pretrain import load_block_states
 from eta.space import parse_space
 from eta.student import OperatorBank
 
-from .common import load_solved_run, setup_logging
+from .common import load_solved_run, run_command, setup_logging
 
 log = logging.getLogger("benchmarks.quant_sensitivity")
 
@@ -63,4 +63,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_command(main)

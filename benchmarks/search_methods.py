@@ -24,7 +24,7 @@ from eta.errors import EtaError
 from eta.optimize import additive_ilp, evolutionary, exhaustive, random_search, solve_inlp
 from eta.pareto import format_table
 
-from .common import load_solved_run, setup_logging
+from .common import load_solved_run, run_command, setup_logging
 
 log = logging.getLogger("benchmarks.search_methods")
 
@@ -119,4 +119,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_command(main)

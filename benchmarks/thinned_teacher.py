@@ -22,7 +22,7 @@ from eta.phases.solve import proxy_accuracy
 from eta.pipeline import Search
 from eta.student import OperatorBank
 
-from .common import setup_logging
+from .common import run_command, setup_logging
 
 
 def main(argv=None) -> int:
@@ -52,4 +52,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_command(main)
