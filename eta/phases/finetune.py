@@ -50,8 +50,9 @@ NOT_RECIPE = {"max_students", "num_cpus", "num_gpus"}
 
 def recipe(space) -> str:
     """Hash of the finetune settings a student's weights depend on, kept in its metrics: a student finetuned under
-    another recipe (more epochs, another learning rate) is finetuned again when the run resumes."""
-    settings = space.finetune.model_dump(mode="json", exclude=NOT_RECIPE)
+    another recipe (more epochs, another learning rate) is finetuned again when the run resumes. Settings left at their
+    defaults do not count, so a setting eta adds later (its default keeping the old behaviour) keeps finished students."""
+    settings = space.finetune.model_dump(mode="json", exclude=NOT_RECIPE, exclude_defaults=True)
     return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
