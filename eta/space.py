@@ -11,7 +11,7 @@ import itertools
 import json
 import re
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import ClassVar, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -284,6 +284,13 @@ class FinetuneConfig(_Strict):
     workers: int = Field(1, ge=1, description="data-parallel Ray Train workers per student (e.g. its GPUs); 1 trains in the trial")
     amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="mixed precision on CUDA (auto: bf16 where supported)")
 
+    PLACEMENT: ClassVar[frozenset] = frozenset({"max_students", "num_cpus", "num_gpus"})  # where and how many, not how
+
+    def recipe(self) -> str:
+        """Hash of the settings a finetuned student's weights depend on (defaults left out, as in the space's hashes):
+        a student kept under another recipe (more epochs, another learning rate) is finetuned again on resume."""
+        return settings_digest(self.model_dump(mode="json", exclude=set(self.PLACEMENT), exclude_defaults=True))
+
 
 class TrackingConfig(_Strict):
     wandb: Literal["offline", "online", "disabled"] = "offline"
@@ -403,7 +410,12 @@ class SearchSpace(_Strict):
             d.pop(k, None)
         if spelled:
             d = {spelled.get(k, k): v for k, v in d.items()}
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return settings_digest(d)
+
+
+def settings_digest(d: dict) -> str:
+    """A short content hash of settings (JSON, keys sorted): the one hash of spaces, phases and finetune recipes."""
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _format_validation_error(err: ValidationError, where: str) -> str:

@@ -9,7 +9,6 @@ whole student for the target; the Pareto front over (architecture, bits, resolut
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -44,22 +43,11 @@ def student_id(arch_str: str) -> str:
     return "s_" + hashlib.sha1(arch_str.encode()).hexdigest()[:10]
 
 
-# finetune settings that change where the work runs or how many students, not how each is trained
-NOT_RECIPE = {"max_students", "num_cpus", "num_gpus"}
-
-
-def recipe(space) -> str:
-    """Hash of the finetune settings a student's weights depend on, kept in its metrics: a student finetuned under
-    another recipe (more epochs, another learning rate) is finetuned again when the run resumes. Settings left at their
-    defaults do not count, so a setting eta adds later (its default keeping the old behaviour) keeps finished students."""
-    settings = space.finetune.model_dump(mode="json", exclude=NOT_RECIPE, exclude_defaults=True)
-    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def is_finetuned(run: Run, arch_str: str, space) -> bool:
-    """A finished student of this recipe (students saved before recipes were recorded count as this recipe's)."""
+    """A finished student of the space's finetune recipe (students saved before recipes were recorded count as its)."""
     path = run.student_metrics(student_id(arch_str))
-    return path.exists() and read_json(path).get("recipe", recipe(space)) == recipe(space)
+    current = space.finetune.recipe()
+    return path.exists() and read_json(path).get("recipe", current) == current
 
 
 def finetune_student(bound: BoundSpace, bank: OperatorBank, splits, arch, *, device="cpu", on_epoch=None, progress=False,
@@ -140,7 +128,7 @@ def train_and_save(config: dict, *, device, report, rank=None) -> None:
                    "params": count_params(student), "size_mb": size_mb(student, arch),
                    # MACs of the float tree (quantized convs are folded)
                    "bops": bops(skeleton(bound, arch), arch, bound.input_shape(space.data.resolution)),
-                   "finetune_s": time.time() - t0, "workers": 1 if rank is None else rank.world, "recipe": recipe(space)}
+                   "finetune_s": time.time() - t0, "workers": 1 if rank is None else rank.world, "recipe": space.finetune.recipe()}
         write_json(run.student_metrics(sid), metrics)
         tracker.summary(**{f"test_acc@{r}": a for r, a in accs.items()})
     tracker.finish()
