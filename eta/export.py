@@ -159,8 +159,7 @@ def export_deployed(run: Run, model, entry: dict, out_dir: Path) -> dict | None:
     database = schedules_database(info.target) if uses_schedules(info.schedule) else None
     library = deploy.export_library(model, shape, info.target, out_dir / "student.so", database_dir=database)
     worst = deploy.check_exported(model, out_dir / "student.so", shape)
-    cfg = space.latency
-    protocol = Protocol(number=cfg.number, repeat=cfg.repeat, max_cv=cfg.max_spread)
+    protocol = Protocol.of(space.latency)
     compiled = compile_module(model, shape, info.target, database, key=deploy.weights_key(model))  # the library just written
     slower, latency = sorted((compiled.time(protocol) for _ in range(2)), key=lambda m: m.median_ms, reverse=True)
     write_text_atomic(out_dir / "run_student.py", RUN_SNIPPET.format(shape=list(shape)))
@@ -202,8 +201,7 @@ def export_integer(run: Run, model, entry: dict, out_dir: Path) -> dict:
     test = splits_for(space).test
     with torch_threads(1):
         agree = agreement(model, compiled, [x for x, _ in batches(test, 256, resolution=r)])
-    cfg = space.latency
-    protocol = Protocol(number=cfg.number, repeat=cfg.repeat, max_cv=cfg.max_spread)
+    protocol = Protocol.of(space.latency)
     # timed twice and the faster kept, as the front's figure was: one burst of load must not be the report
     slower, latency = sorted((compiled.time(protocol) for _ in range(2)), key=lambda m: m.median_ms, reverse=True)
     out = {"module": "student_int.so", "bits": arch_bits(arch_from_str(entry["arch"])), "target": target,

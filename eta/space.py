@@ -190,6 +190,9 @@ class LatencyConfig(_Strict):
     number: Optional[int] = Field(None, ge=1, description="runs averaged per timing; None = automatic")
     repeat: int = Field(7, ge=3)
     max_spread: float = Field(0.05, gt=0, description="re-measure entries whose relative spread is wider")
+    max_slowdown: Optional[float] = Field(1.25, ge=1.0, description="CPU timings wait (up to settle_s) while a reference loop "
+                                          "runs more than this many times slower than its fastest here; null: never wait")
+    settle_s: float = Field(3.0, ge=0, description="how long one timing waits for the machine's usual speed")
     schedules: Optional[Literal["tuned", "untuned"]] = Field(
         None, description="tvm: compile with MetaSchedule-tuned schedules (tuned first, under latency.tune's budget) or TVM's "
                           "untuned defaults; null: tuned (integer kernels of bits below 32 too)")

@@ -114,7 +114,7 @@ def measure_entry(provenance: dict, module, input_shape: tuple, bits: int, datab
     except NotExecutable as err:
         return {"executable": False, "reason": str(err), **_where()}
     return {"executable": True, "median_ms": m.median_ms, "spread": m.spread, "repeats": m.repeats, "samples_ms": m.samples_ms,
-            "number": m.number, "compile_s": m.compile_s, "timing_s": m.timing_s, "timed_at": list(m.timed_at),
+            "number": m.number, "compile_s": m.compile_s, "timing_s": m.timing_s, "timed_at": list(m.timed_at), "slowdown": m.slowdown,
             "protocol": provenance["protocol"], **extra, **_where()}
 
 

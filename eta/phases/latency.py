@@ -46,8 +46,7 @@ NAME = "latency"
 
 # --- what the space measures ------------------------------------------------------------------------
 def measurer_protocol(space) -> Protocol:
-    cfg = space.latency
-    return Protocol(number=cfg.number, repeat=cfg.repeat, max_cv=cfg.max_spread)
+    return Protocol.of(space.latency)
 
 
 def measurer(space) -> Measurer:
