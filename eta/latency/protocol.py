@@ -110,7 +110,7 @@ def _measure(timer, one_run, protocol: Protocol, machine: Steadiness | None = No
         before = machine.wait(protocol.max_slowdown, max(0.0, settle_until - time.perf_counter())) if machine else None
         samples = [float(s) for s in timer(number, protocol.repeat)]
         slowdown = max(before, machine.slowdown()) if machine else None
-        steady = slowdown is None or slowdown <= protocol.max_slowdown
+        steady = _steady(slowdown, protocol)
         if not steady and time.perf_counter() < settle_until:
             continue  # the machine slowed down during the attempt: time it again while there is time to wait
         attempts += 1
@@ -125,14 +125,16 @@ def _measure(timer, one_run, protocol: Protocol, machine: Steadiness | None = No
             number = choose_number(timer, protocol.min_repeat_ms)
     best.timing_s = time.perf_counter() - t0
     if machine:
-        machine.timed(best.slowdown <= protocol.max_slowdown)
+        machine.timed(_steady(best.slowdown, protocol))
     return best
+
+
+def _steady(slowdown: float | None, protocol: Protocol) -> bool:
+    return slowdown is None or slowdown <= protocol.max_slowdown
 
 
 def _better(m: Measurement, best: Measurement, protocol: Protocol) -> bool:
     """An attempt on a steady machine beats one on a slowed machine; among equals, the tighter spread wins."""
-    def steady(x):
-        return x.slowdown is None or x.slowdown <= protocol.max_slowdown
-    if steady(m) != steady(best):
-        return steady(m)
+    if _steady(m.slowdown, protocol) != _steady(best.slowdown, protocol):
+        return _steady(m.slowdown, protocol)
     return m.spread < best.spread
