@@ -65,6 +65,7 @@ def tiny_space_dict(**overrides):
     d["latency"]["calibration_students"] = 3
     d["latency"]["repeat"] = 3
     d["latency"]["schedules"] = "untuned"  # tuning is tested on its own (tests/test_tuning.py, the slow tuned search)
+    d["latency"]["max_slowdown"] = None  # the slow-spell check is tested on its own (tests/test_steadiness.py)
     d["budgets"] = [0.6, 0.85]
     d["pretrain"] = {"epochs": 2, "lr": 0.003, "batch_size": 64, "elastic": True, "sort_every": 10}
     d["solve"] = {"samples": 24, "sample_levels": 3, "holdout": 0.25, "bn_batches": 2, "solutions_per_budget": 1,

@@ -25,7 +25,7 @@ def tiny(name: str, res: int = 32):
         d["teacher"]["kwargs"]["img_size"] = res
     d["data"] = {"dataset": "digits", "resolution": res, "max_train": 80, "batch_size": 16}
     d["resolutions"] = [res]
-    d["latency"].update(target="llvm")
+    d["latency"].update(target="llvm", max_slowdown=None)
     d["pretrain"].update(batch_size=16, num_gpus=0, num_cpus=1)
     return parse_space(d, f"{name} (tiny)")
 
@@ -55,7 +55,7 @@ def test_imagenet_space_builds_cuts_distils_and_measures(name):
     spec = next(o for o in bound.options[last] if o.family not in ("teacher", "identity"))
     shape = (1, *bound.shapes[last][0])
     m = tvm_backend.measure(bound.operator(last, spec).eval(), shape, tvm_backend.host_target(num_cores=1),
-                            Protocol(repeat=3, min_repeat_ms=1.0, retries=0))
+                            Protocol(repeat=3, min_repeat_ms=1.0, retries=0, max_slowdown=None))
     assert m.median_ms > 0
 
 

@@ -15,7 +15,7 @@ from eta.latency.protocol import Measurement, Protocol, relative_spread
 from eta.latency.table import LatencyTable, default_table_path
 from eta.families import build_operator
 
-FAST = Protocol(warmup=1, repeat=5, max_cv=0.05, retries=1, min_repeat_ms=2.0)
+FAST = Protocol(warmup=1, repeat=5, max_cv=0.05, retries=1, min_repeat_ms=2.0, max_slowdown=None)
 
 
 def conv_block(cin=8, cout=16):
@@ -116,7 +116,7 @@ def test_protocol_sizes_repeats_and_keeps_tightest_attempt():
             return [5.0 if len(numbers) == 1 else 0.01] + [0.01] * (repeat - 1)
         return next(attempts)
 
-    m = measure_callable(timer, lambda: None, Protocol(warmup=0, repeat=4, max_cv=0.01, retries=2, min_repeat_ms=10.0))
+    m = measure_callable(timer, lambda: None, Protocol(warmup=0, repeat=4, max_cv=0.01, retries=2, min_repeat_ms=10.0, max_slowdown=None))
     assert m.number == 1000  # 1000 runs x 0.01 ms = one 10 ms repeat
     assert m.samples_ms == [1.0, 1.5, 1.0, 1.2]  # the tightest of the three attempts
     assert m.median_ms == pytest.approx(1.1)
@@ -373,7 +373,7 @@ def test_fresh_measurement_agrees_with_cached_entry(tmp_path, target):
     """
     op = build_operator(OpSpec("ir", 3, 4.0), (16, 16, 16), (16, 16, 16)).eval()
     shape = (1, 16, 16, 16)
-    protocol = Protocol(repeat=5, min_repeat_ms=5.0)
+    protocol = Protocol(repeat=5, min_repeat_ms=5.0, max_slowdown=None)
     t = LatencyTable.open(tmp_path / "t.json", backend="tvm", target=target, device="test-cpu",
                           protocol=protocol, passes=2)
     t.measure_many([("ir_k3_e4", lambda: op, shape, 32)], progress=False)
@@ -482,7 +482,7 @@ def test_protocol_resizes_repeats_that_were_sized_during_a_slow_spell():
             return [0.1, 0.3, 0.1, 0.3][:repeat]
         return [0.1] * repeat  # enough runs per repeat: stable
 
-    m = measure_callable(timer, lambda: None, Protocol(warmup=0, repeat=4, max_cv=0.05, retries=2, min_repeat_ms=10.0))
+    m = measure_callable(timer, lambda: None, Protocol(warmup=0, repeat=4, max_cv=0.05, retries=2, min_repeat_ms=10.0, max_slowdown=None))
     assert m.number == 100 and m.samples_ms == [0.1] * 4 and m.spread == 0.0
 
 

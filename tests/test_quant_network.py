@@ -155,7 +155,7 @@ def test_qat_step_through_the_quant_student_reduces_a_distillation_loss(digits):
 
 
 def test_measure_network_int_returns_a_positive_latency():
-    protocol = Protocol(warmup=1, repeat=3, retries=0, min_repeat_ms=2)
+    protocol = Protocol(warmup=1, repeat=3, retries=0, min_repeat_ms=2, max_slowdown=None)
     m = measure_network_int(_student(), (1, *SHAPE), protocol=protocol, bits=[8, 8, 8, 8, 32])
     assert m.median_ms > 0 and m.repeats == 3 and m.compile_s > 0
     with pytest.raises(EtaError, match="bit-widths"):

@@ -305,7 +305,7 @@ def test_tuned_integer_kernels_are_applied_and_stay_bit_exact(tmp_path, target, 
     np.testing.assert_array_equal(tuned.run(q_in.numpy()), reference)
     np.testing.assert_array_equal(untuned.run(q_in.numpy()), reference)
     # a tuned table's 8-bit entry: timed on those schedules, not refused
-    protocol = Protocol(warmup=1, repeat=3, retries=0, min_repeat_ms=2)
+    protocol = Protocol(warmup=1, repeat=3, retries=0, min_repeat_ms=2, max_slowdown=None)
     provenance = {"backend": "tvm", "target": target, "schedule": "tuned", "protocol": protocol.__dict__}
     entry = backends.measure_entry(provenance, qop, shape, 8, db, key="basic|w8")
     assert entry["executable"] and entry["kernel_dtype"] == "int8" and entry["schedules"] == tuned.schedules

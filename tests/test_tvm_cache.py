@@ -66,7 +66,7 @@ def test_miss_then_hit_loads_without_compiling(cache, target, compiles):
     assert second.path == first.path and second.compile_s == pytest.approx(meta["compile_s"])
     np.testing.assert_allclose(second.run(x), first.run(x), rtol=0, atol=0)
     np.testing.assert_allclose(second.run(x), torch_out(module, x), rtol=1e-4, atol=1e-5)
-    assert second.time(tvm_backend.Protocol(warmup=1, repeat=3, retries=0, min_repeat_ms=1.0)).median_ms > 0
+    assert second.time(tvm_backend.Protocol(warmup=1, repeat=3, retries=0, min_repeat_ms=1.0, max_slowdown=None)).median_ms > 0
 
 
 def test_damaged_entries_are_rebuilt(cache, target, compiles, caplog):
@@ -181,5 +181,5 @@ def test_the_uncached_api_still_compiles_and_times(target):
     assert compiled.compile_s > 0 and compiled.tuned_functions == 0
     x = np.ones(SHAPE, dtype="float32")
     np.testing.assert_allclose(compiled.run(x), torch_out(module, x), rtol=1e-4, atol=1e-5)
-    m = tvm_backend.measure(module, SHAPE, target, tvm_backend.Protocol(warmup=1, repeat=3, retries=0, min_repeat_ms=1.0))
+    m = tvm_backend.measure(module, SHAPE, target, tvm_backend.Protocol(warmup=1, repeat=3, retries=0, min_repeat_ms=1.0, max_slowdown=None))
     assert m.median_ms > 0 and m.compile_s > 0
