@@ -51,6 +51,32 @@ def test_tasks_are_deduplicated_across_modules_and_weighted(target):
     assert sorted(t.weight for t in tasks) == [1, 1, 2]
 
 
+def test_tasks_a_compile_pass_found_are_not_extracted_again_unless_one_is_untuned(tmp_path, target, monkeypatch):
+    """A workload whose tasks are all tuned is not imported to look for tasks; one with an untuned task is, and a task
+    that must be tuned after all gets the module full extraction gives it."""
+    import tvm_ffi
+
+    monkeypatch.setenv("ETA_CACHE_DIR", str(tmp_path / "cache"))
+    space = [(module_a(), SHAPE), (module_b(), SHAPE)]
+    full, found = tuning.space_tasks(space, target)
+    known = [cc.module_tasks(m, shape, target, key) for key, (m, shape) in zip("ab", space)]
+    assert [sorted(t.hash for t in k) for k in known] == [sorted(cc.module_workloads(m, s, target, key)) for key, (m, s) in zip("ab", space)]
+    imports = []
+    real = tuning.to_relax
+    monkeypatch.setattr(tuning, "to_relax", lambda *a: imports.append(a) or real(*a))
+    every = {t.hash for t in full}
+    fast, fast_found = tuning.space_tasks(space, target, known, tuned=every)
+    assert not imports and fast_found == found
+    assert {(t.hash, t.name, t.weight) for t in fast} == {(t.hash, t.name, t.weight) for t in full}
+    assert all(t.mod is None for t in fast)
+    [one_by_one] = [t for t in full if t.weight == 1 and t.hash not in {k.hash for k in known[1]}]  # module a's 1x1 conv
+    partly, _ = tuning.space_tasks(space, target, known, tuned=every - {one_by_one.hash})
+    assert len(imports) == 1 and imports[0][0] is space[0][0]  # only the workload with the untuned task
+    tuning.materialize(partly, space, target)
+    by_hash = {t.hash: t for t in full}
+    assert all(tvm_ffi.structural_equal(t.mod, by_hash[t.hash].mod) for t in partly)
+
+
 def test_foreign_database_is_refused(tmp_path, target):
     db = tmp_path / "db"
     schedules.open_database(db, target)

@@ -143,6 +143,22 @@ def test_compile_many_two_workers_fills_the_cache(cache, target, compiles):
     assert timed.cache_hit and not compiles
 
 
+def test_a_tuned_only_job_builds_nothing_until_every_task_has_a_schedule(cache, target, compiles, tmp_path, monkeypatch):
+    """Compiling before tuning: a module with an untuned task says which tasks it has and is left for after tuning;
+    once the database has every schedule it is built, and later lookups know its tasks without an import."""
+    db = tmp_path / "db"
+    db.mkdir()
+    job = cc.CompileJob("conv", tiny(4, 8), SHAPE, target, str(db), tuned_only=True)
+    [left] = cc.compile_many([job], workers=1)
+    assert left.untuned and left.path is None and not compiles
+    assert left.tasks and {t.hash for t in left.tasks} == set(cc.module_workloads(tiny(4, 8), SHAPE, target, "conv"))
+    monkeypatch.setattr(schedules, "tuned_hashes", lambda _db: {t.hash for t in left.tasks})  # as if tuned since
+    [built] = cc.compile_many([job], workers=1)
+    assert not built.untuned and built.path.is_file() and len(compiles) == 1 and built.tasks == left.tasks
+    [again] = cc.compile_many([job], workers=1)
+    assert again.hit and again.tasks == left.tasks and len(compiles) == 1
+
+
 def test_compile_many_reports_a_module_tvm_cannot_import(cache, target):
     class Odd(nn.Module):
         def forward(self, x):

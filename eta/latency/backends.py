@@ -31,7 +31,8 @@ class NotExecutable(EtaError):
 # measure(module, input_shape, provenance, database_dir, key) -> (Measurement, extra fields for the entry);
 # ``key`` names the workload (the table's key), so a backend may keep what it compiled under it
 Measure = Callable[..., "tuple[Measurement, dict]"]
-# precompile(provenance, [(key, module, input_shape)], database_dir, progress) -> {"compiled", "cached", "compile_s", "errors"}
+# precompile(provenance, [(key, module, input_shape)], database_dir, progress, tuned_only)
+#   -> {"compiled", "cached", "compile_s", "errors", "tasks": {key: the module's tuning tasks, when known}}
 Precompile = Callable[..., dict]
 
 
@@ -151,17 +152,22 @@ def _tvm_measure(module, input_shape, provenance, database_dir, key=None):
     return m, {"cache_hit": m.cache_hit, "schedules": m.schedules}
 
 
-def _tvm_precompile(provenance, items, database_dir, progress=False) -> dict:
-    """Compile every module not in the compiled-module cache, in a process pool, before anything is timed."""
+def _tvm_precompile(provenance, items, database_dir, progress=False, tuned_only=False) -> dict:
+    """Compile every module not in the compiled-module cache, in a process pool, before anything is timed.
+
+    ``tuned_only``: build only the modules whose every task has a tuned schedule; the others are left
+    for after tuning (``tasks`` then says which tasks each module has).
+    """
     from . import compile_cache
 
     tuned = uses_schedules(provenance["schedule"])
     db = str(database_dir) if tuned and database_dir is not None else None
-    jobs = [compile_cache.CompileJob(key, module, tuple(shape), provenance["target"], db) for key, module, shape in items]
+    jobs = [compile_cache.CompileJob(key, module, tuple(shape), provenance["target"], db, tuned_only)
+            for key, module, shape in items]
     results = compile_cache.compile_many(jobs, progress=progress, desc="compiling")
-    built = [r for r in results if not r.hit and r.error is None]
+    built = [r for r in results if not r.hit and r.error is None and not r.untuned]
     return {"compiled": len(built), "cached": sum(r.hit for r in results), "compile_s": sum(r.compile_s for r in built),
-            "errors": [r.error for r in results if r.error]}
+            "errors": [r.error for r in results if r.error], "tasks": {r.key: r.tasks for r in results if r.tasks is not None}}
 
 
 def _torch_target(kind: str, schedule: str) -> tuple[dict, str]:

@@ -43,6 +43,7 @@ class CompileJob:
     input_shape: tuple
     target: dict
     database_dir: str | None = None
+    tuned_only: bool = False  # build only when the database has a schedule for every task (else report them, build nothing)
 
 
 @dataclass
@@ -54,6 +55,8 @@ class CompileResult:
     compile_s: float
     hit: bool
     error: str | None = None
+    tasks: list | None = None  # a tuned job's MetaSchedule tasks (``module_tasks``), when known
+    untuned: bool = False  # ``tuned_only`` and a task had no schedule: nothing was built
 
 
 def _shape(input_shape) -> list[int]:
@@ -89,24 +92,56 @@ def _workloads_path(key: str, input_shape, target: dict) -> Path:
     return _root(target) / "workloads" / f"{_digest(_identity(key, input_shape, target, 'workloads'))}.json"
 
 
-def module_workloads(module, input_shape, target: dict, key: str, relax_mod=None) -> list[str]:
-    """The structural hashes of a module's TIR workloads, remembered per key (they depend on structure only)."""
-    path = _workloads_path(key, input_shape, target)
+@dataclass(frozen=True)
+class ModuleTask:
+    """One MetaSchedule task of a module: its workload's structural hash, name and weight (how often it runs).
+
+    ``scheduled``: the workload comes scheduled already (a library dispatch), so there is nothing to tune.
+    """
+
+    hash: str
+    name: str
+    weight: int
+    scheduled: bool = False
+
+
+def _stored_tasks(key: str, input_shape, target: dict) -> list[ModuleTask] | None:
     try:
-        return list(json.loads(path.read_text())["workloads"])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        pass
+        return [ModuleTask(str(h), str(n), int(w), bool(s)) for h, n, w, s in json.loads(_workloads_path(key, input_shape, target).read_text())["tasks"]]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None  # absent, damaged, or written before tasks were kept: found again
+
+
+def module_tasks(module, input_shape, target: dict, key: str, relax_mod=None) -> list[ModuleTask]:
+    """A module's MetaSchedule tasks, remembered per key (they depend on structure only), so that finding whether a
+    module's schedules are all tuned, and which, costs no import after the first time."""
+    found = _stored_tasks(key, input_shape, target)
+    if found is not None:
+        return found
     import tvm
 
     from .tvm_backend import extract_tasks, lower_for_tuning, to_relax, workload_hash
 
     mod = relax_mod if relax_mod is not None else to_relax(module, input_shape)
-    hashes = sorted({workload_hash(t) for t in extract_tasks(lower_for_tuning(mod), tvm.target.Target(target))})
+    tasks = [ModuleTask(workload_hash(t), str(t.task_name), int(t.weight), bool(t.mod.attrs is not None and t.mod.attrs.get("tirx.is_scheduled", False)))
+             for t in extract_tasks(lower_for_tuning(mod), tvm.target.Target(target))]
     from ..files import atomic_path
 
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps({"key": key, "input_shape": _shape(input_shape), "workloads": hashes}))
-    return hashes
+    with atomic_path(_workloads_path(key, input_shape, target)) as tmp:
+        tmp.write_text(json.dumps({"key": key, "input_shape": _shape(input_shape), "workloads": sorted({t.hash for t in tasks}),
+                                   "tasks": [[t.hash, t.name, t.weight, t.scheduled] for t in tasks]}))
+    return tasks
+
+
+def module_workloads(module, input_shape, target: dict, key: str, relax_mod=None) -> list[str]:
+    """The structural hashes of a module's TIR workloads (sorted, each once)."""
+    return sorted({t.hash for t in module_tasks(module, input_shape, target, key, relax_mod)})
+
+
+def untuned_tasks(tasks: list[ModuleTask], database_dir) -> list[ModuleTask]:
+    """The tasks that need a schedule and have none in the database."""
+    tuned = schedules.tuned_hashes(database_dir)
+    return [t for t in tasks if not t.scheduled and t.hash not in tuned]
 
 
 def schedule_digest_of(module, input_shape, target: dict, key: str, database_dir, relax_mod=None) -> str | None:
@@ -195,7 +230,7 @@ def lookup(key: str, input_shape, target: dict, database_dir=None, module=None, 
     For a tuned job the workloads of the module must be known (remembered from an earlier compile,
     or found from ``module``); without either the answer is None.
     """
-    if database_dir is not None and module is None and not _workloads_path(key, input_shape, target).is_file():
+    if database_dir is not None and module is None and _stored_tasks(key, input_shape, target) is None:
         return None
     digest = schedule_digest_of(module, input_shape, target, key, database_dir, relax_mod)
     path = entry_path(key, input_shape, target, digest)
@@ -220,7 +255,7 @@ def _import_if_needed(module, input_shape, target: dict, key: str, database_dir)
 
     The import is then reused by the compile of a miss instead of being done twice.
     """
-    if database_dir is None or _workloads_path(key, input_shape, target).is_file():
+    if database_dir is None or _stored_tasks(key, input_shape, target) is not None:
         return None, 0.0
     from .tvm_backend import to_relax
 
@@ -252,11 +287,16 @@ def _ensure(job: CompileJob) -> CompileResult:
     """A pool worker's job: make sure the entry exists (no VM is created, nothing is timed)."""
     try:
         relax_mod, import_s = _import_if_needed(job.module, job.input_shape, job.target, job.key, job.database_dir)
+        tasks = None
+        if job.database_dir is not None:
+            tasks = module_tasks(job.module, job.input_shape, job.target, job.key, relax_mod)
+            if job.tuned_only and untuned_tasks(tasks, job.database_dir):
+                return CompileResult(job.key, None, 0.0, False, tasks=tasks, untuned=True)
         found = lookup(job.key, job.input_shape, job.target, job.database_dir, job.module, relax_mod)
         if found is not None:
-            return CompileResult(job.key, found[0], float(found[1]["compile_s"]), True)
+            return CompileResult(job.key, found[0], float(found[1]["compile_s"]), True, tasks=tasks)
         path, meta = _build(job.module, job.input_shape, job.target, job.key, job.database_dir, relax_mod, import_s)
-        return CompileResult(job.key, path, float(meta["compile_s"]), False)
+        return CompileResult(job.key, path, float(meta["compile_s"]), False, tasks=tasks)
     except EtaError as err:
         return CompileResult(job.key, None, 0.0, False, str(err))
 
@@ -278,6 +318,38 @@ def _worker_init() -> None:
         pass
 
 
+_POOL: dict = {}  # the compile pool this process keeps: {"key": (workers, environment), "pool": executor}
+
+
+def _pool(workers: int):
+    """A pool of ``workers`` spawned compile processes, kept while this process runs.
+
+    Starting one costs each worker TVM's and torch's import, a warm-up compile and the parse of the
+    schedule database (seconds each); a search compiles in several rounds (table, calibration, the
+    front), so the workers are reused. A changed environment (another cache directory) gets new ones.
+    """
+    import atexit
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    key = (workers, tuple(sorted(os.environ.items())))
+    if _POOL.get("key") != key:
+        shutdown_pool()
+        _POOL.update(key=key, pool=ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_worker_init))
+        if not _POOL.get("atexit"):
+            atexit.register(shutdown_pool)
+            _POOL["atexit"] = True
+    return _POOL["pool"]
+
+
+def shutdown_pool() -> None:
+    """Stop the compile pool's workers (a new pool starts at the next ``compile_many``)."""
+    pool = _POOL.pop("pool", None)
+    _POOL.pop("key", None)
+    if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def compile_many(jobs: list[CompileJob], workers: int | None = None, *, progress: bool = False,
                  desc: str = "compiling") -> list[CompileResult]:
     """Fill the cache for every job (misses compiled ``workers`` at a time in spawned processes); one result per job.
@@ -287,9 +359,8 @@ def compile_many(jobs: list[CompileJob], workers: int | None = None, *, progress
     only its own jobs with it. Call it from a ``if __name__ == "__main__"`` guarded script:
     spawned workers re-import the main module.
     """
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import as_completed
     from concurrent.futures.process import BrokenProcessPool
-    from multiprocessing import get_context
 
     from tqdm.auto import tqdm
 
@@ -304,7 +375,9 @@ def compile_many(jobs: list[CompileJob], workers: int | None = None, *, progress
             continue
         found = lookup(job.key, job.input_shape, job.target, job.database_dir)  # cheap: no module import here
         if found is not None:
-            done[k] = CompileResult(job.key, found[0], float(found[1]["compile_s"]), True)
+            tasks = None if job.database_dir is None else _stored_tasks(job.key, job.input_shape, job.target)
+            untuned = bool(job.tuned_only and tasks and untuned_tasks(tasks, job.database_dir))
+            done[k] = CompileResult(job.key, found[0], float(found[1]["compile_s"]), True, tasks=tasks, untuned=untuned)
         else:
             todo[k] = job
     workers = max(1, int(workers or os.cpu_count() or 1))
@@ -317,16 +390,16 @@ def compile_many(jobs: list[CompileJob], workers: int | None = None, *, progress
             done[k] = _ensure(job)
             bar.update()
     elif todo:
-        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=get_context("spawn"),
-                                 initializer=_worker_init) as pool:
-            futures = {pool.submit(_ensure, job): k for k, job in todo.items()}
-            for fut in as_completed(futures):
-                k = futures[fut]
-                try:
-                    done[k] = fut.result()
-                except BrokenProcessPool:
-                    done[k] = CompileResult(todo[k].key, None, 0.0, False, "the compile worker died")
-                bar.update()
+        futures = {_pool(workers).submit(_ensure, job): k for k, job in todo.items()}
+        for fut in as_completed(futures):
+            k = futures[fut]
+            try:
+                done[k] = fut.result()
+            except BrokenProcessPool:
+                done[k] = CompileResult(todo[k].key, None, 0.0, False, "the compile worker died")
+            bar.update()
+        if any(r.error == "the compile worker died" for r in done.values()):
+            shutdown_pool()  # a broken pool takes no more jobs: the next call starts a new one
     bar.close()
     return [done[ident(job)] for job in jobs]
 

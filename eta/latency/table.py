@@ -395,7 +395,17 @@ class LatencyTable:
         e = self.entry(item[0], item[2], item[3])
         return bool(e) and e.get("executable", True) and "slower_measurement_ms" not in e
 
-    def _precompile(self, items, progress: bool) -> dict:
+    def tuning_tasks(self, items, progress: bool = True) -> list:
+        """Each item's tuning tasks (None where the backend does not say), found by compiling the items first.
+
+        An item whose every task has a tuned schedule is compiled there and then (its timing later loads
+        it); the others are left until tuning has given them schedules. So a space whose schedules are
+        all tuned or shipped is imported and compiled once, not once more to look for tasks to tune.
+        """
+        tasks = self._precompile(items, progress, tuned_only=True).get("tasks", {})
+        return [tasks.get(self.key(signature, shape, bits)) for signature, _, shape, bits in items]
+
+    def _precompile(self, items, progress: bool, tuned_only: bool = False) -> dict:
         """Compile the modules of ``items`` (float and integer) before any is timed (a no-op for backends that compile nothing)."""
         backend = backends.get(self.provenance["backend"])
         if backend.precompile is None:
@@ -410,7 +420,7 @@ class LatencyTable:
             jobs.append((self.key(signature, shape, bits), module, tuple(shape)))
         if not jobs:
             return {}
-        done = backend.precompile(self.provenance, jobs, self.database_dir, progress)
+        done = backend.precompile(self.provenance, jobs, self.database_dir, progress, tuned_only)
         for err in done.get("errors", []):
             log.warning("compiling: %s", err)
-        return {k: done[k] for k in ("compiled", "compile_s") if k in done}
+        return {k: done[k] for k in ("compiled", "compile_s") + (("tasks",) if tuned_only else ()) if k in done}

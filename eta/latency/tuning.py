@@ -39,8 +39,9 @@ class SpaceTask:
     hash: str
     name: str
     weight: int
-    mod: object  # the TIR IRModule MetaSchedule tunes (ExtractedTask.dispatched[0])
+    mod: object  # the TIR IRModule MetaSchedule tunes (ExtractedTask.dispatched[0]); None until ``materialize``
     target: object
+    workload: int = 0  # index of a workload that runs it
 
 
 @dataclass
@@ -66,31 +67,59 @@ class TuningSummary:
         return asdict(self)
 
 
-def space_tasks(workloads, target: dict) -> tuple[list[SpaceTask], int]:
-    """(distinct tasks with summed weights, number of tasks found) of ``(module, input_shape)`` workloads."""
+def _extracted(module, input_shape, tvm_target) -> list:
+    try:
+        return extract_tasks(lower_for_tuning(to_relax(module, input_shape)), tvm_target)
+    except EtaError:
+        raise
+    except Exception as err:  # TVM raises many types; a stack trace follows the first line
+        raise EtaError(f"MetaSchedule tuning of {type(module).__name__} failed: {first_line(err)}") from None
+
+
+def space_tasks(workloads, target: dict, known: list | None = None, tuned: Collection[str] = ()) -> tuple[list[SpaceTask], int]:
+    """(distinct tasks with summed weights, number of tasks found) of ``(module, input_shape)`` workloads.
+
+    ``known``: per workload, its tasks as the compile pass found them (``compile_cache.ModuleTask``) or None;
+    a workload whose tasks are all in ``tuned`` is not imported again, its tasks come without a TIR
+    module (``materialize`` adds it if one is to be tuned after all).
+    """
     import tvm
 
     tvm_target = tvm.target.Target(target)
     distinct: dict[str, SpaceTask] = {}
     found = 0
-    for workload in workloads:
-        module, input_shape = workload[0], tuple(workload[1])
-        try:
-            tasks = extract_tasks(lower_for_tuning(to_relax(module, input_shape)), tvm_target)
-        except EtaError:
-            raise
-        except Exception as err:  # TVM raises many types; a stack trace follows the first line
-            raise EtaError(f"MetaSchedule tuning of {type(module).__name__} failed: {first_line(err)}") from None
-        for task in tasks:
-            if task.mod.attrs is not None and task.mod.attrs.get("tirx.is_scheduled", False):
-                continue  # scheduled already (a library dispatch): nothing to tune
+    tuned = set(tuned)
+    for i, workload in enumerate(workloads):
+        listed = known[i] if known is not None else None
+        if listed is not None and all(t.scheduled or t.hash in tuned for t in listed):
+            tasks = [(t.hash, t.name, t.weight, None) for t in listed if not t.scheduled]
+        else:
+            tasks = [(workload_hash(t), str(t.task_name), int(t.weight), t) for t in _extracted(workload[0], tuple(workload[1]), tvm_target)
+                     if not (t.mod.attrs is not None and t.mod.attrs.get("tirx.is_scheduled", False))]  # a library dispatch
+        for h, name, weight, task in tasks:
             found += 1
-            h = workload_hash(task)
             if h in distinct:
-                distinct[h].weight += int(task.weight)
+                distinct[h].weight += weight
+                if distinct[h].mod is None and task is not None:
+                    distinct[h].mod, distinct[h].target, distinct[h].workload = task.dispatched[0], task.target, i
             else:
-                distinct[h] = SpaceTask(h, str(task.task_name), int(task.weight), task.dispatched[0], task.target)
+                distinct[h] = SpaceTask(h, name, weight, None if task is None else task.dispatched[0],
+                                        None if task is None else task.target, i)
     return list(distinct.values()), found
+
+
+def materialize(tasks: list[SpaceTask], workloads, target: dict) -> None:
+    """Give each task that came without its TIR module (``space_tasks``'s ``known``) the module, from its workload."""
+    import tvm
+
+    missing = {t.workload for t in tasks if t.mod is None}
+    by_hash = {t.hash: t for t in tasks}
+    tvm_target = tvm.target.Target(target)
+    for i in sorted(missing):
+        for task in _extracted(workloads[i][0], tuple(workloads[i][1]), tvm_target):
+            t = by_hash.get(workload_hash(task))
+            if t is not None and t.mod is None:
+                t.mod, t.target = task.dispatched[0], task.target
 
 
 def timed_alone(rt_mod, device, evaluator_config, repeated_args):
@@ -228,7 +257,8 @@ def _tune_stored_modules(tasks: list[SpaceTask], database_dir) -> None:
 def tune_space(workloads, target: dict, database_dir, *, total_trials: int | None = None, trials_per_task: int | None = None,
                num_trials_per_iter: int = 8, max_workers: int | None = None, population: int = 512, seed: int = 0,
                max_seconds: float | None = None, progress: bool = True, run: str | None = None,
-               nodes: tuple[str, int] | None = None, only: Collection[str] | None = None, deepen: bool = False) -> TuningSummary:
+               nodes: tuple[str, int] | None = None, only: Collection[str] | None = None, deepen: bool = False,
+               known: list | None = None) -> TuningSummary:
     """Tune every distinct task of ``workloads`` (``(torch module, input shape)`` pairs) into ``database_dir``.
 
     ``total_trials``: the budget of the whole run, allocated across tasks by the gradient scheduler
@@ -244,6 +274,7 @@ def tune_space(workloads, target: dict, database_dir, *, total_trials: int | Non
     database of its own, merged here when it returns. ``only``: tune just these workload hashes.
     ``deepen``: tasks tuned before (by another space, a shipped database) are tuned too, until each
     has had ``trials_per_task`` trials: how a user spends more on schedules found with a small budget.
+    ``known``: each workload's tasks where a compile pass found them already (see ``space_tasks``).
     """
     from tqdm.auto import tqdm
     from tvm.s_tir import meta_schedule as ms
@@ -260,13 +291,13 @@ def tune_space(workloads, target: dict, database_dir, *, total_trials: int | Non
     state = schedules.open_database(database_dir, target)
     load_tensor_intrinsics(target["kind"])
     t0 = time.perf_counter()
-    tasks, found = space_tasks(workloads, target)
+    tuned_before = schedules.tuned_hashes(database_dir)
+    tasks, found = space_tasks(workloads, target, None if deepen else known, tuned_before)
     if only is not None:
         only = set(only)
         tasks = [t for t in tasks if t.hash in only]
     extract_s = time.perf_counter() - t0
     run_key = run or _run_key(t.hash for t in tasks)
-    tuned_before = schedules.tuned_hashes(database_dir)
     record = state["runs"].get(run_key)
     if record is None:
         record = {"tasks": sorted(t.hash for t in tasks if t.hash not in tuned_before), "trials_spent": 0,
@@ -303,6 +334,8 @@ def tune_space(workloads, target: dict, database_dir, *, total_trials: int | Non
     # where it stopped), the most frequent first among equals (an interrupted first pass covers what the space runs most)
     eligible.sort(key=lambda t: (spent(t), -t.weight))
     left = record["total_trials"] - int(record["trials_spent"])
+    if left > 0 and any(t.mod is None for t in eligible):  # an interrupted run's own tasks, tuned in part since
+        materialize(eligible, workloads, target)
 
     def summary(trials_run, stopped, tuned=0):
         schedules.write_state(database_dir, state)

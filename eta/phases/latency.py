@@ -75,6 +75,8 @@ def tune(space, m: Measurer, table: LatencyTable, workloads: list[Workload], *, 
         return None
     kw = dict(trials_per_task=space.latency.trials_per_task, total_trials=cfg.total_trials, population=cfg.population,
               max_seconds=60 * cfg.max_minutes if cfg.max_minutes else None, run=name, deepen=cfg.deepen)
+    if not m.node_resource and not cfg.deepen:  # compiled here first: what has every schedule is built, the rest says its tasks
+        kw["known"] = table.tuning_tasks(workloads, progress=progress)
     if nodes is not None:
         kw["nodes"] = nodes
     if m.node_resource:
