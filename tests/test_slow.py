@@ -69,7 +69,8 @@ def test_tuned_search_measures_every_network_with_tuned_schedules(tmp_path):
 
     d = tiny_space_dict(budgets=[0.8], resolutions=[16])  # one resolution: every tuned task and compile once, not twice
     d["pool"][0]["expansion"] = [2]
-    d["latency"].update(schedules="tuned", tune={"trials_per_task": 1, "population": 8})
+    # a budget below the number of tasks: tuning, its summary and the tuned compile run; tasks left get TVM's fallback
+    d["latency"].update(schedules="tuned", tune={"trials_per_task": 1, "total_trials": 8, "population": 8})
     d["finetune"]["max_students"] = 1
     space = tmp_path / "tuned.yaml"
     space.write_text(yaml.safe_dump(d))

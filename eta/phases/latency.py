@@ -228,6 +228,12 @@ def network_workload(bound: BoundSpace, arch, resolution: int | None = None) -> 
     return model_workload(bound, bound.teacher if arch is None else latency_network(bound, arch, resolution), resolution)
 
 
+def calibration_networks(bound: BoundSpace, table: LatencyTable, n_students: int, seed: int, key: str) -> tuple[list, list[Workload]]:
+    """(choices, whole-network workloads) of the networks ``calibrate`` measures for the space named ``key``."""
+    archs = calibration_archs(bound, n_students, seed, table.calibrations.get(key))
+    return archs, [network_workload(bound, bound.arch(c)) for c in archs]
+
+
 def calibrate(bound: BoundSpace, table: LatencyTable, base: float, per_block: list[np.ndarray], *, n_students: int, seed: int,
               progress: bool = True, executor=None, workloads: list[Workload] | None = None) -> dict:
     """Compile the teacher and random students end to end; fit measured ≈ a·Σtable (+ terms) + b.
@@ -237,8 +243,7 @@ def calibrate(bound: BoundSpace, table: LatencyTable, base: float, per_block: li
     """
     key = space_key(workloads or space_workloads(bound))
     stored = table.calibrations.get(key)
-    archs = calibration_archs(bound, n_students, seed, stored)
-    nets = [network_workload(bound, bound.arch(c)) for c in archs]
+    archs, nets = calibration_networks(bound, table, n_students, seed, key)
     table.measure_many(nets, desc="latency calibration (whole networks)", progress=progress, executor=executor)
     identity, integer = option_masks(bound.options)
     rows = []
@@ -264,7 +269,9 @@ def table_and_calibration(ctx: PhaseContext, students: int, seed: int):
     executor = m.executor()
     workloads = space_workloads(ctx.bound)
     teacher = [network_workload(ctx.bound, None, r) for r in ctx.space.resolutions]
-    table.tuning = tune(ctx.space, m, table, workloads + teacher, name=f"space {space_key(workloads)}", progress=ctx.progress)
+    _, calibration = calibration_networks(ctx.bound, table, students, seed, space_key(workloads))
+    # one tuning run (and one compile round) for everything the phase times
+    table.tuning = tune(ctx.space, m, table, workloads + teacher + calibration, name=f"space {space_key(workloads)}", progress=ctx.progress)
     log.info("latency table: %d entries on %s (%s, %s), cached in %s", len(workloads), m.device, m.backend, m.schedule, table.path)
     table.measure_many(workloads, desc="latency table", progress=ctx.progress, executor=executor)
     base, per_block = option_latency_matrix(ctx.bound, table)
