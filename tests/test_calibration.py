@@ -167,3 +167,33 @@ def test_calibration_is_stored_with_the_table_and_reused(tmp_path, monkeypatch):
     assert len(calls) == n_calls  # nothing re-measured
     assert [r["arch"] for r in again["students"]] == [r["arch"] for r in first["students"]]
     assert again["a"] == first["a"] and again["b"] == first["b"]
+
+
+def test_modules_built_before_tuning_count_in_the_summary_of_the_pass_that_times_them(tmp_path, monkeypatch):
+    """The compile round before tuning builds what has every schedule; the table's summary still says how many
+    modules were compiled and in how long, for the entries it timed, and only a module still missing is compiled then."""
+    from eta.latency import compile_cache
+    from eta.latency.compile_cache import CompileResult, ModuleTask
+
+    rounds, built = [], set()
+
+    def compile_many(jobs, **kw):  # "b" has a task without a schedule; what was built once is a cache hit after
+        rounds.append([(j.key, j.tuned_only) for j in jobs])
+        out = []
+        for j in jobs:
+            untuned = j.tuned_only and j.key.startswith("b")
+            out.append(CompileResult(j.key, None, 2.0, j.key in built, tasks=[ModuleTask(j.key, "t", 1)], untuned=untuned))
+            built.update(() if untuned else (j.key,))
+        return out
+
+    monkeypatch.setattr(compile_cache, "compile_many", compile_many)
+    monkeypatch.setattr(tvm_backend, "measure", lambda m, s, t, p=None, database_dir=None, key=None: Measurement(1.0, 0.01, 3, [1.0] * 3))
+    t = LatencyTable.open(tmp_path / "t.json", backend="tvm", target={"kind": "llvm", "mcpu": "x"}, device="cpu",
+                          protocol=Protocol(), schedule="tuned")
+    items = [("a", nn.Identity, (1, 2), 32), ("b", nn.Identity, (1, 2), 32)]
+    known = t.tuning_tasks(items, progress=False)
+    assert [k[0].hash for k in known] == [t.key("a", (1, 2)), t.key("b", (1, 2))]
+    assert rounds == [[(t.key("a", (1, 2)), True), (t.key("b", (1, 2)), True)]]
+    t.measure_many(items, progress=False)
+    assert rounds[1] == [(t.key("a", (1, 2)), False), (t.key("b", (1, 2)), False)]  # "a" a hit there, "b" built
+    assert t.summary["compiled"] == 2 and t.summary["compile_s"] == 4.0  # "a" before tuning, "b" before timing

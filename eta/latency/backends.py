@@ -32,7 +32,8 @@ class NotExecutable(EtaError):
 # ``key`` names the workload (the table's key), so a backend may keep what it compiled under it
 Measure = Callable[..., "tuple[Measurement, dict]"]
 # precompile(provenance, [(key, module, input_shape)], database_dir, progress, tuned_only)
-#   -> {"compiled", "cached", "compile_s", "errors", "tasks": {key: the module's tuning tasks, when known}}
+#   -> {"compiled", "cached", "compile_s", "errors", "tasks": {key: the module's tuning tasks, when known},
+#       "built": {key: compile seconds of each module built}}
 Precompile = Callable[..., dict]
 
 
@@ -167,7 +168,8 @@ def _tvm_precompile(provenance, items, database_dir, progress=False, tuned_only=
     results = compile_cache.compile_many(jobs, progress=progress, desc="compiling")
     built = [r for r in results if not r.hit and r.error is None and not r.untuned]
     return {"compiled": len(built), "cached": sum(r.hit for r in results), "compile_s": sum(r.compile_s for r in built),
-            "errors": [r.error for r in results if r.error], "tasks": {r.key: r.tasks for r in results if r.tasks is not None}}
+            "errors": [r.error for r in results if r.error], "tasks": {r.key: r.tasks for r in results if r.tasks is not None},
+            "built": {r.key: r.compile_s for r in built}}
 
 
 def _torch_target(kind: str, schedule: str) -> tuple[dict, str]:
