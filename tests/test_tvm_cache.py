@@ -159,6 +159,18 @@ def test_a_tuned_only_job_builds_nothing_until_every_task_has_a_schedule(cache, 
     assert again.hit and again.tasks == left.tasks and len(compiles) == 1
 
 
+def test_modules_compiled_ahead_are_taken_by_the_next_compile_round(cache, target, compiles):
+    """compile_ahead returns at once; the next round takes what it built (not compiled twice) and timing waits for it."""
+    jobs = [cc.CompileJob(f"conv{c}", tiny(4, c), SHAPE, target) for c in (4, 8)]
+    assert cc.compile_ahead(jobs, workers=2) == 2
+    assert cc.compile_ahead(jobs, workers=2) == 0  # on their way already
+    module = cc.compiled_module(jobs[0].module, SHAPE, target, key="conv4")  # waits for the compiles, then loads
+    assert module.cache_hit and not compiles
+    results = cc.compile_many(jobs, workers=2)
+    assert all(r.error is None and not r.hit and r.path.is_file() for r in results)  # built by the round ahead
+    assert all(r.hit for r in cc.compile_many(jobs, workers=2)) and not compiles
+
+
 def test_compile_many_reports_a_module_tvm_cannot_import(cache, target):
     class Odd(nn.Module):
         def forward(self, x):

@@ -50,6 +50,7 @@ class LatencyBackend:
     measure_module: Measure
     schedules: Callable[[bool, bool], str]
     precompile: Precompile | None = None
+    compile_ahead: Callable | None = None  # (provenance, [(key, module, input_shape)], database_dir) -> modules started
 
     @property
     def version_key(self) -> str:
@@ -172,6 +173,16 @@ def _tvm_precompile(provenance, items, database_dir, progress=False, tuned_only=
             "built": {r.key: r.compile_s for r in built}}
 
 
+def _tvm_compile_ahead(provenance, items, database_dir) -> int:
+    """Start compiling ``items`` in the compile pool and return (see ``compile_cache.compile_ahead``)."""
+    from . import compile_cache
+
+    tuned = uses_schedules(provenance["schedule"])
+    db = str(database_dir) if tuned and database_dir is not None else None
+    return compile_cache.compile_ahead([compile_cache.CompileJob(key, module, tuple(shape), provenance["target"], db, tuned_only=tuned)
+                                        for key, module, shape in items])
+
+
 def _torch_target(kind: str, schedule: str) -> tuple[dict, str]:
     dev = "cuda" if kind == "cuda" else "cpu"
     return {"kind": dev}, torch_backend.device_name(dev)
@@ -185,7 +196,7 @@ def _torch_measure(module, input_shape, provenance, database_dir, key=None):
 
 register_backend(LatencyBackend(
     "tvm", "apache-tvm", "untuned", _tvm_target, _tvm_measure,
-    lambda tuned, _compile: "tuned" if tuned else "untuned", _tvm_precompile))
+    lambda tuned, _compile: "tuned" if tuned else "untuned", _tvm_precompile, _tvm_compile_ahead))
 register_backend(LatencyBackend(
     "torch", "torch", "eager", _torch_target, _torch_measure,
     lambda _tuned, compile_: "torch.compile" if compile_ else "eager"))

@@ -270,6 +270,7 @@ def compiled_module(module, input_shape, target: dict, *, key: str, database_dir
     An entry that does not load is rebuilt, with one warning.
     """
     input_shape = tuple(int(d) for d in input_shape)
+    wait_for_compiles()  # what this returns is about to be timed
     relax_mod, import_s = _import_if_needed(module, input_shape, target, key, database_dir)
     found = lookup(key, input_shape, target, database_dir, module, relax_mod)
     if found is not None:
@@ -346,8 +347,44 @@ def shutdown_pool() -> None:
     """Stop the compile pool's workers (a new pool starts at the next ``compile_many``)."""
     pool = _POOL.pop("pool", None)
     _POOL.pop("key", None)
+    _POOL.pop("pending", None)
     if pool is not None:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _ident(job: CompileJob) -> tuple:
+    return (job.key, tuple(_shape(job.input_shape)), schedules.target_json(job.target), job.database_dir and str(job.database_dir))
+
+
+def compile_ahead(jobs: list[CompileJob], workers: int | None = None) -> int:
+    """Start compiling the misses among ``jobs`` in the pool and return at once (how many were started).
+
+    For modules known well before they are timed (the front's networks, while the students
+    finetune): ``compile_many`` later takes their results, and every timing in this process waits
+    until they are done (``wait_for_compiles``), so nothing is timed beside a compile.
+    """
+    pool = _pool(max(1, int(workers or os.cpu_count() or 1)))
+    pending = _POOL.setdefault("pending", {})
+    started = 0
+    for job in jobs:
+        k = _ident(job)
+        if k in pending or lookup(job.key, job.input_shape, job.target, job.database_dir) is not None:
+            continue
+        pending[k] = pool.submit(_ensure, job)
+        started += 1
+    if started:
+        log.info("compiling %d modules ahead, while other work runs", started)
+    return started
+
+
+def wait_for_compiles() -> None:
+    """Return when no compile started by ``compile_ahead`` runs any more (before anything is timed)."""
+    from concurrent.futures import wait
+
+    pending = _POOL.get("pending") or {}
+    if any(not f.done() for f in pending.values()):
+        log.info("waiting for %d modules compiling ahead", sum(not f.done() for f in pending.values()))
+        wait(list(pending.values()))
 
 
 def compile_many(jobs: list[CompileJob], workers: int | None = None, *, progress: bool = False,
@@ -364,15 +401,21 @@ def compile_many(jobs: list[CompileJob], workers: int | None = None, *, progress
 
     from tqdm.auto import tqdm
 
-    def ident(job):
-        return (job.key, tuple(_shape(job.input_shape)), schedules.target_json(job.target), job.database_dir and str(job.database_dir))
-
     done: dict[tuple, CompileResult] = {}
     todo: dict[tuple, CompileJob] = {}
+    pending = _POOL.get("pending") or {}
     for job in jobs:
-        k = ident(job)
+        k = _ident(job)
         if k in done or k in todo:
             continue
+        if k in pending:  # started by compile_ahead: its result, once it is there
+            try:
+                result = pending.pop(k).result()
+            except Exception:  # noqa: BLE001 - a worker that died or a cancelled future: compiled here instead
+                result = None
+            if result is not None and (job.tuned_only or not result.untuned):  # else it built nothing, this job must
+                done[k] = result
+                continue
         found = lookup(job.key, job.input_shape, job.target, job.database_dir)  # cheap: no module import here
         if found is not None:
             tasks = None if job.database_dir is None else _stored_tasks(job.key, job.input_shape, job.target)
@@ -401,7 +444,7 @@ def compile_many(jobs: list[CompileJob], workers: int | None = None, *, progress
         if any(r.error == "the compile worker died" for r in done.values()):
             shutdown_pool()  # a broken pool takes no more jobs: the next call starts a new one
     bar.close()
-    return [done[ident(job)] for job in jobs]
+    return [done[_ident(job)] for job in jobs]
 
 
 def prune(max_age_days: float | None = None) -> int:

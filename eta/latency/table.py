@@ -411,11 +411,17 @@ class LatencyTable:
         tasks = done.get("tasks", {})
         return [tasks.get(self.key(signature, shape, bits)) for signature, _, shape, bits in items]
 
-    def _precompile(self, items, progress: bool, tuned_only: bool = False) -> dict:
-        """Compile the modules of ``items`` (float and integer) before any is timed (a no-op for backends that compile nothing)."""
+    def compile_ahead(self, items) -> int:
+        """Start compiling ``items`` and return at once (a no-op for backends that compile nothing); their timing later
+        takes the compiled modules, and waits for the compiles to end. Returns how many were started."""
         backend = backends.get(self.provenance["backend"])
-        if backend.precompile is None:
-            return {}
+        if backend.compile_ahead is None:
+            return 0
+        return backend.compile_ahead(self.provenance, self._jobs(items), self.database_dir)
+
+    def _jobs(self, items) -> list[tuple]:
+        """(key, module, input shape) of each item the backend can run."""
+        backend = backends.get(self.provenance["backend"])
         jobs = []
         for signature, factory, shape, bits in items:
             module = factory()
@@ -424,6 +430,14 @@ class LatencyTable:
             except backends.NotExecutable:  # recorded as such when it is timed
                 continue
             jobs.append((self.key(signature, shape, bits), module, tuple(shape)))
+        return jobs
+
+    def _precompile(self, items, progress: bool, tuned_only: bool = False) -> dict:
+        """Compile the modules of ``items`` (float and integer) before any is timed (a no-op for backends that compile nothing)."""
+        backend = backends.get(self.provenance["backend"])
+        if backend.precompile is None:
+            return {}
+        jobs = self._jobs(items)
         if not jobs:
             return {}
         done = backend.precompile(self.provenance, jobs, self.database_dir, progress, tuned_only)

@@ -225,6 +225,8 @@ def load(ctx: PhaseContext) -> dict:
 def run(ctx: PhaseContext, info: LatencyInfo, archs: list[str]) -> tuple[dict, dict]:
     space, run_dir = ctx.space, ctx.run
     t0 = time.time()
+    # the front's networks compile while the students finetune (their latency does not depend on the weights)
+    latency.compile_networks_ahead(ctx, info, [arch_from_str(a) for a in archs])
     with ctx.ray():
         metrics = finetune_all(ctx, archs)
     with ctx.latency_session():

@@ -285,6 +285,20 @@ def network_latency(bound: BoundSpace, table: LatencyTable, arch, executor=None,
     return networks_latency(bound, table, [arch], executor, m)[0]
 
 
+def front_workloads(bound: BoundSpace, archs: list) -> list[list[Workload]]:
+    """Per network (the teacher for None), its whole-network workloads at every resolution of the space."""
+    return [[network_workload(bound, arch, r) for r in bound.space.resolutions] for arch in archs]
+
+
+def compile_networks_ahead(ctx: PhaseContext, info: LatencyInfo, archs: list) -> int:
+    """Start compiling the networks ``networks_latency`` will time, when they are compiled here (not on a measuring
+    node); returns how many modules were started. For work that runs meanwhile (finetuning the students)."""
+    if ctx.space.latency.node_resource:
+        return 0
+    m = Measurer(info.backend, info.target, info.device, measurer_protocol(ctx.space), info.schedule, None)
+    return m.open_table().compile_ahead([w for ws in front_workloads(ctx.bound, archs) for w in ws])
+
+
 def networks_latency(bound: BoundSpace, table: LatencyTable, archs: list, executor=None, m: Measurer | None = None,
                      progress: bool = False) -> list[dict[str, float]]:
     """End-to-end latency of each network (the teacher for None) at every resolution, cached in the table.
@@ -294,7 +308,7 @@ def networks_latency(bound: BoundSpace, table: LatencyTable, archs: list, execut
     tuned table (``m`` given) the tasks of all the networks at every resolution are tuned first, in one
     run: tasks the networks share are tuned once, and the budget goes where the scheduler finds gains.
     """
-    nets = [{r: network_workload(bound, arch, r) for r in bound.space.resolutions} for arch in archs]
+    nets = [dict(zip(bound.space.resolutions, ws)) for ws in front_workloads(bound, archs)]
     workloads = [w for n in nets for w in n.values()]
     if m is not None and workloads:  # a tuning run named by its set of tasks: the same networks resume it
         tune(bound.space, m, table, workloads, progress=progress)
