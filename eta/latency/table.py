@@ -148,7 +148,7 @@ class LatencyTable:
         self.stale = stale
         self.calibrations = calibrations or {}
         self.summary: dict = {}  # what the last measure_many cost (entries, compiled, compile_s, timing_s, wall_s)
-        self._compiled_ahead: dict[str, float] = {}  # key -> compile seconds of modules ``tuning_tasks`` built before tuning
+        self._built_before_tuning: dict[str, float] = {}  # key -> compile seconds of modules ``tuning_tasks`` built before tuning
         self.tuning: dict | None = None  # what tuning for the table did, when its policy tunes
 
     @classmethod
@@ -357,7 +357,7 @@ class LatencyTable:
             log.info("%s: measuring %d of %d entries (%d cached)", desc, len(todo), len(items), len(items) - len(todo))
         if local and (todo or second):
             summary.update(self._precompile(todo + second, progress))
-        ahead = [self._compiled_ahead.pop(k) for k in {self.key(it[0], it[2], it[3]) for it in todo} if k in self._compiled_ahead]
+        ahead = [self._built_before_tuning.pop(k) for k in {self.key(it[0], it[2], it[3]) for it in todo} if k in self._built_before_tuning]
         summary["compiled"] += len(ahead)  # built before tuning, for these entries
         summary["compile_s"] += sum(ahead)
         for signature, factory, shape, bits in tqdm(todo, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
@@ -407,7 +407,7 @@ class LatencyTable:
         all tuned or shipped is imported and compiled once, not once more to look for tasks to tune.
         """
         done = self._precompile(items, progress, tuned_only=True)
-        self._compiled_ahead.update(done.get("built", {}))  # counted by the measure_many that times them
+        self._built_before_tuning.update(done.get("built", {}))  # counted by the measure_many that times them
         tasks = done.get("tasks", {})
         return [tasks.get(self.key(signature, shape, bits)) for signature, _, shape, bits in items]
 
