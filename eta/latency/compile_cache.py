@@ -12,8 +12,11 @@ few milliseconds instead of compiling again.
 An entry holds the weights of the module that filled it: reuse it for latency, not for outputs of
 another module with the same key (``export.export_library`` keys on the weights too).
 
-``compile_many`` fills the misses of many jobs in a process pool while nothing is timed; the
-caller then times each job alone, loading it from here.
+``compile_many`` fills the misses of many jobs in a process pool (one per process, reused) while
+nothing is timed; the caller then times each job alone, loading it from here. ``compile_ahead``
+starts such a round and returns, for modules known before other work (training) ends; a timing
+waits until it is done. A tuned job records its module's MetaSchedule tasks here too
+(``module_tasks``), so whether its schedules are all tuned is known without importing it again.
 """
 from __future__ import annotations
 
