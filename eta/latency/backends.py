@@ -154,6 +154,16 @@ def _tvm_measure(module, input_shape, provenance, database_dir, key=None):
     return m, {"cache_hit": m.cache_hit, "schedules": m.schedules}
 
 
+def _tvm_jobs(provenance, items, database_dir, tuned_only: bool) -> list:
+    """Compile jobs of ``(key, module, input_shape)`` items: with the schedule database when the table is tuned."""
+    from . import compile_cache
+
+    tuned = uses_schedules(provenance["schedule"])
+    db = str(database_dir) if tuned and database_dir is not None else None
+    return [compile_cache.CompileJob(key, module, tuple(shape), provenance["target"], db, tuned_only and tuned)
+            for key, module, shape in items]
+
+
 def _tvm_precompile(provenance, items, database_dir, progress=False, tuned_only=False) -> dict:
     """Compile every module not in the compiled-module cache, in a process pool, before anything is timed.
 
@@ -162,11 +172,7 @@ def _tvm_precompile(provenance, items, database_dir, progress=False, tuned_only=
     """
     from . import compile_cache
 
-    tuned = uses_schedules(provenance["schedule"])
-    db = str(database_dir) if tuned and database_dir is not None else None
-    jobs = [compile_cache.CompileJob(key, module, tuple(shape), provenance["target"], db, tuned_only)
-            for key, module, shape in items]
-    results = compile_cache.compile_many(jobs, progress=progress, desc="compiling")
+    results = compile_cache.compile_many(_tvm_jobs(provenance, items, database_dir, tuned_only), progress=progress, desc="compiling")
     built = [r for r in results if not r.hit and r.error is None and not r.untuned]
     return {"compiled": len(built), "cached": sum(r.hit for r in results), "compile_s": sum(r.compile_s for r in built),
             "errors": [r.error for r in results if r.error], "tasks": {r.key: r.tasks for r in results if r.tasks is not None},
@@ -177,10 +183,7 @@ def _tvm_compile_ahead(provenance, items, database_dir) -> int:
     """Start compiling ``items`` in the compile pool and return (see ``compile_cache.compile_ahead``)."""
     from . import compile_cache
 
-    tuned = uses_schedules(provenance["schedule"])
-    db = str(database_dir) if tuned and database_dir is not None else None
-    return compile_cache.compile_ahead([compile_cache.CompileJob(key, module, tuple(shape), provenance["target"], db, tuned_only=tuned)
-                                        for key, module, shape in items])
+    return compile_cache.compile_ahead(_tvm_jobs(provenance, items, database_dir, tuned_only=True))
 
 
 def _torch_target(kind: str, schedule: str) -> tuple[dict, str]:

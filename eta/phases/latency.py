@@ -95,16 +95,18 @@ def _tune_on_node(pairs, target, database_dir, kw):
     return tune_space(pairs, target, database_dir, progress=False, **kw)
 
 
+def phase_measurer(ctx: PhaseContext, info: LatencyInfo) -> Measurer:
+    """The measurer a finished latency phase used (its backend, target and schedule policy), for the later phases."""
+    return Measurer(info.backend, info.target, info.device, measurer_protocol(ctx.space), info.schedule, ctx.space.latency.node_resource)
+
+
 def opened_table(ctx: PhaseContext, info: LatencyInfo | None = None) -> tuple[Measurer, LatencyTable]:
     """The space's measurer and its shared table, checked against this machine (entries from another are re-measured).
 
     With ``info`` (a finished latency phase), the measurer is the one that phase used: later phases
     measure with the same backend, target and schedule policy as the table their choices came from.
     """
-    if info is None:
-        m = measurer(ctx.space)
-    else:
-        m = Measurer(info.backend, info.target, info.device, measurer_protocol(ctx.space), info.schedule, ctx.space.latency.node_resource)
+    m = measurer(ctx.space) if info is None else phase_measurer(ctx, info)
     table = m.open_table()
     tolerance = ctx.space.latency.drift_tolerance
     if tolerance is not None:
@@ -295,8 +297,7 @@ def compile_networks_ahead(ctx: PhaseContext, info: LatencyInfo, archs: list) ->
     node); returns how many modules were started. For work that runs meanwhile (finetuning the students)."""
     if ctx.space.latency.node_resource:
         return 0
-    m = Measurer(info.backend, info.target, info.device, measurer_protocol(ctx.space), info.schedule, None)
-    return m.open_table().compile_ahead([w for ws in front_workloads(ctx.bound, archs) for w in ws])
+    return phase_measurer(ctx, info).open_table().compile_ahead([w for ws in front_workloads(ctx.bound, archs) for w in ws])
 
 
 def networks_latency(bound: BoundSpace, table: LatencyTable, archs: list, executor=None, m: Measurer | None = None,
