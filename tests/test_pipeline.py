@@ -6,6 +6,7 @@ their budgets by the latency table, finetuned students must beat chance on the t
 latencies must be real TVM measurements of the exported networks.
 """
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -25,13 +26,29 @@ from .conftest import IN_OWN_PROCESS, rerun_in_own_process, tiny_space_dict
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, ray_local):
+def search_log():
+    """What eta's loggers say while this module's tests run, in order (the search of ``finished`` first)."""
+    records = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logger, level = logging.getLogger("eta"), logging.getLogger("eta").level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield records
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, ray_local, search_log):
     runs = tmp_path_factory.mktemp("runs")
-    space = parse_space(tiny_space_dict())
-    search = Search(space, runs_dir=runs, progress=False)
-    t0 = time.time()
-    pareto = search.run_all()
-    return search, pareto, time.time() - t0
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("ETA_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))  # empty: this search compiles all it times
+        space = parse_space(tiny_space_dict())
+        search = Search(space, runs_dir=runs, progress=False)
+        t0 = time.time()
+        pareto = search.run_all()
+        yield search, pareto, time.time() - t0
 
 
 def test_phases_do_real_work(finished):
@@ -61,6 +78,17 @@ def test_phases_do_real_work(finished):
         assert s["predicted_latency_ms"] <= s["budget_ms"] * (1 + 1e-6)
     for p in pareto["all"]:
         assert p["test_acc"] > 0.3 and p["latency_ms"] > 0
+
+
+def test_the_table_compiles_while_the_teacher_trains(finished, search_log):
+    """Every module the latency phase times was compiled in a round started before the teacher's training: the
+    phase's own compile rounds find nothing left to compile (they would log how many modules they compile)."""
+    said = [r.getMessage() for r in search_log]
+    training = next(i for i, m in enumerate(said) if m.startswith("teacher: training"))
+    pretrain = next(i for i, m in enumerate(said) if m.startswith("pretrain:"))
+    assert any("modules ahead" in m for m in said[:training])
+    assert [m for m in said[training:pretrain] if m.startswith("compiling:")] == []
+    assert any(m.startswith("latency table:") for m in said[training:pretrain])
 
 
 def test_front_is_pareto_and_measured(finished):

@@ -171,6 +171,22 @@ def test_modules_compiled_ahead_are_taken_by_the_next_compile_round(cache, targe
     assert all(r.hit for r in cc.compile_many(jobs, workers=2)) and not compiles
 
 
+def test_a_module_compiled_ahead_is_compiled_as_it_was_handed_over(cache, target):
+    """The table compiles while the teacher trains: later changes to a module must not reach its compile (with one
+    worker the last jobs wait in the pool's queue, long after compile_ahead returned)."""
+    jobs = [cc.CompileJob(f"conv{c}", tiny(4, c, seed=c), SHAPE, target) for c in (4, 8, 12, 16)]
+    x = np.random.default_rng(2).standard_normal(SHAPE).astype("float32")
+    expected = torch_out(jobs[-1].module, x)
+    assert cc.compile_ahead(jobs, workers=1) == 4
+    with torch.no_grad():  # training goes on meanwhile
+        for p in jobs[-1].module.parameters():
+            p.zero_()
+    cc.wait_for_compiles()
+    compiled = cc.compiled_module(jobs[-1].module, SHAPE, target, key="conv16")
+    assert compiled.cache_hit
+    np.testing.assert_allclose(compiled.run(x), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_compile_many_reports_a_module_tvm_cannot_import(cache, target):
     class Odd(nn.Module):
         def forward(self, x):

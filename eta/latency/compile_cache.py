@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -305,6 +306,10 @@ def _ensure(job: CompileJob) -> CompileResult:
         return CompileResult(job.key, None, 0.0, False, str(err))
 
 
+def _ensure_pickled(job: bytes) -> CompileResult:
+    return _ensure(pickle.loads(job))
+
+
 def _worker_init() -> None:
     """One compile per core: torch.export single-threaded; a first tiny compile pays TVM's and torch's
     one-time start-up (about 5 s here) before any job, so each job's ``compile_s`` is its own."""
@@ -362,9 +367,10 @@ def _ident(job: CompileJob) -> tuple:
 def compile_ahead(jobs: list[CompileJob], workers: int | None = None) -> int:
     """Start compiling the misses among ``jobs`` in the pool and return at once (how many were started).
 
-    For modules known well before they are timed (the front's networks, while the students
-    finetune): ``compile_many`` later takes their results, and every timing in this process waits
-    until they are done (``wait_for_compiles``), so nothing is timed beside a compile.
+    For modules known well before they are timed (the table's, while the teacher trains; the front's
+    networks, while the students finetune): ``compile_many`` later takes their results, and every
+    timing in this process waits until they are done (``wait_for_compiles``), so nothing is timed
+    beside a compile. Each job is pickled before this returns, so its module may change (train) after.
     """
     pool = _pool(max(1, int(workers or os.cpu_count() or 1)))
     pending = _POOL.setdefault("pending", {})
@@ -373,7 +379,7 @@ def compile_ahead(jobs: list[CompileJob], workers: int | None = None) -> int:
         k = _ident(job)
         if k in pending or lookup(job.key, job.input_shape, job.target, job.database_dir) is not None:
             continue
-        pending[k] = pool.submit(_ensure, job)
+        pending[k] = pool.submit(_ensure_pickled, pickle.dumps(job))  # pickled now: the caller may go on changing the module
         started += 1
     if started:
         log.info("compiling %d modules ahead, while other work runs", started)

@@ -264,14 +264,31 @@ def calibrate(bound: BoundSpace, table: LatencyTable, base: float, per_block: li
     return out
 
 
+def phase_workloads(bound: BoundSpace, table: LatencyTable, students: int, seed: int) -> tuple[list, list, list]:
+    """What the phase times: (the table's entries, the teacher at every resolution, the calibration networks)."""
+    workloads = space_workloads(bound)
+    teacher = [network_workload(bound, None, r) for r in bound.space.resolutions]
+    _, calibration = calibration_networks(bound, table, students, seed, space_key(workloads))
+    return workloads, teacher, calibration
+
+
+def compile_table_ahead(ctx: PhaseContext) -> int:
+    """Start compiling what this phase will time, when it compiles here (not on a measuring node); returns how many
+    modules were started. Latency depends on the networks' structure, not their weights, so this can run while the
+    teacher trains; the phase then takes the compiled modules."""
+    if ctx.space.latency.node_resource:
+        return 0
+    table = measurer(ctx.space).open_table()  # no drift check: that times entries, and nothing is timed beside a compile
+    workloads, teacher, calibration = phase_workloads(ctx.bound, table, ctx.space.latency.calibration_students, ctx.space.seed)
+    return table.compile_ahead(workloads + teacher + calibration)
+
+
 def table_and_calibration(ctx: PhaseContext, students: int, seed: int):
     """Tune (a tuned table), measure the space's entries not cached yet, read the option latencies, calibrate on
     whole networks. The table's ``summary`` says what measuring cost, its ``tuning`` what tuning did."""
     m, table = opened_table(ctx)
     executor = m.executor()
-    workloads = space_workloads(ctx.bound)
-    teacher = [network_workload(ctx.bound, None, r) for r in ctx.space.resolutions]
-    _, calibration = calibration_networks(ctx.bound, table, students, seed, space_key(workloads))
+    workloads, teacher, calibration = phase_workloads(ctx.bound, table, students, seed)
     # one tuning run (and one compile round) for everything the phase times
     table.tuning = tune(ctx.space, m, table, workloads + teacher + calibration, name=f"space {space_key(workloads)}", progress=ctx.progress)
     log.info("latency table: %d entries on %s (%s, %s), cached in %s", len(workloads), m.device, m.backend, m.schedule, table.path)
