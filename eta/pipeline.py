@@ -1,8 +1,8 @@
 """The search, phase by phase, over one run directory: ordering, input hashes and invalidation.
 
 Phases run in the order teacher → latency → pretrain → solve → finetune (latency before
-pretraining, so an infeasible budget is reported before any training; its modules compile while
-the teacher trains); each lives in its own module of :mod:`eta.phases`. Each phase records the
+pretraining, so an infeasible budget is reported before any training; its modules compile on
+the cores the teacher's training leaves idle); each lives in its own module of :mod:`eta.phases`. Each phase records the
 hash of the settings it depends on (:func:`eta.runs.phase_inputs`); a phase is skipped on resume
 when it finished with the same settings, and re-run (with every later phase) when they changed. One process at a time owns a
 run directory: a :class:`Search` holds its lock until :meth:`Search.close`.
@@ -117,8 +117,8 @@ class Search:
     def run_all(self, force_phases: tuple = ()) -> dict:
         t0 = time.time()
         pending = [p for p in ("teacher", "latency") if p in force_phases or not self.done(p)]
-        if pending == ["teacher", "latency"]:  # the table compiles while the teacher trains (latency needs no weights)
-            latency.compile_table_ahead(self.ctx)
+        if pending == ["teacher", "latency"]:  # the table compiles on the cores training leaves idle (latency needs no weights)
+            latency.compile_table_ahead(self.ctx, teacher.idle_cores(self.ctx))
         for phase in PHASES:
             out = self.phase(phase, force=phase in force_phases)
         return {**out, "wall_s_this_invocation": time.time() - t0}

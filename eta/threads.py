@@ -7,6 +7,7 @@ several threads; the tiny accuracy-predictor MLP ~100x on a busy CPU).
 """
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 import torch
@@ -25,3 +26,10 @@ def torch_threads(n: int = 1):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def cores_idle_while_training(device) -> int:
+    """CPU cores a training loop in this process leaves to other work: all but one when it computes on an
+    accelerator; on the CPU all but torch's threads (by default one per core, so none)."""
+    busy = 1 if torch.device(device).type != "cpu" else torch.get_num_threads()
+    return max(0, (os.cpu_count() or 1) - busy)

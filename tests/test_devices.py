@@ -4,6 +4,7 @@ import torch
 
 from eta.devices import amp_dtype, autocast, grad_scaler, pick_device
 from eta.errors import EtaError
+from eta.threads import cores_idle_while_training, torch_threads
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -25,6 +26,15 @@ def _digits_model():
     return torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
                                torch.nn.Conv2d(16, 32, 3, 2, 1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
                                torch.nn.Flatten(), torch.nn.Linear(32, 10))
+
+
+def test_training_on_the_cpu_leaves_idle_only_the_cores_torch_does_not_use(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    with torch_threads(8):
+        assert cores_idle_while_training("cpu") == 0  # torch's default: a thread per core, nothing left to compile on
+    with torch_threads(3):
+        assert cores_idle_while_training("cpu") == 5
+        assert cores_idle_while_training(torch.device("cuda", 0)) == 7  # the GPU computes; one core drives it
 
 
 @pytest.mark.gpu

@@ -50,7 +50,7 @@ class LatencyBackend:
     measure_module: Measure
     schedules: Callable[[bool, bool], str]
     precompile: Precompile | None = None
-    compile_ahead: Callable | None = None  # (provenance, [(key, module, input_shape)], database_dir) -> modules started
+    compile_ahead: Callable | None = None  # (provenance, [(key, module, input_shape)], database_dir, workers) -> modules started
 
     @property
     def version_key(self) -> str:
@@ -179,11 +179,11 @@ def _tvm_precompile(provenance, items, database_dir, progress=False, tuned_only=
             "built": {r.key: r.compile_s for r in built}}
 
 
-def _tvm_compile_ahead(provenance, items, database_dir) -> int:
+def _tvm_compile_ahead(provenance, items, database_dir, workers=None) -> int:
     """Start compiling ``items`` in the compile pool and return (see ``compile_cache.compile_ahead``)."""
     from . import compile_cache
 
-    return compile_cache.compile_ahead(_tvm_jobs(provenance, items, database_dir, tuned_only=True))
+    return compile_cache.compile_ahead(_tvm_jobs(provenance, items, database_dir, tuned_only=True), workers)
 
 
 def _torch_target(kind: str, schedule: str) -> tuple[dict, str]:

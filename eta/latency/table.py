@@ -411,13 +411,14 @@ class LatencyTable:
         tasks = done.get("tasks", {})
         return [tasks.get(self.key(signature, shape, bits)) for signature, _, shape, bits in items]
 
-    def compile_ahead(self, items) -> int:
-        """Start compiling ``items`` and return at once (a no-op for backends that compile nothing); their timing later
-        takes the compiled modules, and waits for the compiles to end. Returns how many were started."""
+    def compile_ahead(self, items, workers: int | None = None) -> int:
+        """Start compiling ``items``, ``workers`` at a time (default: one per core), and return at once (a no-op for
+        backends that compile nothing); their timing later takes the compiled modules, and waits for the compiles
+        to end. Returns how many were started."""
         backend = backends.get(self.provenance["backend"])
         if backend.compile_ahead is None:
             return 0
-        return backend.compile_ahead(self.provenance, self._jobs(items), self.database_dir)
+        return backend.compile_ahead(self.provenance, self._jobs(items), self.database_dir, workers)
 
     def _jobs(self, items) -> list[tuple]:
         """(key, module, input shape) of each item the backend can run."""

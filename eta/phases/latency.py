@@ -272,15 +272,15 @@ def phase_workloads(bound: BoundSpace, table: LatencyTable, students: int, seed:
     return workloads, teacher, calibration
 
 
-def compile_table_ahead(ctx: PhaseContext) -> int:
-    """Start compiling what this phase will time, when it compiles here (not on a measuring node); returns how many
-    modules were started. Latency depends on the networks' structure, not their weights, so this can run while the
-    teacher trains; the phase then takes the compiled modules."""
-    if ctx.space.latency.node_resource:
+def compile_table_ahead(ctx: PhaseContext, workers: int) -> int:
+    """Start compiling what this phase will time, ``workers`` at a time, when it compiles here (not on a measuring
+    node); returns how many modules were started. Latency depends on the networks' structure, not their weights,
+    so this can run while the teacher trains; the phase then takes the compiled modules."""
+    if ctx.space.latency.node_resource or workers < 1:
         return 0
     table = measurer(ctx.space).open_table()  # no drift check: that times entries, and nothing is timed beside a compile
     workloads, teacher, calibration = phase_workloads(ctx.bound, table, ctx.space.latency.calibration_students, ctx.space.seed)
-    return table.compile_ahead(workloads + teacher + calibration)
+    return table.compile_ahead(workloads + teacher + calibration, workers)
 
 
 def table_and_calibration(ctx: PhaseContext, students: int, seed: int):

@@ -9,6 +9,7 @@ from ..augment import for_space
 from ..devices import pick_device
 from ..files import save_tensors
 from ..teachers import pretrained_state
+from ..threads import cores_idle_while_training
 from ..train import evaluate, fit
 from .context import PhaseContext
 
@@ -21,6 +22,14 @@ def load(ctx: PhaseContext) -> dict:
     """A finished phase: the teacher's weights into the bound space, its record from the manifest."""
     ctx.bound.load_teacher_weights(ctx.teacher_path)
     return ctx.run.phase_info(NAME)
+
+
+def idle_cores(ctx: PhaseContext) -> int:
+    """CPU cores this phase leaves to other work (compiling the latency table) while it trains the teacher; none
+    when it trains nothing (a checkpoint, pretrained weights): it ends at once."""
+    if ctx.space.teacher.checkpoint or ctx.space.teacher.pretrained:
+        return 0
+    return cores_idle_while_training(pick_device(1))
 
 
 def run(ctx: PhaseContext) -> dict:
