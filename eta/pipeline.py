@@ -1,11 +1,12 @@
 """The search, phase by phase, over one run directory: ordering, input hashes and invalidation.
 
 Phases run in the order teacher → latency → pretrain → solve → finetune (latency before
-pretraining, so an infeasible budget is reported before any training; its modules compile on
-the cores the teacher's training leaves idle); each lives in its own module of :mod:`eta.phases`. Each phase records the
-hash of the settings it depends on (:func:`eta.runs.phase_inputs`); a phase is skipped on resume
-when it finished with the same settings, and re-run (with every later phase) when they changed. One process at a time owns a
-run directory: a :class:`Search` holds its lock until :meth:`Search.close`.
+pretraining, so an infeasible budget is reported before any training; its modules compile on the
+cores the teacher's training leaves idle); each lives in its own module of :mod:`eta.phases`.
+Each phase records the hash of the settings it depends on (:func:`eta.runs.phase_inputs`); a
+phase is skipped on resume when it finished with the same settings, and re-run (with every later
+phase) when they changed. One process at a time owns a run directory: a :class:`Search` holds its
+lock until :meth:`Search.close`.
 """
 from __future__ import annotations
 
