@@ -3,7 +3,8 @@
 Work here runs with fewer threads than cores in two cases: tasks that share a node (each gets the
 CPUs Ray reserved for it), and very small or float64 computations where thread hand-offs cost more
 than they save (float64 depthwise convolutions of fake-quantized operators were ~80x slower with
-several threads; the tiny accuracy-predictor MLP ~100x on a busy CPU).
+several threads; the tiny accuracy-predictor MLP ~100x on a busy CPU). How many cores a training
+loop leaves to other work (compiling) follows from the same count.
 """
 from __future__ import annotations
 
