@@ -117,8 +117,8 @@ class Search:
     # --- the phases ------------------------------------------------------------------------------
     def run_all(self, force_phases: tuple = ()) -> dict:
         t0 = time.time()
-        pending = [p for p in ("teacher", "latency") if p in force_phases or not self.done(p)]
-        if pending == ["teacher", "latency"]:  # the table compiles on the cores training leaves idle (latency needs no weights)
+        to_run = [p for p in ("teacher", "latency") if p in force_phases or not self.done(p)]
+        if to_run == ["teacher", "latency"]:  # the table compiles on the cores training leaves idle (latency needs no weights)
             latency.compile_table_ahead(self.ctx, teacher.idle_cores(self.ctx))
         for phase in PHASES:
             out = self.phase(phase, force=phase in force_phases)
