@@ -8,6 +8,7 @@ loop leaves to other work (compiling) follows from the same count.
 """
 from __future__ import annotations
 
+import math
 import os
 from contextlib import contextmanager
 
@@ -29,8 +30,12 @@ def torch_threads(n: int = 1):
         torch.set_num_threads(before)
 
 
+def idle_cores(busy: float) -> int:
+    """CPU cores of this machine left to other work while ``busy`` of them compute."""
+    return max(0, (os.cpu_count() or 1) - math.ceil(busy))
+
+
 def cores_idle_while_training(device) -> int:
     """CPU cores a training loop in this process leaves to other work: all but one when it computes on an
     accelerator; on the CPU all but torch's threads (by default one per core, so none)."""
-    busy = 1 if torch.device(device).type != "cpu" else torch.get_num_threads()
-    return max(0, (os.cpu_count() or 1) - busy)
+    return idle_cores(1 if torch.device(device).type != "cpu" else torch.get_num_threads())

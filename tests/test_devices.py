@@ -37,6 +37,26 @@ def test_training_on_the_cpu_leaves_idle_only_the_cores_torch_does_not_use(monke
         assert cores_idle_while_training(torch.device("cuda", 0)) == 7  # the GPU computes; one core drives it
 
 
+
+def test_finetuning_leaves_idle_only_the_cores_its_concurrent_trials_do_not_hold(monkeypatch):
+    """The front compiles ahead on these cores while students finetune; on held cores it only slows the trials."""
+    from eta.phases.finetune import idle_cores
+    from eta.space import FinetuneConfig
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    one_cpu = FinetuneConfig(num_cpus=1)
+    assert idle_cores(one_cpu, 3) == 13  # three trials at once, one core each
+    assert idle_cores(one_cpu, 40) == 0  # more students than cores: every core trains
+    assert idle_cores(one_cpu, 40, ray_cpus=4) == 12  # the local Ray node was given 4 CPUs
+    assert idle_cores(FinetuneConfig(num_cpus=3), 40) == 1  # five trials of 3 fit in 16
+    assert idle_cores(FinetuneConfig(num_cpus=2, workers=2), 3) == 4  # three students of two 2-CPU workers
+    assert idle_cores(one_cpu, 0) == 16  # nothing left to finetune
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert idle_cores(FinetuneConfig(num_cpus=1, num_gpus=1), 40) == 14  # two GPUs: two trials at once
+    assert idle_cores(FinetuneConfig(num_cpus=1, num_gpus=0.5), 40) == 12  # half a GPU each: four
+
 @pytest.mark.gpu
 @needs_gpu
 def test_fit_and_evaluate_on_cuda_with_amp():

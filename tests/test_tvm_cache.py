@@ -1,6 +1,11 @@
 """Compiled-module cache: compile once, re-load after, rebuild what no longer loads; export what runs."""
 import json
 import logging
+import os
+import subprocess
+import sys
+import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -185,6 +190,53 @@ def test_a_module_compiled_ahead_is_compiled_as_it_was_handed_over(cache, target
     compiled = cc.compiled_module(jobs[-1].module, SHAPE, target, key="conv16")
     assert compiled.cache_hit
     np.testing.assert_allclose(compiled.run(x), expected, rtol=1e-4, atol=1e-5)
+
+
+DRIVER_QUEUING_A_LONG_COMPILE = textwrap.dedent("""
+    import sys, time
+    from torch import nn
+    from eta.latency import compile_cache as cc, tvm_backend
+    target = tvm_backend.host_target(num_cores=1)
+    deep = nn.Sequential(*[nn.Sequential(nn.Conv2d(8 + i, 9 + i, 3, padding=1), nn.ReLU()) for i in range(48)])
+    jobs = [cc.CompileJob("small", nn.Conv2d(4, 8, 3), (1, 4, 8, 8), target),
+            cc.CompileJob("deep", deep, (1, 8, 16, 16), target)]
+    cc.compile_ahead(jobs, workers=1)
+    print("queued", flush=True)
+    time.sleep(600)
+""")
+
+
+def test_compile_workers_end_when_the_process_that_started_them_is_killed(tmp_path):
+    """A driver killed outright (SIGKILL) cannot shut its pool down; its worker must not go on compiling what was
+    queued on a machine others share. One worker, a small job then a deep network (48 distinct convolutions,
+    tens of seconds to compile): the driver is killed once the small job is built, so the worker is in the deep
+    one, and must be gone within seconds, the deep module never built."""
+    import psutil
+
+    cache_dir = tmp_path / "cache"
+    env = {**os.environ, "ETA_CACHE_DIR": str(cache_dir)}
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER_QUEUING_A_LONG_COMPILE], env=env, stdout=subprocess.PIPE, text=True)
+    workers = []
+    try:
+        assert driver.stdout.readline().strip() == "queued"
+        t0 = time.time()
+        while len(list(cache_dir.rglob("*.so"))) < 1:  # the small job is built: the worker has taken the deep one
+            assert time.time() - t0 < 120 and driver.poll() is None, "the small module was not compiled"
+            time.sleep(0.1)
+        workers = [p for p in psutil.Process(driver.pid).children() if "resource_tracker" not in " ".join(p.cmdline())]
+        assert len(workers) == 1
+        driver.kill()
+        driver.wait(timeout=30)
+        gone, alive = psutil.wait_procs(workers, timeout=5)
+        assert not alive, "the compile worker outlived the process that started it"
+        assert len(list(cache_dir.rglob("*.so"))) == 1  # the deep module was not finished
+    finally:
+        driver.kill()
+        for p in workers:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
 
 
 def test_compile_many_reports_a_module_tvm_cannot_import(cache, target):

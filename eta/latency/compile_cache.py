@@ -310,9 +310,33 @@ def _ensure_pickled(job: bytes) -> CompileResult:
     return _ensure(pickle.loads(job))
 
 
-def _worker_init() -> None:
+PARENT_POLL_S = 0.5  # how often a compile worker checks that the process it compiles for still runs
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this worker once ``parent`` is gone, even in the middle of a compile.
+
+    A driver killed outright (SIGKILL, the OOM killer, a lost SSH session) cannot shut its pool down,
+    and its workers would go on through every job already queued (minutes for large networks) on a
+    machine others share. A daemon thread polls the parent id: on Linux and macOS an orphan is
+    re-parented, so a changed ``getppid`` means the driver died.
+    """
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="eta-compile-parent-watch", daemon=True).start()
+
+
+def _worker_init(parent: int | None = None) -> None:
     """One compile per core: torch.export single-threaded; a first tiny compile pays TVM's and torch's
-    one-time start-up (about 5 s here) before any job, so each job's ``compile_s`` is its own."""
+    one-time start-up (about 5 s here) before any job, so each job's ``compile_s`` is its own. The
+    worker ends with ``parent``, the process that started the pool."""
+    if parent is not None:
+        _exit_with_parent(parent)
     import torch
 
     from .tvm_backend import to_relax
@@ -344,7 +368,8 @@ def _pool(workers: int):
     key = (workers, tuple(sorted(os.environ.items())))
     if _POOL.get("key") != key:
         shutdown_pool()
-        _POOL.update(key=key, pool=ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_worker_init))
+        _POOL.update(key=key, pool=ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_worker_init,
+                                                         initargs=(os.getpid(),)))
         if not _POOL.get("atexit"):
             atexit.register(shutdown_pool)
             _POOL["atexit"] = True

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from pathlib import Path
 
+import torch
 
-from .. import faults
+from .. import faults, threads
 from ..arch import arch_from_str
 from ..bound import BoundSpace, rebuild
 from ..augment import for_space
@@ -183,6 +185,20 @@ def finetune_all(ctx: PhaseContext, archs: list[str]) -> list[dict]:
     return [read_json(ctx.run.student_metrics(student_id(a))) for a in archs]
 
 
+def idle_cores(cfg, students: int, ray_cpus: int | None = None) -> int:
+    """CPU cores of this machine that finetuning ``students`` leaves to other work (compiling the front), taking
+    the local Ray node (``ray_cpus``, default every core) to run the trials: each holds ``num_cpus`` cores per
+    worker (its torch threads), as many at once as the node's CPUs, and GPUs when trials ask for them, hold."""
+    if students < 1:
+        return threads.idle_cores(0)
+    node = ray_cpus or os.cpu_count() or 1
+    per_student = cfg.num_cpus * cfg.workers
+    at_once = min(students, max(1, int(node / per_student + 1e-9)))
+    if cfg.num_gpus > 0 and torch.cuda.is_available():
+        at_once = min(at_once, max(1, int(torch.cuda.device_count() / (cfg.num_gpus * cfg.workers) + 1e-9)))
+    return threads.idle_cores(min(node, at_once * per_student))
+
+
 def worker_groups_held(cfg) -> int:
     """How many students' worker groups the Ray cluster holds at once; one line, instead of a trial waiting for ever,
     when it cannot hold one."""
@@ -225,8 +241,10 @@ def load(ctx: PhaseContext) -> dict:
 def run(ctx: PhaseContext, info: LatencyInfo, archs: list[str]) -> tuple[dict, dict]:
     space, run_dir = ctx.space, ctx.run
     t0 = time.time()
-    # the front's networks compile while the students finetune (their latency does not depend on the weights)
-    latency.compile_networks_ahead(ctx, info, [arch_from_str(a) for a in archs])
+    # the front's networks compile while the students finetune (their latency does not depend on the weights), on the
+    # cores the trials leave idle
+    todo = [a for a in archs if not is_finetuned(ctx.run, a, space)]
+    latency.compile_networks_ahead(ctx, info, [arch_from_str(a) for a in archs], idle_cores(space.finetune, len(todo), ctx.num_cpus))
     with ctx.ray():
         metrics = finetune_all(ctx, archs)
     with ctx.latency_session():

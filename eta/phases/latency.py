@@ -309,12 +309,14 @@ def front_workloads(bound: BoundSpace, archs: list) -> list[list[Workload]]:
     return [[network_workload(bound, arch, r) for r in bound.space.resolutions] for arch in archs]
 
 
-def compile_networks_ahead(ctx: PhaseContext, info: LatencyInfo, archs: list) -> int:
-    """Start compiling the networks ``networks_latency`` will time, when they are compiled here (not on a measuring
-    node); returns how many modules were started. For work that runs meanwhile (finetuning the students)."""
-    if ctx.space.latency.node_resource:
+def compile_networks_ahead(ctx: PhaseContext, info: LatencyInfo, archs: list, workers: int) -> int:
+    """Start compiling the networks ``networks_latency`` will time, ``workers`` at a time, when they are compiled here
+    (not on a measuring node); returns how many modules were started. For work that runs meanwhile (finetuning the
+    students) and leaves ``workers`` cores idle: on busy cores compiling only slows that work down."""
+    if ctx.space.latency.node_resource or workers < 1:
         return 0
-    return phase_measurer(ctx, info).open_table().compile_ahead([w for ws in front_workloads(ctx.bound, archs) for w in ws])
+    return phase_measurer(ctx, info).open_table().compile_ahead([w for ws in front_workloads(ctx.bound, archs) for w in ws],
+                                                                 workers)
 
 
 def networks_latency(bound: BoundSpace, table: LatencyTable, archs: list, executor=None, m: Measurer | None = None,
