@@ -37,7 +37,6 @@ def test_training_on_the_cpu_leaves_idle_only_the_cores_torch_does_not_use(monke
         assert cores_idle_while_training(torch.device("cuda", 0)) == 7  # the GPU computes; one core drives it
 
 
-
 def test_finetuning_leaves_idle_only_the_cores_its_concurrent_trials_do_not_hold(monkeypatch):
     """The front compiles ahead on these cores while students finetune; on held cores it only slows the trials."""
     from eta.phases.finetune import idle_cores
@@ -56,6 +55,7 @@ def test_finetuning_leaves_idle_only_the_cores_its_concurrent_trials_do_not_hold
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert idle_cores(FinetuneConfig(num_cpus=1, num_gpus=1), 40) == 14  # two GPUs: two trials at once
     assert idle_cores(FinetuneConfig(num_cpus=1, num_gpus=0.5), 40) == 12  # half a GPU each: four
+
 
 @pytest.mark.gpu
 @needs_gpu

@@ -209,8 +209,8 @@ DRIVER_QUEUING_A_LONG_COMPILE = textwrap.dedent("""
 def test_compile_workers_end_when_the_process_that_started_them_is_killed(tmp_path):
     """A driver killed outright (SIGKILL) cannot shut its pool down; its worker must not go on compiling what was
     queued on a machine others share. One worker, a small job then a deep network (48 distinct convolutions,
-    tens of seconds to compile): the driver is killed once the small job is built, so the worker is in the deep
-    one, and must be gone within seconds, the deep module never built."""
+    longer to compile than the 5 s the test waits): the driver is killed once the small job is built, so the worker
+    is in the deep one, and must be gone within 5 s, the deep module never built."""
     import psutil
 
     cache_dir = tmp_path / "cache"

@@ -331,12 +331,11 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="eta-compile-parent-watch", daemon=True).start()
 
 
-def _worker_init(parent: int | None = None) -> None:
+def _worker_init(parent: int) -> None:
     """One compile per core: torch.export single-threaded; a first tiny compile pays TVM's and torch's
     one-time start-up (about 5 s here) before any job, so each job's ``compile_s`` is its own. The
     worker ends with ``parent``, the process that started the pool."""
-    if parent is not None:
-        _exit_with_parent(parent)
+    _exit_with_parent(parent)
     import torch
 
     from .tvm_backend import to_relax

@@ -139,13 +139,18 @@ def train_and_save(config: dict, *, device, report, rank=None) -> None:
     report({"saved": True, "sid": sid, **{f"test_acc_{r}": a for r, a in accs.items()}})
 
 
+def still_to_finetune(ctx: PhaseContext, archs: list[str]) -> list[str]:
+    """The architectures without weights finetuned under the space's current recipe."""
+    return [a for a in archs if not is_finetuned(ctx.run, a, ctx.space)]
+
+
 def finetune_all(ctx: PhaseContext, archs: list[str]) -> list[dict]:
     """Finetune every architecture not finetuned yet under the space's recipe as Ray Tune trials."""
     from ray import tune
     from tqdm.auto import tqdm
 
     cfg = ctx.space.finetune
-    todo = [a for a in archs if not is_finetuned(ctx.run, a, ctx.space)]
+    todo = still_to_finetune(ctx, archs)
     if len(todo) < len(archs):
         log.info("finetune: %d of %d students already finetuned, %d to finetune", len(archs) - len(todo), len(archs), len(todo))
     again = [a for a in todo if ctx.run.student_metrics(student_id(a)).exists()]
@@ -187,24 +192,22 @@ def finetune_all(ctx: PhaseContext, archs: list[str]) -> list[dict]:
 
 def idle_cores(cfg, students: int, ray_cpus: int | None = None) -> int:
     """CPU cores of this machine that finetuning ``students`` leaves to other work (compiling the front), taking
-    the local Ray node (``ray_cpus``, default every core) to run the trials: each holds ``num_cpus`` cores per
-    worker (its torch threads), as many at once as the node's CPUs, and GPUs when trials ask for them, hold."""
+    the local Ray node (``ray_cpus``, default every core, and the visible GPUs) to run as many trials at once as
+    it holds; none when it holds none (the trials' cores are then unknown)."""
     if students < 1:
         return threads.idle_cores(0)
     node = ray_cpus or os.cpu_count() or 1
-    per_student = cfg.num_cpus * cfg.workers
-    at_once = min(students, max(1, int(node / per_student + 1e-9)))
-    if cfg.num_gpus > 0 and torch.cuda.is_available():
-        at_once = min(at_once, max(1, int(torch.cuda.device_count() / (cfg.num_gpus * cfg.workers) + 1e-9)))
-    return threads.idle_cores(min(node, at_once * per_student))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    try:
+        at_once = min(students, groups_that_fit(cfg, {"CPU": node, "GPU": gpus}))
+    except EtaError:
+        return 0
+    return threads.idle_cores(min(node, at_once * cfg.workers * cfg.num_cpus))
 
 
-def worker_groups_held(cfg) -> int:
-    """How many students' worker groups the Ray cluster holds at once; one line, instead of a trial waiting for ever,
-    when it cannot hold one."""
-    import ray
-
-    have = ray.cluster_resources()
+def groups_that_fit(cfg, have: dict) -> int:
+    """How many students' trials (``workers`` x ``num_cpus`` CPUs and ``num_gpus`` GPUs each) ``have`` ({"CPU": n,
+    "GPU": m}) holds at once; one line when it cannot hold one."""
     groups = []
     for name, per in (("CPU", cfg.num_cpus), ("GPU", cfg.num_gpus)):
         if per > 0:
@@ -214,6 +217,14 @@ def worker_groups_held(cfg) -> int:
                                f"the Ray cluster has {have.get(name, 0):g}")
             groups.append(int((have.get(name, 0) + 1e-9) // need))
     return max(1, min(groups, default=1))
+
+
+def worker_groups_held(cfg) -> int:
+    """How many students' worker groups the Ray cluster holds at once; one line, instead of a trial waiting for ever,
+    when it cannot hold one."""
+    import ray
+
+    return groups_that_fit(cfg, ray.cluster_resources())
 
 
 def front_points(ctx: PhaseContext, info: LatencyInfo, archs: list[str], metrics: list[dict], latencies: list[dict]) -> list[FrontPoint]:
@@ -243,7 +254,7 @@ def run(ctx: PhaseContext, info: LatencyInfo, archs: list[str]) -> tuple[dict, d
     t0 = time.time()
     # the front's networks compile while the students finetune (their latency does not depend on the weights), on the
     # cores the trials leave idle
-    todo = [a for a in archs if not is_finetuned(ctx.run, a, space)]
+    todo = still_to_finetune(ctx, archs)
     latency.compile_networks_ahead(ctx, info, [arch_from_str(a) for a in archs], idle_cores(space.finetune, len(todo), ctx.num_cpus))
     with ctx.ray():
         metrics = finetune_all(ctx, archs)
