@@ -72,9 +72,12 @@ def test_phases_do_real_work(finished):
     model = MLPPredictor.load(run.predictor_weights)
     order = np.random.default_rng(search.space.seed).permutation(len(samples))
     held = [samples[i] for i in order[: pred["n_holdout"]]]
-    with torch_threads(1):  # as the search ran: float32 sums in another order can swap two near-equal predictions
-        rho = spearman(model.predict(encode(search.bound, [h["choices"] for h in held])), [h["proxy_acc"] for h in held])
-    assert pred["n_train"] + pred["n_holdout"] == len(samples) and pred["spearman_holdout"] == pytest.approx(rho, abs=1e-6)
+    assert pred["holdout"]["choices"] == [h["choices"] for h in held] and pred["holdout"]["proxy_acc"] == [h["proxy_acc"] for h in held]
+    # float32 sums in another order (threads, memory alignment) move predictions by an ulp and can swap two near-equal
+    # ones, so the ranks are checked on the recorded predictions and the predictions against the saved predictor
+    assert model.predict(encode(search.bound, [h["choices"] for h in held])) == pytest.approx(pred["holdout"]["predicted"], abs=1e-5)
+    assert pred["spearman_holdout"] == pytest.approx(spearman(pred["holdout"]["predicted"], pred["holdout"]["proxy_acc"]), abs=1e-9)
+    assert pred["n_train"] + pred["n_holdout"] == len(samples)
     sols = json.loads(run.solutions.read_text())
     assert sols
     for s in sols:

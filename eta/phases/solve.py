@@ -184,7 +184,8 @@ def fit_predictor(bound: BoundSpace, samples: list[dict], seed: int, encoding: s
                             optimizer=p.optimizer, lr=p.lr, epochs=p.epochs, seed=seed)
     pred = model.predict(X[hold])
     metrics = {"spearman_holdout": float(spearman(pred, y[hold])), "n_train": int(len(train)), "n_holdout": int(len(hold)),
-               "mae_holdout": float(np.mean(np.abs(pred - y[hold]))), "proxy_acc_range": [float(y.min()), float(y.max())]}
+               "mae_holdout": float(np.mean(np.abs(pred - y[hold]))), "proxy_acc_range": [float(y.min()), float(y.max())],
+               "holdout": {"choices": [samples[i]["choices"] for i in hold], "predicted": pred.tolist(), "proxy_acc": y[hold].tolist()}}
     return model, metrics
 
 
