@@ -253,9 +253,10 @@ def run(ctx: PhaseContext, info: LatencyInfo, archs: list[str]) -> tuple[dict, d
     space, run_dir = ctx.space, ctx.run
     t0 = time.time()
     # the front's networks compile while the students finetune (their latency does not depend on the weights), on the
-    # cores the trials leave idle
+    # cores the trials leave idle; with nothing to finetune there is nothing to overlap, and networks_latency tunes first
     todo = still_to_finetune(ctx, archs)
-    latency.compile_networks_ahead(ctx, info, [arch_from_str(a) for a in archs], idle_cores(space.finetune, len(todo), ctx.num_cpus))
+    if todo:
+        latency.compile_networks_ahead(ctx, info, [arch_from_str(a) for a in archs], idle_cores(space.finetune, len(todo), ctx.num_cpus))
     with ctx.ray():
         metrics = finetune_all(ctx, archs)
     with ctx.latency_session():
