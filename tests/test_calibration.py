@@ -197,3 +197,29 @@ def test_modules_built_before_tuning_count_in_the_summary_of_the_pass_that_times
     t.measure_many(items, progress=False)
     assert rounds[1] == [(t.key("a", (1, 2)), False), (t.key("b", (1, 2)), False)]  # "a" a hit there, "b" built
     assert t.summary["compiled"] == 2 and t.summary["compile_s"] == 4.0  # "a" before tuning, "b" before timing
+
+
+def test_the_fronts_tuning_run_is_named_by_its_networks(tmp_path, monkeypatch):
+    """Resuming the front's tuning finds the interrupted run by its networks: a name made from the tasks found would
+    change when a compile pass finds them otherwise, and the resumed call would start a new run with nothing to tune."""
+    from eta.bound import bind, splits_for
+    from eta.phases import latency
+    from eta.space import parse_space
+
+    from .conftest import tiny_space_dict
+
+    monkeypatch.setattr(tvm_backend, "measure", lambda m, s, t, p=None, database_dir=None, key=None: Measurement(1.0, 0.01, 3, [1.0] * 3))
+    from .test_latency import fake_compiles
+
+    fake_compiles(monkeypatch)
+    names = []
+    monkeypatch.setattr(latency, "tune", lambda space, m, table, workloads, name=None, progress=True: names.append((name, len(workloads))))
+    space = parse_space(tiny_space_dict(), "test")
+    bound = bind(space, splits_for(space))
+    measurer = latency.measurer(space)
+    table = measurer.open_table(root=tmp_path)
+    students = [bound.arch(c) for c in latency.calibration_archs(bound, 2, seed=0)[-2:]]
+    for archs in (students, students, students[:1]):
+        latency.networks_latency(bound, table, archs, m=measurer)
+    assert names[0][0] and names[0][0].startswith("front ") and names[0][1] == 2 * len(space.resolutions)
+    assert names[1][0] == names[0][0] != names[2][0]

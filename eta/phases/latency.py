@@ -330,8 +330,8 @@ def networks_latency(bound: BoundSpace, table: LatencyTable, archs: list, execut
     """
     nets = [dict(zip(bound.space.resolutions, ws)) for ws in front_workloads(bound, archs)]
     workloads = [w for n in nets for w in n.values()]
-    if m is not None and workloads:  # a tuning run named by its set of tasks: the same networks resume it
-        tune(bound.space, m, table, workloads, progress=progress)
+    if m is not None and workloads:  # named by the networks, not by the tasks found (a compile pass can find them otherwise)
+        tune(bound.space, m, table, workloads, name=f"front {space_key(workloads)}", progress=progress)
     table.measure_many(workloads, desc="whole-network latency", progress=progress, executor=executor)
     return [{str(r): float(table.get(w.signature, w.input_shape, 32)) for r, w in n.items()} for n in nets]
 
