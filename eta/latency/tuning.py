@@ -351,8 +351,8 @@ def tune_space(workloads, target: dict, database_dir, *, total_trials: int | Non
     # MetaSchedule caps every task at one number of trials in this call; a resumed task may pass its cap by what it spent before
     per_task = (trials_per_task - min(spent(t) for t in eligible)) if trials_per_task else left
     per_iter = min(num_trials_per_iter, per_task)
-    if max_seconds is not None:  # a time limit may end the first pass: halve the batch so it reaches twice as many tasks
-        per_iter = max(1, min(per_iter, per_task // 2))
+    if max_seconds is not None and any(spent(t) == 0 for t in eligible):  # a time limit may end the first pass: halve the
+        per_iter = max(1, min(per_iter, per_task // 2))  # batch so it reaches twice as many tasks (a resumed pass keeps it whole)
     cores = int(target.get("num-cores") or os.cpu_count() or 1)
     this_run = {"trials": 0, "tasks": set(), "per_task": {}}
     bar = tqdm(total=left, desc=f"tuning {len(eligible)} tasks", unit="trial", disable=not progress, dynamic_ncols=True)
