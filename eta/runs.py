@@ -148,8 +148,10 @@ class Run:
     def student_dir(self, student_id: str) -> Path:
         return self.finetune_dir / student_id
 
-    def student_weights(self, student_id: str) -> Path:
-        return self.student_dir(student_id) / "weights.safetensors"
+    def student_weights(self, student_id: str, resolution: int | None = None) -> Path:
+        """The finetuned weights; at ``resolution``, those with BatchNorm statistics of that resolution."""
+        name = "weights.safetensors" if resolution is None else f"weights_{int(resolution)}px.safetensors"
+        return self.student_dir(student_id) / name
 
     def student_metrics(self, student_id: str) -> Path:
         return self.student_dir(student_id) / "metrics.json"

@@ -286,13 +286,17 @@ class FinetuneConfig(_Strict):
     num_gpus: float = Field(0, ge=0, description="GPUs of each student's trial (of each worker, with workers > 1)")
     workers: int = Field(1, ge=1, description="data-parallel Ray Train workers per student (e.g. its GPUs); 1 trains in the trial")
     amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="mixed precision on CUDA (auto: bf16 where supported)")
+    resolution_bn_batches: int = Field(100, ge=0, description="training batches that re-estimate a student's BatchNorm statistics "
+                                       "at each resolution below the largest, where it is then evaluated and exported (0: keep "
+                                       "the largest resolution's)")
 
     PLACEMENT: ClassVar[frozenset] = frozenset({"max_students", "num_cpus", "num_gpus"})  # where and how many, not how
+    AFTER_TRAINING: ClassVar[frozenset] = frozenset({"resolution_bn_batches"})  # redone on the trained weights, not retrained
 
     def recipe(self) -> str:
         """Hash of the settings a finetuned student's weights depend on (defaults left out, as in the space's hashes):
         a student kept under another recipe (more epochs, another learning rate) is finetuned again on resume."""
-        return settings_digest(self.model_dump(mode="json", exclude=set(self.PLACEMENT), exclude_defaults=True))
+        return settings_digest(self.model_dump(mode="json", exclude=set(self.PLACEMENT | self.AFTER_TRAINING), exclude_defaults=True))
 
 
 class TrackingConfig(_Strict):

@@ -8,6 +8,7 @@ with a gradient scaler) and keeps its running loss on the device, so no step wai
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Callable, Optional, Sequence
 
@@ -43,14 +44,9 @@ def evaluate(model: nn.Module, dataset, *, resolution: int, batch_size: int = 25
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, dataset, *, resolution: int, num_batches_: int, batch_size: int = 64, seed: int = 0,
                    device="cpu", workers: int | None = None) -> None:
-    """Re-estimate BatchNorm statistics of a stitched network (their inputs changed)."""
-    loader = []
-    for i, (x, _) in enumerate(batches(dataset, batch_size, resolution=resolution, shuffle=True, seed=seed, device=device,
-                                       workers=workers)):
-        if i >= num_batches_:
-            break
-        loader.append(x)
-    torch.optim.swa_utils.update_bn(loader, model)
+    """Re-estimate BatchNorm statistics of a network whose inputs changed (a stitched student, another resolution)."""
+    stream = batches(dataset, batch_size, resolution=resolution, shuffle=True, seed=seed, device=device, workers=workers)
+    torch.optim.swa_utils.update_bn(itertools.islice(stream, num_batches_), model)  # streamed: large images need not fit at once
     model.eval()
 
 

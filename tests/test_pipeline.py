@@ -190,6 +190,53 @@ def test_new_finetune_settings_finetune_the_students_again_but_more_students_kee
         assert len(metrics["history"]) == 1 and metrics["recipe"]
 
 
+def test_each_lower_resolution_has_its_own_batchnorm_statistics(finished, tmp_path):
+    """A student at 12 px is the one finetuned (last at 16 px) with BatchNorm statistics re-estimated at 12 px: the
+    front's point loads those weights and has their accuracy; an older run gets them on --remeasure without training,
+    and resolution_bn_batches 0 goes back to the 16-px statistics."""
+    from eta.export import build_student
+    from eta.files import load_tensors
+    from eta.runs import Run
+    from eta.train import evaluate
+
+    search, pareto, _ = finished
+    low = [p for p in pareto["all"] if p["resolution"] == 12]
+    assert low
+    for p in low:
+        own = load_tensors(search.run.root / p["weights"])
+        top = load_tensors(search.run.student_weights(p["id"]))
+        assert p["weights"].endswith("weights_12px.safetensors") and own.keys() == top.keys()
+        stats = [k for k in own if k.endswith(("running_mean", "running_var"))]
+        assert stats and all(torch.equal(own[k], top[k]) for k in own if k not in stats and not k.endswith("num_batches_tracked"))
+        assert any(not torch.allclose(own[k], top[k]) for k in stats)
+        assert evaluate(build_student(search.run, p), search.splits.test, resolution=12) == pytest.approx(p["test_acc"], abs=1e-9)
+    # a run finetuned before per-resolution statistics: --remeasure adds them from the saved weights
+    root = tmp_path / search.run.root.name
+    shutil.copytree(search.run.root, root)
+    for f in root.glob("finetune/*/weights_12px.safetensors"):
+        f.unlink()
+    for f in root.glob("finetune/*/metrics.json"):
+        m = json.loads(f.read_text())
+        m.pop("bn_resolutions"), m.pop("resolution_bn_batches")
+        f.write_text(json.dumps(m))
+    trained = {f: f.read_bytes() for f in root.glob("finetune/*/weights.safetensors")}
+    out = Search(parse_space(tiny_space_dict()), runs_dir=tmp_path, progress=False).phase("finetune", remeasure=True)
+    assert {f: f.read_bytes() for f in trained} == trained  # nothing trained again
+    by_point = {(p["id"], p["resolution"]): p for p in out["all"]}
+    for p in low:
+        again = by_point[(p["id"], 12)]
+        assert again["weights"] == p["weights"] and again["test_acc"] == pytest.approx(p["test_acc"], abs=0.01)
+        fresh, first = load_tensors(root / again["weights"]), load_tensors(search.run.root / p["weights"])
+        assert all(torch.allclose(fresh[k], first[k], atol=1e-4) for k in first)
+    d = tiny_space_dict()
+    d["finetune"]["resolution_bn_batches"] = 0
+    out = Search(parse_space(d), runs_dir=tmp_path, progress=False).phase("finetune")
+    assert {f: f.read_bytes() for f in trained} == trained and not list(root.glob("finetune/*/weights_12px.safetensors"))
+    for p in (p for p in out["all"] if p["resolution"] == 12):
+        assert p["weights"].endswith("/weights.safetensors")
+        assert evaluate(build_student(Run.open(root), p), search.splits.test, resolution=12) == pytest.approx(p["test_acc"], abs=1e-9)
+
+
 def test_export_and_load_student(finished, tmp_path):
     import eta
     from eta.export import export_student, load_exported

@@ -8,6 +8,7 @@ whole student for the target; the Pareto front over (architecture, bits, resolut
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -29,9 +30,9 @@ from ..plots import plot_front
 from ..raycluster import TaskContext
 from ..records import Front, FrontPoint, LatencyInfo
 from ..runs import Run
-from ..student import OperatorBank, bops, count_params, is_quantized, size_mb, skeleton
+from ..student import OperatorBank, bops, count_params, is_quantized, size_mb, skeleton, weights_skeleton
 from ..tracking import PhaseTracker
-from ..train import evaluate, fit
+from ..train import evaluate, fit, recalibrate_bn
 from . import latency
 from .pretrain import load_block_states
 from .context import PhaseContext
@@ -68,8 +69,42 @@ def finetune_student(bound: BoundSpace, bank: OperatorBank, splits, arch, *, dev
                   seed=space.seed, device=device, on_epoch=on_epoch, desc="finetune", progress=progress,
                   augment=for_space(space, splits.num_classes), amp="off" if is_quantized(arch) else cfg.amp,
                   data_parallel=data_parallel)
-    accs = {int(r): evaluate(student, splits.test, resolution=r, device=device) for r in space.resolutions}
-    return student, history, accs
+    variants = at_resolutions(bound, splits, student, arch, device=device)
+    accs = {r: evaluate(model, splits.test, resolution=r, device=device) for r, model in variants.items()}
+    return variants, history, accs
+
+
+def at_resolutions(bound: BoundSpace, splits, student: torch.nn.Module, arch, *, device="cpu") -> dict[int, torch.nn.Module]:
+    """The finetuned student for each resolution of the space: at the largest (trained last) as trained, at each lower
+    one with its BatchNorm statistics re-estimated there on training images. One set of weights serves every
+    resolution; the statistics of its activations do not (once-for-all does the same for each sub-network)."""
+    cfg = bound.space.finetune
+    top = max(bound.space.resolutions)
+    adapt = cfg.resolution_bn_batches > 0 and not is_quantized(arch) and has_batchnorm(student)
+    out = {}
+    for r in sorted(int(r) for r in bound.space.resolutions):
+        if r == top or not adapt:
+            out[r] = student
+            continue
+        out[r] = copy.deepcopy(student)
+        recalibrate_bn(out[r], splits.train, resolution=r, num_batches_=cfg.resolution_bn_batches, batch_size=cfg.batch_size,
+                       seed=bound.space.seed, device=device)
+    return out
+
+
+def has_batchnorm(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def save_student(run: Run, sid: str, arch_str: str, variants: dict[int, torch.nn.Module]) -> list[int]:
+    """Save the student's weights (its largest resolution's) and, for each lower resolution with statistics of its
+    own, its weights there; returns those resolutions."""
+    top = max(variants)
+    own = [r for r, model in variants.items() if r != top and model is not variants[top]]
+    save_tensors(run.student_weights(sid), variants[top].state_dict(), {"arch": arch_str})
+    for r in own:
+        save_tensors(run.student_weights(sid, r), variants[r].state_dict(), {"arch": arch_str, "resolution": str(r)})
+    return own
 
 
 def finetune_trial(config: dict) -> None:
@@ -121,12 +156,14 @@ def train_and_save(config: dict, *, device, report, rank=None) -> None:
         if epoch == 0 and leader:
             faults.maybe_die(NAME, sid)
 
-    student, history, accs = finetune_student(bound, bank, splits, arch, device=device, on_epoch=on_epoch,
-                                              data_parallel=rank is not None)
-    student = student.cpu().eval()
+    variants, history, accs = finetune_student(bound, bank, splits, arch, device=device, on_epoch=on_epoch,
+                                               data_parallel=rank is not None)
+    variants = {r: m.cpu().eval() for r, m in variants.items()}
+    student = variants[max(variants)]
     if leader:
-        save_tensors(run.student_weights(sid), student.state_dict(), {"arch": config["arch"]})
+        own = save_student(run, sid, config["arch"], variants)
         metrics = {"id": sid, "arch": config["arch"], "test_acc": {str(r): a for r, a in accs.items()}, "history": history,
+                   "bn_resolutions": own, "resolution_bn_batches": space.finetune.resolution_bn_batches,
                    "params": count_params(student), "size_mb": size_mb(student, arch),
                    # MACs of the float tree (quantized convs are folded)
                    "bops": bops(skeleton(bound, arch), arch, bound.input_shape(space.data.resolution)),
@@ -142,6 +179,36 @@ def train_and_save(config: dict, *, device, report, rank=None) -> None:
 def still_to_finetune(ctx: PhaseContext, archs: list[str]) -> list[str]:
     """The architectures without weights finetuned under the space's current recipe."""
     return [a for a in archs if not is_finetuned(ctx.run, a, ctx.space)]
+
+
+def restate_resolutions(ctx: PhaseContext, metrics: list[dict]) -> list[dict]:
+    """Students finetuned without per-resolution statistics of the space's ``resolution_bn_batches`` (before eta kept
+    them, or under another setting) get them here from their saved weights, and their accuracy below the largest
+    resolution is measured again; nothing is trained again."""
+    from tqdm.auto import tqdm
+
+    n = ctx.space.finetune.resolution_bn_batches
+    stale = [m for m in metrics if m.get("resolution_bn_batches") != n]
+    if not stale:
+        return metrics
+    log.info("finetune: re-estimating BatchNorm statistics below %d px for %d students finetuned without them",
+             max(ctx.space.resolutions), len(stale))
+    device = pick_device(1)
+    for m in tqdm(stale, desc="statistics per resolution", disable=not ctx.progress, dynamic_ncols=True):
+        arch = arch_from_str(m["arch"])
+        model = weights_skeleton(ctx.bound, arch)
+        model.load_state_dict(load_tensors(ctx.run.student_weights(m["id"])))
+        variants = at_resolutions(ctx.bound, ctx.splits, model.to(device).eval(), arch, device=device)
+        top = max(variants)
+        own = save_student(ctx.run, m["id"], m["arch"], {r: v.cpu().eval() for r, v in variants.items()})
+        for r in variants:
+            if r != top and r not in own:
+                ctx.run.student_weights(m["id"], r).unlink(missing_ok=True)
+            if r != top:
+                m["test_acc"][str(r)] = evaluate(variants[r], ctx.splits.test, resolution=r, device=device)
+        m.update(bn_resolutions=own, resolution_bn_batches=n)
+        write_json(ctx.run.student_metrics(m["id"]), m)
+    return metrics
 
 
 def finetune_all(ctx: PhaseContext, archs: list[str]) -> list[dict]:
@@ -241,7 +308,7 @@ def front_points(ctx: PhaseContext, info: LatencyInfo, archs: list[str], metrics
                                      predicted_latency_ms=predicted if r == space.data.resolution else None,
                                      test_acc=m["test_acc"][str(r)], params=m["params"], size_mb=m["size_mb"],
                                      bops_g=m["bops"] * (r / space.data.resolution) ** 2 / 1e9,
-                                     weights=ctx.run.relative(ctx.run.student_weights(sid))))
+                                     weights=ctx.run.relative(ctx.run.student_weights(sid, r if r in m.get("bn_resolutions", ()) else None))))
     return points
 
 
@@ -259,6 +326,7 @@ def run(ctx: PhaseContext, info: LatencyInfo, archs: list[str]) -> tuple[dict, d
         latency.compile_networks_ahead(ctx, info, [arch_from_str(a) for a in archs], idle_cores(space.finetune, len(todo), ctx.num_cpus))
     with ctx.ray():
         metrics = finetune_all(ctx, archs)
+    metrics = restate_resolutions(ctx, metrics)
     with ctx.latency_session():
         m, table = latency.opened_table(ctx, info)
         executor = m.executor()
