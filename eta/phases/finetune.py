@@ -96,14 +96,16 @@ def has_batchnorm(model: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def save_student(run: Run, sid: str, arch_str: str, variants: dict[int, torch.nn.Module]) -> list[int]:
-    """Save the student's weights (its largest resolution's) and, for each lower resolution with statistics of its
-    own, its weights there; returns those resolutions."""
+def save_lower_resolutions(run: Run, sid: str, arch_str: str, variants: dict[int, torch.nn.Module]) -> list[int]:
+    """Save the student's weights at each lower resolution with statistics of its own (the largest resolution's are
+    the student's own weights file); remove those a setting no longer wants; returns the resolutions saved."""
     top = max(variants)
     own = [r for r, model in variants.items() if r != top and model is not variants[top]]
-    save_tensors(run.student_weights(sid), variants[top].state_dict(), {"arch": arch_str})
-    for r in own:
-        save_tensors(run.student_weights(sid, r), variants[r].state_dict(), {"arch": arch_str, "resolution": str(r)})
+    for r in variants:
+        if r in own:
+            save_tensors(run.student_weights(sid, r), variants[r].state_dict(), {"arch": arch_str, "resolution": str(r)})
+        elif r != top:
+            run.student_weights(sid, r).unlink(missing_ok=True)
     return own
 
 
@@ -161,7 +163,8 @@ def train_and_save(config: dict, *, device, report, rank=None) -> None:
     variants = {r: m.cpu().eval() for r, m in variants.items()}
     student = variants[max(variants)]
     if leader:
-        own = save_student(run, sid, config["arch"], variants)
+        save_tensors(run.student_weights(sid), student.state_dict(), {"arch": config["arch"]})
+        own = save_lower_resolutions(run, sid, config["arch"], variants)
         metrics = {"id": sid, "arch": config["arch"], "test_acc": {str(r): a for r, a in accs.items()}, "history": history,
                    "bn_resolutions": own, "resolution_bn_batches": space.finetune.resolution_bn_batches,
                    "params": count_params(student), "size_mb": size_mb(student, arch),
@@ -199,12 +202,9 @@ def restate_resolutions(ctx: PhaseContext, metrics: list[dict]) -> list[dict]:
         model = weights_skeleton(ctx.bound, arch)
         model.load_state_dict(load_tensors(ctx.run.student_weights(m["id"])))
         variants = at_resolutions(ctx.bound, ctx.splits, model.to(device).eval(), arch, device=device)
-        top = max(variants)
-        own = save_student(ctx.run, m["id"], m["arch"], {r: v.cpu().eval() for r, v in variants.items()})
+        own = save_lower_resolutions(ctx.run, m["id"], m["arch"], {r: v.cpu().eval() for r, v in variants.items()})
         for r in variants:
-            if r != top and r not in own:
-                ctx.run.student_weights(m["id"], r).unlink(missing_ok=True)
-            if r != top:
+            if r != max(variants):  # the largest resolution's weights and accuracy are the trained ones, kept
                 m["test_acc"][str(r)] = evaluate(variants[r], ctx.splits.test, resolution=r, device=device)
         m.update(bn_resolutions=own, resolution_bn_batches=n)
         write_json(ctx.run.student_metrics(m["id"]), m)
