@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from torch import nn
 
-from eta.latency import calibrate, tvm_backend
+from eta.latency import calibrate, schedules, tvm_backend
 from eta.latency.protocol import Measurement, Protocol
 from eta.latency.backends import schedule_policy
 from eta.latency.calibrate import fit_rows
@@ -223,3 +223,49 @@ def test_the_fronts_tuning_run_is_named_by_its_networks(tmp_path, monkeypatch):
         latency.networks_latency(bound, table, archs, m=measurer)
     assert names[0][0] and names[0][0].startswith("front ") and names[0][1] == 2 * len(space.resolutions)
     assert names[1][0] == names[0][0] != names[2][0]
+
+
+def test_a_resumed_tuning_run_leaves_the_networks_it_will_tune_further_for_after_it(tmp_path, monkeypatch):
+    """The compile pass before a resumed front tuning builds only networks none of whose tasks the run will tune
+    again: those below the cap wait (built before, they would be built again after); those at the cap, or with their
+    design space used up, do not."""
+    from eta.bound import bind, splits_for
+    from eta.latency import compile_cache
+    from eta.phases import latency
+    from eta.space import parse_space
+
+    from .conftest import tiny_space_dict
+
+    class Tuned(Exception):
+        pass
+
+    retuning = []
+
+    def compile_many(jobs, **kw):
+        retuning.extend(j.retuning for j in jobs if j.tuned_only)
+        return [compile_cache.CompileResult(j.key, None, 0.0, True) for j in jobs]
+
+    def tune_space(pairs, target, database_dir, **kw):
+        raise Tuned
+
+    monkeypatch.setattr(compile_cache, "compile_many", compile_many)
+    monkeypatch.setattr(latency, "tune_space", tune_space)
+    d = tiny_space_dict()
+    d["latency"].update(schedules="tuned", tune={"trials_per_task": 4})
+    space = parse_space(d, "test")
+    bound = bind(space, splits_for(space))
+    measurer = latency.measurer(space)
+    table = measurer.open_table(root=tmp_path)
+    archs = [bound.arch(c) for c in latency.calibration_archs(bound, 2, seed=0)[-2:]]
+    run = latency.front_run([w for ws in latency.front_workloads(bound, archs) for w in ws])
+    table.database_dir.mkdir(parents=True, exist_ok=True)
+    schedules.write_state(table.database_dir, {
+        "tasks": {"at_cap": {"trials": 4}, "below": {"trials": 2}, "used_up": {"trials": 1, "exhausted": True}},
+        "runs": {run: {"tasks": ["at_cap", "below", "used_up"], "trials_spent": 7}}})
+    with pytest.raises(Tuned):
+        latency.networks_latency(bound, table, archs, m=measurer)
+    assert retuning and all(r == {"below"} for r in retuning)
+    retuning.clear()
+    with pytest.raises(Tuned):  # another front: a run of its own, nothing of it tuned before
+        latency.networks_latency(bound, table, archs[:1], m=measurer)
+    assert retuning and all(r == frozenset() for r in retuning)

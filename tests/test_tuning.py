@@ -132,6 +132,23 @@ def test_interrupted_run_resumes_with_the_budget_left(tmp_path, target, caplog):
     assert more.trials_run == 2 and more.trials_spent == 8
 
 
+@pytest.mark.slow  # real MetaSchedule trials: under a minute on 2 cores
+def test_the_tasks_said_to_be_tuned_further_are_those_the_resumed_run_tunes(tmp_path, target):
+    """What a compile pass before tuning leaves for after it must be what tuning then changes: a task at its cap is
+    not tuned again (its modules are built at once), one below it is (its modules wait)."""
+    db = tmp_path / "db"
+    space = [(module_a(), SHAPE), (module_b(), SHAPE)]
+    first = tuning.tune_space(space, target, db, trials_per_task=1, max_seconds=0, run="r", **FAST)
+    before = {t["hash"]: t["trials"] for t in first.tasks}
+    further = tuning.tasks_to_tune_further(db, "r", trials_per_task=1)
+    assert first.stopped == "time" and 0 < len(further) < len(before), before  # interrupted with one task at its cap
+    second = tuning.tune_space(space, target, db, trials_per_task=1, run="r", **FAST)
+    assert further == {t["hash"] for t in second.tasks if t["trials"] > before[t["hash"]]}
+    assert tuning.tasks_to_tune_further(db, "r", trials_per_task=1) == frozenset()  # done
+    assert tuning.tasks_to_tune_further(db, "r", trials_per_task=2) == set(before)  # a larger cap: every task again
+    assert tuning.tasks_to_tune_further(db, "another run", trials_per_task=2) == frozenset()
+
+
 def pooled(depth: int):
     """Convolutions then a global average pool: the pool's TIR block is named after its Relax variable, so it
     differs between networks of different depth while its structure (and workload hash) is the same."""

@@ -1,4 +1,5 @@
 """Compiled-module cache: compile once, re-load after, rebuild what no longer loads; export what runs."""
+import dataclasses
 import json
 import logging
 import os
@@ -158,10 +159,16 @@ def test_a_tuned_only_job_builds_nothing_until_every_task_has_a_schedule(cache, 
     assert left.untuned and left.path is None and not compiles
     assert left.tasks and {t.hash for t in left.tasks} == set(cc.module_workloads(tiny(4, 8), SHAPE, target, "conv"))
     monkeypatch.setattr(schedules, "tuned_hashes", lambda _db: {t.hash for t in left.tasks})  # as if tuned since
+    # a task a resumed tuning run will tune further waits like an untuned one: built now, it would be built again after
+    retuned = dataclasses.replace(job, retuning=frozenset({left.tasks[0].hash}))
+    [waits] = cc.compile_many([retuned], workers=1)
+    assert waits.untuned and waits.path is None and not compiles
     [built] = cc.compile_many([job], workers=1)
     assert not built.untuned and built.path.is_file() and len(compiles) == 1 and built.tasks == left.tasks
     [again] = cc.compile_many([job], workers=1)
     assert again.hit and again.tasks == left.tasks and len(compiles) == 1
+    [stale] = cc.compile_many([retuned], workers=1)  # in the cache, but on a schedule about to change
+    assert stale.untuned and len(compiles) == 1
 
 
 def test_modules_compiled_ahead_are_taken_by_the_next_compile_round(cache, target, compiles):

@@ -31,7 +31,7 @@ class NotExecutable(EtaError):
 # measure(module, input_shape, provenance, database_dir, key) -> (Measurement, extra fields for the entry);
 # ``key`` names the workload (the table's key), so a backend may keep what it compiled under it
 Measure = Callable[..., "tuple[Measurement, dict]"]
-# precompile(provenance, [(key, module, input_shape)], database_dir, progress, tuned_only)
+# precompile(provenance, [(key, module, input_shape)], database_dir, progress, tuned_only, retuning)
 #   -> {"compiled", "cached", "compile_s", "errors", "tasks": {key: the module's tuning tasks, when known},
 #       "built": {key: compile seconds of each module built}}
 Precompile = Callable[..., dict]
@@ -50,7 +50,7 @@ class LatencyBackend:
     measure_module: Measure
     schedules: Callable[[bool, bool], str]
     precompile: Precompile | None = None
-    compile_ahead: Callable | None = None  # (provenance, [(key, module, input_shape)], database_dir, workers) -> modules started
+    compile_ahead: Callable | None = None  # (provenance, [(key, module, input_shape)], database_dir, workers, retuning) -> modules started
 
     @property
     def version_key(self) -> str:
@@ -154,36 +154,37 @@ def _tvm_measure(module, input_shape, provenance, database_dir, key=None):
     return m, {"cache_hit": m.cache_hit, "schedules": m.schedules}
 
 
-def _tvm_jobs(provenance, items, database_dir, tuned_only: bool) -> list:
+def _tvm_jobs(provenance, items, database_dir, tuned_only: bool, retuning: frozenset = frozenset()) -> list:
     """Compile jobs of ``(key, module, input_shape)`` items: with the schedule database when the table is tuned."""
     from . import compile_cache
 
     tuned = uses_schedules(provenance["schedule"])
     db = str(database_dir) if tuned and database_dir is not None else None
-    return [compile_cache.CompileJob(key, module, tuple(shape), provenance["target"], db, tuned_only and tuned)
+    return [compile_cache.CompileJob(key, module, tuple(shape), provenance["target"], db, tuned_only and tuned, frozenset(retuning))
             for key, module, shape in items]
 
 
-def _tvm_precompile(provenance, items, database_dir, progress=False, tuned_only=False) -> dict:
+def _tvm_precompile(provenance, items, database_dir, progress=False, tuned_only=False, retuning=frozenset()) -> dict:
     """Compile every module not in the compiled-module cache, in a process pool, before anything is timed.
 
     ``tuned_only``: build only the modules whose every task has a tuned schedule; the others are left
-    for after tuning (``tasks`` then says which tasks each module has).
+    for after tuning (``tasks`` then says which tasks each module has), as are those using a task of ``retuning``.
     """
     from . import compile_cache
 
-    results = compile_cache.compile_many(_tvm_jobs(provenance, items, database_dir, tuned_only), progress=progress, desc="compiling")
+    results = compile_cache.compile_many(_tvm_jobs(provenance, items, database_dir, tuned_only, retuning), progress=progress,
+                                         desc="compiling")
     built = [r for r in results if not r.hit and r.error is None and not r.untuned]
     return {"compiled": len(built), "cached": sum(r.hit for r in results), "compile_s": sum(r.compile_s for r in built),
             "errors": [r.error for r in results if r.error], "tasks": {r.key: r.tasks for r in results if r.tasks is not None},
             "built": {r.key: r.compile_s for r in built}}
 
 
-def _tvm_compile_ahead(provenance, items, database_dir, workers=None) -> int:
+def _tvm_compile_ahead(provenance, items, database_dir, workers=None, retuning=frozenset()) -> int:
     """Start compiling ``items`` in the compile pool and return (see ``compile_cache.compile_ahead``)."""
     from . import compile_cache
 
-    return compile_cache.compile_ahead(_tvm_jobs(provenance, items, database_dir, tuned_only=True), workers)
+    return compile_cache.compile_ahead(_tvm_jobs(provenance, items, database_dir, True, retuning), workers)
 
 
 def _torch_target(kind: str, schedule: str) -> tuple[dict, str]:

@@ -26,6 +26,7 @@ import logging
 import os
 import pickle
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,7 @@ class CompileJob:
     target: dict
     database_dir: str | None = None
     tuned_only: bool = False  # build only when the database has a schedule for every task (else report them, build nothing)
+    retuning: frozenset = frozenset()  # ``tuned_only``: tasks tuning is about to tune further, as good as unscheduled
 
 
 @dataclass
@@ -142,10 +144,11 @@ def module_workloads(module, input_shape, target: dict, key: str, relax_mod=None
     return sorted({t.hash for t in module_tasks(module, input_shape, target, key, relax_mod)})
 
 
-def untuned_tasks(tasks: list[ModuleTask], database_dir) -> list[ModuleTask]:
-    """The tasks that need a schedule and have none in the database."""
+def untuned_tasks(tasks: list[ModuleTask], database_dir, retuning: Collection[str] = ()) -> list[ModuleTask]:
+    """The tasks that need a schedule and have none in the database, or whose schedule tuning is about to change
+    (``retuning``): a module built on it now would be built again after tuning."""
     tuned = schedules.tuned_hashes(database_dir)
-    return [t for t in tasks if not t.scheduled and t.hash not in tuned]
+    return [t for t in tasks if t.hash in retuning or (not t.scheduled and t.hash not in tuned)]
 
 
 def schedule_digest_of(module, input_shape, target: dict, key: str, database_dir, relax_mod=None) -> str | None:
@@ -295,7 +298,7 @@ def _ensure(job: CompileJob) -> CompileResult:
         tasks = None
         if job.database_dir is not None:
             tasks = module_tasks(job.module, job.input_shape, job.target, job.key, relax_mod)
-            if job.tuned_only and untuned_tasks(tasks, job.database_dir):
+            if job.tuned_only and untuned_tasks(tasks, job.database_dir, job.retuning):
                 return CompileResult(job.key, None, 0.0, False, tasks=tasks, untuned=True)
         found = lookup(job.key, job.input_shape, job.target, job.database_dir, job.module, relax_mod)
         if found is not None:
@@ -452,7 +455,7 @@ def compile_many(jobs: list[CompileJob], workers: int | None = None, *, progress
         found = lookup(job.key, job.input_shape, job.target, job.database_dir)  # cheap: no module import here
         if found is not None:
             tasks = None if job.database_dir is None else _stored_tasks(job.key, job.input_shape, job.target)
-            untuned = bool(job.tuned_only and tasks and untuned_tasks(tasks, job.database_dir))
+            untuned = bool(job.tuned_only and tasks and untuned_tasks(tasks, job.database_dir, job.retuning))
             done[k] = CompileResult(job.key, found[0], float(found[1]["compile_s"]), True, tasks=tasks, untuned=untuned)
         else:
             todo[k] = job

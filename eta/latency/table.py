@@ -399,26 +399,28 @@ class LatencyTable:
         e = self.entry(item[0], item[2], item[3])
         return bool(e) and e.get("executable", True) and "slower_measurement_ms" not in e
 
-    def tuning_tasks(self, items, progress: bool = True) -> list:
+    def tuning_tasks(self, items, progress: bool = True, retuning: frozenset = frozenset()) -> list:
         """Each item's tuning tasks (None where the backend does not say), found by compiling the items first.
 
         An item whose every task has a tuned schedule is compiled there and then (its timing later loads
         it); the others are left until tuning has given them schedules. So a space whose schedules are
         all tuned or shipped is imported and compiled once, not once more to look for tasks to tune.
+        ``retuning``: tasks the tuning run will tune further (a resumed run); items using one wait too.
         """
-        done = self._precompile(items, progress, tuned_only=True)
+        done = self._precompile(items, progress, tuned_only=True, retuning=retuning)
         self._built_before_tuning.update(done.get("built", {}))  # counted by the measure_many that times them
         tasks = done.get("tasks", {})
         return [tasks.get(self.key(signature, shape, bits)) for signature, _, shape, bits in items]
 
-    def compile_ahead(self, items, workers: int | None = None) -> int:
+    def compile_ahead(self, items, workers: int | None = None, retuning: frozenset = frozenset()) -> int:
         """Start compiling ``items``, ``workers`` at a time (default: one per core), and return at once (a no-op for
         backends that compile nothing); their timing later takes the compiled modules, and waits for the compiles
-        to end. Returns how many were started."""
+        to end. Items with a task not tuned yet, or in ``retuning``, are left for after tuning. Returns how many
+        were started."""
         backend = backends.get(self.provenance["backend"])
         if backend.compile_ahead is None:
             return 0
-        return backend.compile_ahead(self.provenance, self._jobs(items), self.database_dir, workers)
+        return backend.compile_ahead(self.provenance, self._jobs(items), self.database_dir, workers, retuning)
 
     def _jobs(self, items) -> list[tuple]:
         """(key, module, input shape) of each item the backend can run."""
@@ -433,7 +435,7 @@ class LatencyTable:
             jobs.append((self.key(signature, shape, bits), module, tuple(shape)))
         return jobs
 
-    def _precompile(self, items, progress: bool, tuned_only: bool = False) -> dict:
+    def _precompile(self, items, progress: bool, tuned_only: bool = False, retuning: frozenset = frozenset()) -> dict:
         """Compile the modules of ``items`` (float and integer) before any is timed (a no-op for backends that compile nothing)."""
         backend = backends.get(self.provenance["backend"])
         if backend.precompile is None:
@@ -441,7 +443,7 @@ class LatencyTable:
         jobs = self._jobs(items)
         if not jobs:
             return {}
-        done = backend.precompile(self.provenance, jobs, self.database_dir, progress, tuned_only)
+        done = backend.precompile(self.provenance, jobs, self.database_dir, progress, tuned_only, retuning)
         for err in done.get("errors", []):
             log.warning("compiling: %s", err)
         return {k: done[k] for k in ("compiled", "compile_s") + (("tasks", "built") if tuned_only else ()) if k in done}

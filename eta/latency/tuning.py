@@ -135,6 +135,25 @@ def _run_key(hashes) -> str:
     return hashlib.sha256("\n".join(sorted(hashes)).encode()).hexdigest()[:16]
 
 
+def tasks_to_tune_further(database_dir, run: str, *, trials_per_task: int | None = None,
+                          total_trials: int | None = None) -> frozenset[str]:
+    """The tasks an interrupted run ``run`` will tune again when resumed with this budget (``tune_space``'s
+    rule: its own tasks, below the cap, design space not used up, while budget is left). Their schedules
+    have records already but are about to change, so a module using one is compiled after tuning, not
+    before it as well. Empty for a run the database has not seen."""
+    state = schedules.read_state(database_dir) or {}
+    record = state.get("runs", {}).get(run)
+    if record is None:
+        return frozenset()
+    own, counts = record["tasks"], state.get("tasks", {})
+    if total_trials is None:
+        total_trials = trials_per_task * len(own) if trials_per_task is not None else record.get("total_trials", 0)
+    if total_trials - int(record["trials_spent"]) <= 0:
+        return frozenset()
+    return frozenset(h for h in own if not counts.get(h, {}).get("exhausted", False)
+                     and (trials_per_task is None or int(counts.get(h, {}).get("trials", 0)) < trials_per_task))
+
+
 class _Stop(Exception):
     """Raised from the measure callback to end tuning early (time limit); the records so far stay."""
 

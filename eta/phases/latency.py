@@ -29,7 +29,7 @@ from ..latency.calibrate import Calibration, fit_rows
 from ..latency.measurer import Measurer
 from ..latency.protocol import Protocol
 from ..latency.table import LatencyTable, Workload, workload_signature
-from ..latency.tuning import tune_space
+from ..latency.tuning import tasks_to_tune_further, tune_space
 from ..mixed_precision import resource_limits
 from ..optimize import InfeasibleBudget, SearchProblem
 from ..plots import plot_calibration
@@ -76,7 +76,7 @@ def tune(space, m: Measurer, table: LatencyTable, workloads: list[Workload], *, 
     kw = dict(trials_per_task=space.latency.trials_per_task, total_trials=cfg.total_trials, population=cfg.population,
               max_seconds=60 * cfg.max_minutes if cfg.max_minutes else None, run=name, deepen=cfg.deepen)
     if not m.node_resource and not cfg.deepen:  # compiled here first: what has every schedule is built, the rest says its tasks
-        kw["known"] = table.tuning_tasks(workloads, progress=progress)
+        kw["known"] = table.tuning_tasks(workloads, progress=progress, retuning=retuning(space, table, name))
     if nodes is not None:
         kw["nodes"] = nodes
     if m.node_resource:
@@ -89,6 +89,27 @@ def tune(space, m: Measurer, table: LatencyTable, workloads: list[Workload], *, 
     out = summary.to_dict()
     out.pop("tasks", None)
     return out
+
+
+def retuning(space, table: LatencyTable, name: str | None) -> frozenset[str]:
+    """The tasks the tuning run ``name`` will tune further when resumed under the space's budget: a compile before
+    tuning leaves the modules that use one, which tuning would otherwise make it build twice."""
+    cfg = space.latency.tune
+    if name is None or not uses_schedules(table.provenance["schedule"]) or (cfg is not None and cfg.deepen):
+        return frozenset()
+    return tasks_to_tune_further(table.database_dir, name, trials_per_task=space.latency.trials_per_task,
+                                 total_trials=cfg.total_trials if cfg is not None else None)
+
+
+def table_run(workloads: list[Workload]) -> str:
+    """The name of the tuning run of a space's table (its entries, teacher and calibration networks)."""
+    return f"space {space_key(workloads)}"
+
+
+def front_run(workloads: list[Workload]) -> str:
+    """The name of the tuning run of a front's networks: by the networks, not by the tasks found (a compile pass can
+    find them otherwise, and a resumed run would not find itself)."""
+    return f"front {space_key(workloads)}"
 
 
 def _tune_on_node(pairs, target, database_dir, kw):
@@ -280,7 +301,7 @@ def compile_table_ahead(ctx: PhaseContext, workers: int) -> int:
         return 0
     table = measurer(ctx.space).open_table()  # no drift check: that times entries, and nothing is timed beside a compile
     workloads, teacher, calibration = phase_workloads(ctx.bound, table, ctx.space.latency.calibration_students, ctx.space.seed)
-    return table.compile_ahead(workloads + teacher + calibration, workers)
+    return table.compile_ahead(workloads + teacher + calibration, workers, retuning(ctx.space, table, table_run(workloads)))
 
 
 def table_and_calibration(ctx: PhaseContext, students: int, seed: int):
@@ -290,7 +311,7 @@ def table_and_calibration(ctx: PhaseContext, students: int, seed: int):
     executor = m.executor()
     workloads, teacher, calibration = phase_workloads(ctx.bound, table, students, seed)
     # one tuning run (and one compile round) for everything the phase times
-    table.tuning = tune(ctx.space, m, table, workloads + teacher + calibration, name=f"space {space_key(workloads)}", progress=ctx.progress)
+    table.tuning = tune(ctx.space, m, table, workloads + teacher + calibration, name=table_run(workloads), progress=ctx.progress)
     log.info("latency table: %d entries on %s (%s, %s), cached in %s", len(workloads), m.device, m.backend, m.schedule, table.path)
     table.measure_many(workloads, desc="latency table", progress=ctx.progress, executor=executor)
     base, per_block = option_latency_matrix(ctx.bound, table)
@@ -315,8 +336,9 @@ def compile_networks_ahead(ctx: PhaseContext, info: LatencyInfo, archs: list, wo
     students) and leaves ``workers`` cores idle: on busy cores compiling only slows that work down."""
     if ctx.space.latency.node_resource or workers < 1:
         return 0
-    return phase_measurer(ctx, info).open_table().compile_ahead([w for ws in front_workloads(ctx.bound, archs) for w in ws],
-                                                                 workers)
+    table = phase_measurer(ctx, info).open_table()
+    workloads = [w for ws in front_workloads(ctx.bound, archs) for w in ws]
+    return table.compile_ahead(workloads, workers, retuning(ctx.space, table, front_run(workloads)))
 
 
 def networks_latency(bound: BoundSpace, table: LatencyTable, archs: list, executor=None, m: Measurer | None = None,
@@ -330,8 +352,8 @@ def networks_latency(bound: BoundSpace, table: LatencyTable, archs: list, execut
     """
     nets = [dict(zip(bound.space.resolutions, ws)) for ws in front_workloads(bound, archs)]
     workloads = [w for n in nets for w in n.values()]
-    if m is not None and workloads:  # named by the networks, not by the tasks found (a compile pass can find them otherwise)
-        tune(bound.space, m, table, workloads, name=f"front {space_key(workloads)}", progress=progress)
+    if m is not None and workloads:
+        tune(bound.space, m, table, workloads, name=front_run(workloads), progress=progress)
     table.measure_many(workloads, desc="whole-network latency", progress=progress, executor=executor)
     return [{str(r): float(table.get(w.signature, w.input_shape, 32)) for r, w in n.items()} for n in nets]
 
