@@ -150,8 +150,13 @@ def tasks_to_tune_further(database_dir, run: str, *, trials_per_task: int | None
         total_trials = trials_per_task * len(own) if trials_per_task is not None else record.get("total_trials", 0)
     if total_trials - int(record["trials_spent"]) <= 0:
         return frozenset()
-    return frozenset(h for h in own if not counts.get(h, {}).get("exhausted", False)
-                     and (trials_per_task is None or int(counts.get(h, {}).get("trials", 0)) < trials_per_task))
+    return frozenset(h for h in own if _wants_trials(counts.get(h, {}), trials_per_task))
+
+
+def _wants_trials(count: dict, trials_per_task: int | None) -> bool:
+    """Whether a task of a run's own gets more trials: its design space not used up (a reshape has one schedule),
+    and below the cap."""
+    return not count.get("exhausted", False) and (trials_per_task is None or int(count.get("trials", 0)) < trials_per_task)
 
 
 class _Stop(Exception):
@@ -348,7 +353,7 @@ def tune_space(workloads, target: dict, database_dir, *, total_trials: int | Non
     def open_space(t):  # a task whose design space MetaSchedule has used up (a reshape has one schedule) is done
         return not counts[t.hash].get("exhausted", False)
 
-    eligible = [t for t in tasks if t.hash in own and open_space(t) and (trials_per_task is None or spent(t) < trials_per_task)]
+    eligible = [t for t in tasks if t.hash in own and _wants_trials(counts[t.hash], trials_per_task)]
     # the scheduler gives each task one batch in this order first: the least tuned first (a resumed run carries on
     # where it stopped), the most frequent first among equals (an interrupted first pass covers what the space runs most)
     eligible.sort(key=lambda t: (spent(t), -t.weight))
