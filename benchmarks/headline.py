@@ -182,13 +182,13 @@ class Bench:
         if self.measurer.backend != self.info.backend:
             measured = []
             for p in points:
-                m = self.cached(front_key(p), lambda p=p: {"latency_ms": self.latency(build_student(run, p), p["resolution"]),
+                m = self.cached(front_key(p), lambda p=p: {"latency_ms": self.latency(build_student(run, p, self.bound), p["resolution"]),
                                                            "test_acc": p["test_acc"]})
                 measured.append({**p, "latency_ms": m["latency_ms"]})  # the accuracy as the run has it now (a --remeasure may
                 # have re-estimated a resolution's statistics since this latency was kept)
             points = measured
         for p in points:
-            self.networks[front_key(p)] = (lambda p=p: build_student(run, p), p["resolution"])
+            self.networks[front_key(p)] = (lambda p=p: build_student(run, p, self.bound), p["resolution"])
         return points
 
     def side_by_side(self, points: list[dict], rounds: int = 2) -> None:

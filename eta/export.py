@@ -71,10 +71,12 @@ def run_io(run: Run, space) -> tuple[int, int]:
     return splits.in_chans, splits.num_classes
 
 
-def build_student(run: Run, entry: dict) -> torch.nn.Module:
-    space = run.space()
-    in_chans, num_classes = run_io(run, space)
-    bound = BoundSpace.build(space, in_chans=in_chans, num_classes=num_classes)
+def build_student(run: Run, entry: dict, bound: BoundSpace | None = None) -> torch.nn.Module:
+    """The finetuned student of a front entry; ``bound``: the run's bound space, when the caller builds many."""
+    if bound is None:
+        space = run.space()
+        in_chans, num_classes = run_io(run, space)
+        bound = BoundSpace.build(space, in_chans=in_chans, num_classes=num_classes)
     arch = arch_from_str(entry["arch"])
     model = weights_skeleton(bound, arch)
     state = load_tensors(run.root / entry["weights"])
