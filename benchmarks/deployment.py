@@ -58,7 +58,7 @@ def main(argv=None) -> int:
         space.latency.tune_trials = 0  # the trials asked for, not a space's older setting, and no time limit
         space.latency.tune.trials_per_task, space.latency.tune.deepen, space.latency.tune.max_minutes = args.tune_trials, True, None
     models = [("teacher", bound.teacher, space.data.resolution)] + [
-        (f"{p['arch']} @{p['resolution']}", build_student(run, p), p["resolution"]) for p in front]
+        (f"{p['arch']} @{p['resolution']}", build_student(run, p, bound), p["resolution"]) for p in front]
     protocol = latency.measurer_protocol(space)
     rows = [{"model": name, "resolution": r} for name, _, r in models]
     for label, backend, tuned, compiled in RUNTIMES:  # PyTorch first: see the module docstring

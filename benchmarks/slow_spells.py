@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     db = schedules_database(info.target) if uses_schedules(info.schedule) else None
     res = bound.space.data.resolution
     nets = [("teacher", bound.teacher.eval(), res)] + [
-        (f"{p['arch']} @{p['resolution']}", build_student(run, p).eval(), p["resolution"]) for p in read_front(run).front[:args.students]]
+        (f"{p['arch']} @{p['resolution']}", build_student(run, p, bound).eval(), p["resolution"]) for p in read_front(run).front[:args.students]]
     compiled = [(name, tvm_backend.compile_module(m, bound.input_shape(r, bound.space.latency.batch_size), info.target, db))
                 for name, m, r in nets]
     checked = measurer_protocol(bound.space)
